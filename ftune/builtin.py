@@ -1,0 +1,147 @@
+"""Built-in assets (``builtin:tiny-llama``, ``builtin:sample-instructions``), built on first use under FTUNE_HOME.
+
+Builds are published atomically: each process builds into a private temporary directory next to
+the destination and renames it into place, so concurrent workers never see a half-written model
+and the loser of a race simply uses the winner's copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+TINY_LLAMA = "builtin:tiny-llama"
+SAMPLE_INSTRUCTIONS = "builtin:sample-instructions"
+SAMPLE_ROWS = 4000
+SAMPLE_SEED = 0
+
+
+def ftune_home() -> Path:
+    """Returns the cache root: ``$FTUNE_HOME``, default ``~/.cache/ftune``."""
+    return Path(os.environ.get("FTUNE_HOME", "~/.cache/ftune")).expanduser()
+
+
+def _tiny_model_is_current(path: Path, seed: int) -> bool:
+    from ftune.tiny_model import FORMAT_VERSION, MARKER_FILE
+
+    try:
+        marker = json.loads((path / MARKER_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return marker.get("format_version") == FORMAT_VERSION and marker.get("seed") == seed
+
+
+def _publish_dir(build: Callable[[Path], object], final: Path, *, replace: bool) -> None:
+    """Runs ``build(tmp_dir)`` and renames the result to ``final``.
+
+    Without ``replace``, an existing non-empty ``final`` (another process won the race) is kept.
+    With ``replace``, the old directory is moved aside first and deleted after the swap.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it owner-only; the published cache should be readable like any other
+    try:
+        build(tmp)
+        if replace and final.exists():
+            old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex}")
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+            return
+        try:
+            # Atomic on POSIX; fails with ENOTEMPTY/EEXIST if another process published first.
+            os.rename(tmp, final)
+        except OSError:
+            if not any(final.iterdir()):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_tiny_model(out_dir: Path | None = None, *, seed: int = 0, force: bool = False) -> Path:
+    """Returns the tiny model's directory, building it first if it is missing or out of date.
+
+    Args:
+        out_dir: Model directory; default ``ftune_home()/models/tiny-llama``.
+        seed: Build seed; an existing model built with another seed (or an older build format)
+            is rebuilt.
+        force: Rebuild even if an up-to-date model is there.
+
+    Returns:
+        The model directory, loadable with ``AutoModelForCausalLM.from_pretrained``.
+
+    Raises:
+        FileExistsError: If ``out_dir`` is a non-empty directory that is not a tiny-model build
+            (it is never overwritten, since it may hold the user's files).
+    """
+    from ftune.tiny_model import MARKER_FILE, build_tiny_model
+
+    final = Path(out_dir) if out_dir is not None else ftune_home() / "models" / "tiny-llama"
+    if not force and _tiny_model_is_current(final, seed):
+        return final
+    if final.is_dir() and any(final.iterdir()) and not (final / MARKER_FILE).exists():
+        raise FileExistsError(
+            f"{final} exists and is not a tiny-model build (no {MARKER_FILE}); "
+            "delete it or choose another directory."
+        )
+    _publish_dir(lambda tmp: build_tiny_model(tmp, seed=seed), final, replace=True)
+    return final
+
+
+def ensure_sample_dataset() -> Path:
+    """Returns ``ftune_home()/data/sample/train.jsonl``, writing it if missing or out of date.
+
+    The file is regenerated in memory (milliseconds) and compared, so a cache written by an
+    older generator is replaced rather than silently reused.
+
+    Returns:
+        Path of the JSON Lines file of the sample instruction dataset.
+    """
+    from ftune.sample_data import generate_rows, write_jsonl
+
+    final = ftune_home() / "data" / "sample" / "train.jsonl"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".train.jsonl.", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write_jsonl(tmp, generate_rows(SAMPLE_ROWS, seed=SAMPLE_SEED))
+        if final.is_file() and final.read_bytes() == tmp.read_bytes():
+            return final
+        os.replace(tmp, final)  # atomic; concurrent writers write identical bytes
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
+
+
+BUILTINS: dict[str, Callable[[], Path]] = {
+    TINY_LLAMA: ensure_tiny_model,
+    SAMPLE_INSTRUCTIONS: ensure_sample_dataset,
+}
+"""Built-in name -> function that ensures the asset exists and returns its path."""
+
+
+def resolve_builtin(name: str) -> str:
+    """Maps a ``builtin:`` name to the local path of the asset, building it if needed.
+
+    Args:
+        name: A model or dataset reference from a config, e.g. ``builtin:tiny-llama``, a hub id or
+            a path.
+
+    Returns:
+        The ensured local path for a known built-in name; any string not starting with
+        ``builtin:`` unchanged.
+
+    Raises:
+        ValueError: For an unknown ``builtin:`` name; the message lists the known ones.
+    """
+    if not name.startswith("builtin:"):
+        return name
+    if name not in BUILTINS:
+        raise ValueError(f"unknown built-in {name!r}; known built-ins: {', '.join(sorted(BUILTINS))}")
+    return str(BUILTINS[name]())

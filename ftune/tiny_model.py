@@ -1,0 +1,197 @@
+"""Builds the built-in tiny base model: a 2-layer Llama with a BPE tokenizer trained on the sample data.
+
+The result is an ordinary Hugging Face model directory (``config.json``, ``model.safetensors``,
+``tokenizer.json``, ``tokenizer_config.json`` with a chat template), so tests and examples load it
+through the same ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` path a hub model takes.
+Weights are randomly initialised (seeded): LoRA fine-tuning on the sample data is what makes it useful.
+
+Run ``python -m ftune.tiny_model [--out DIR] [--seed S] [--force]``; the default location is the
+one ``builtin:tiny-llama`` resolves to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from ftune.builtin import ftune_home
+from ftune.sample_data import generate_rows, to_chat
+
+BOS_TOKEN = "<|begin_of_text|>"
+EOS_TOKEN = "<|end_of_text|>"
+PAD_TOKEN = "<|pad|>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+SPECIAL_TOKENS = [BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, *ROLE_TOKENS]
+
+VOCAB_SIZE = 1024
+MODEL_MAX_LENGTH = 1024
+
+# "<|begin_of_text|>" then "<|role|>\n{content}<|end_of_text|>\n" per turn. BOS is in the template,
+# as in Llama 3, so apply_chat_template(tokenize=True) starts with it; text rendered with
+# tokenize=False must then be encoded with add_special_tokens=False, exactly as for a real Llama 3.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('Unknown role ' ~ message['role'] ~ '; use system, user or assistant.') }}"
+    "{% endif %}"
+    "{{ '<|' ~ message['role'] ~ '|>\n' ~ message['content'] ~ eos_token ~ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+ARCHITECTURE = {
+    "hidden_size": 64,
+    "intermediate_size": 176,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,  # grouped-query attention, as in Llama 3
+    "max_position_embeddings": MODEL_MAX_LENGTH,
+    "rope_theta": 500000.0,
+    "rms_norm_eps": 1e-5,
+    "initializer_range": 0.02,
+    "tie_word_embeddings": False,
+}
+"""LlamaConfig arguments of the tiny model (vocabulary size and special ids come from the tokenizer)."""
+
+MARKER_FILE = "ftune_tiny.json"
+"""Written last into a built directory; its presence means the build finished."""
+FORMAT_VERSION = 1
+
+
+def _alpaca_text(row: dict[str, str]) -> str:
+    # Alpaca-style rendering, so instruction-format prompts tokenize into few tokens too.
+    parts = [f"### Instruction:\n{row['instruction']}\n\n"]
+    if row["input"]:
+        parts.append(f"### Input:\n{row['input']}\n\n")
+    parts.append(f"### Response:\n{row['output']}")
+    return "".join(parts)
+
+
+def _training_corpus(rows: list[dict[str, str]]) -> Iterator[str]:
+    for row in rows:
+        yield _alpaca_text(row)
+        # Chat turns minus the special tokens, which are never split and so need no merges.
+        for message in to_chat(row)["messages"]:
+            yield f"\n{message['content']}\n"
+
+
+def train_tokenizer(rows: list[dict[str, str]], vocab_size: int = VOCAB_SIZE):
+    """Trains a byte-level BPE tokenizer on the rows and wraps it for transformers.
+
+    Byte-level means every string encodes (no unknown token) and decodes back unchanged.
+    Encoding prepends BOS (like Llama 3) but never appends EOS; training code appends it.
+
+    Args:
+        rows: Alpaca-style rows; rendered both as alpaca prompts and as chat turns.
+        vocab_size: Target vocabulary size, special tokens included.
+
+    Returns:
+        A ``PreTrainedTokenizerFast`` with bos/eos/pad set, right padding and the chat template.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,  # ids 0..5 in this order
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_training_corpus(rows), trainer=trainer)
+    bos_id = tok.token_to_id(BOS_TOKEN)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A",
+        pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B",
+        special_tokens=[(BOS_TOKEN, bos_id)],
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        additional_special_tokens=list(ROLE_TOKENS),
+        padding_side="right",
+        model_max_length=MODEL_MAX_LENGTH,
+        # Keep decode(encode(x)) == x; the cleanup would rewrite spaces before punctuation.
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_model(out_dir: Path, *, seed: int = 0, data_rows: int = 4000) -> Path:
+    """Trains the tokenizer, initialises the tiny Llama and saves both to ``out_dir``.
+
+    The same ``seed`` and ``data_rows`` give identical files. The global torch RNG is left as it was.
+
+    Args:
+        out_dir: Directory to write into (created if missing); existing files are overwritten.
+        seed: Seed of the weight initialisation and of the sample data the tokenizer learns from.
+        data_rows: Sample rows to train the tokenizer on.
+
+    Returns:
+        ``out_dir``.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(generate_rows(data_rows, seed=seed))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **ARCHITECTURE,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).to(torch.float32)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    bars_were_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a one-shard progress bar is noise in test and CLI output
+    try:
+        model.save_pretrained(out_dir, safe_serialization=True)
+    finally:
+        if bars_were_enabled:
+            hf_logging.enable_progress_bar()
+    tokenizer.save_pretrained(out_dir)
+    marker = {
+        "name": "tiny-llama",
+        "format_version": FORMAT_VERSION,
+        "seed": seed,
+        "data_rows": data_rows,
+        "vocab_size": len(tokenizer),
+        "num_parameters": model.num_parameters(),
+        "architecture": ARCHITECTURE,
+    }
+    (out_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point: ``python -m ftune.tiny_model [--out DIR] [--seed S] [--force]``."""
+    from ftune.builtin import ensure_tiny_model
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"output directory (default {ftune_home() / 'models' / 'tiny-llama'})"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="weight and tokenizer-data seed (default 0)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the directory already holds a model")
+    args = parser.parse_args(argv)
+    path = ensure_tiny_model(args.out, seed=args.seed, force=args.force)
+    marker = json.loads((path / MARKER_FILE).read_text(encoding="utf-8"))
+    print(f"tiny model in {path}: {marker['num_parameters']:,} parameters, vocab {marker['vocab_size']}, seed {marker['seed']}")
+
+
+if __name__ == "__main__":
+    main()

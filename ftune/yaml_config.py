@@ -1,0 +1,228 @@
+"""Load typed configs from YAML plus dotted command-line overrides, reporting every problem at once.
+
+A problem is reported with where it came from (``file:line`` or the override that set it), the
+dotted key, the offending value and the fix; unknown keys get a "did you mean" hint.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pydantic
+import yaml
+
+from ftune.errors import ConfigError
+
+C = TypeVar("C", bound=pydantic.BaseModel)
+
+# Names users bring from peft / transformers / other trainers, mapped to ours for "did you mean".
+KNOWN_ALIASES = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "learning_rate": "lr",
+    "num_epochs": "epochs",
+    "batch_size": "micro_batch_size",
+    "per_device_train_batch_size": "micro_batch_size",
+    "max_length": "max_seq_len",
+    "model_name": "name_or_path",
+    "stage": "zero_stage",
+}
+
+
+class Section(pydantic.BaseModel):
+    """Base of every config section: unknown keys are errors, fields document themselves."""
+
+    model_config = pydantic.ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, validate_assignment=True, frozen=False
+    )
+
+
+def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """Read a YAML mapping and the line number of every (dotted) key in it.
+
+    Raises:
+        ConfigError: the file is missing, is not valid YAML, or is not a mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (pass an existing YAML file to --config)")
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from e
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, train:, ...)")
+    lines: dict[str, int] = {}
+    _key_lines(node, "", lines)
+    return data, lines
+
+
+def _key_lines(node: yaml.Node, prefix: str, out: dict[str, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            dotted = f"{prefix}{key_node.value}"
+            out[dotted] = key_node.start_mark.line + 1
+            _key_lines(value_node, dotted + ".", out)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``a.b=value`` into the dotted key and the YAML-parsed value.
+
+    Raises:
+        ConfigError: the override is not of the form key=value.
+    """
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(
+            f"command-line override {text!r} is not of the form section.key=value (e.g. train.lr=2e-4)"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, str]:
+    """Apply dotted overrides to ``data`` in place; return {dotted key: override text}."""
+    origins: dict[str, str] = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        node = data
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parts[: i + 1])
+                raise ConfigError(f"command-line override {text!r}: {where} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+        origins[key] = text
+    return origins
+
+
+def load_config(
+    cls: type[C], path: str | Path | None, overrides: list[str] | None = None, base: dict | None = None
+) -> C:
+    """Build ``cls`` from a YAML file (or ``base``) and dotted overrides.
+
+    Args:
+        cls: The top-level config model.
+        path: YAML file, or None to start from ``base`` / the defaults.
+        overrides: ``section.key=value`` strings, applied after the file.
+        base: Starting dict when ``path`` is None.
+
+    Raises:
+        ConfigError: listing every problem found, each with its location and fix.
+    """
+    data, lines = read_yaml(path) if path is not None else (dict(base or {}), {})
+    origins = apply_overrides(data, list(overrides or []))
+    source = str(path) if path is not None else "<defaults>"
+    try:
+        config = cls.model_validate(data)
+    except pydantic.ValidationError as e:
+        problems = [_describe_error(cls, err) for err in e.errors()]
+        raise ConfigError(_report(source, problems, lines, origins)) from None
+    problems = list(config.problems()) if hasattr(config, "problems") else []
+    if problems:
+        raise ConfigError(_report(source, problems, lines, origins))
+    return config
+
+
+def _field_model(cls: type[pydantic.BaseModel], parts: tuple) -> type[pydantic.BaseModel] | None:
+    """The nested model reached by following field names ``parts`` from ``cls``."""
+    model: Any = cls
+    for part in parts:
+        if not (isinstance(model, type) and issubclass(model, pydantic.BaseModel)):
+            return None
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        model = _unwrap(field.annotation)
+    return model if isinstance(model, type) and issubclass(model, pydantic.BaseModel) else None
+
+
+def _unwrap(annotation: Any) -> Any:
+    for arg in typing.get_args(annotation) or ():
+        if isinstance(arg, type) and issubclass(arg, pydantic.BaseModel):
+            return arg
+    return annotation
+
+
+def _field_path(cls: type[pydantic.BaseModel], loc: tuple) -> tuple:
+    """Longest prefix of ``loc`` made of real field names (drops pydantic's union-member tags)."""
+    path: list = []
+    model: Any = cls
+    for part in loc:
+        if isinstance(part, int) and path:
+            path.append(part)
+            continue
+        if not (isinstance(model, type) and issubclass(model, pydantic.BaseModel)):
+            break
+        if str(part) not in model.model_fields:
+            if model is not None and part not in path:
+                path.append(part)
+            break
+        path.append(part)
+        model = _unwrap(model.model_fields[str(part)].annotation)
+    return tuple(path)
+
+
+def _describe_error(cls: type[pydantic.BaseModel], err: dict) -> tuple[str, str]:
+    loc = tuple(err.get("loc", ()))
+    if err.get("type") == "extra_forbidden":
+        parent = _field_model(cls, loc[:-1])
+        known = sorted(parent.model_fields) if parent is not None else []
+        key = ".".join(str(p) for p in loc)
+        alias = KNOWN_ALIASES.get(str(loc[-1]))
+        guess = [alias] if alias in known else difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
+        prefix = ".".join(str(p) for p in loc[:-1])
+        hint = f"did you mean '{prefix + '.' if prefix else ''}{guess[0]}'?" if guess else ""
+        options = f"known keys here: {', '.join(known)}" if known else ""
+        return key, f"unknown key. {hint or options}".strip()
+    path = _field_path(cls, loc)
+    key = ".".join(str(p) for p in path)
+    value = err.get("input")
+    msg = str(err.get("msg", "invalid value"))
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if err.get("type") == "missing":
+        return key, "required but not set"
+    shown = repr(value) if not isinstance(value, dict) else "a mapping"
+    return key, f"{shown} is invalid: {msg}"
+
+
+def _report(
+    source: str, problems: list[tuple[str, str]], lines: dict[str, int], origins: dict[str, str]
+) -> str:
+    seen: set[tuple[str, str]] = set()
+    rows = []
+    for key, message in problems:
+        if (key, message) in seen:
+            continue
+        seen.add((key, message))
+        if key in origins:
+            where = f"override {origins[key]!r}"
+        elif key in lines:
+            where = f"{source}:{lines[key]}"
+        else:
+            parent = key.rsplit(".", 1)[0]
+            where = f"{source}:{lines[parent]}" if parent in lines else source
+        rows.append(f"  - {where}: {key or '<top level>'}: {message}")
+    noun = "problem" if len(rows) == 1 else "problems"
+    return f"{len(rows)} {noun} in config {source}:\n" + "\n".join(rows)

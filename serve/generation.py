@@ -1,0 +1,258 @@
+"""Batched token-by-token decoding where each row has its own adapter, sampling settings and stops.
+
+``model.generate`` applies one set of sampling settings to the whole batch and streams only
+batch-size-1 output, so the decode loop is written out here: left-padded prefill, one KV-cached step
+per call (what a Serve batch generator yields to its callers), per-row temperature / top-p / seeded
+sampler, incremental detokenization, stop strings, and finished rows dropped from the cache. The
+adapters themselves are applied by peft's mixed-adapter batch forward (``adapter_names``), behind
+the ``forward`` callable this module is given.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+BASE_ADAPTER = "__base__"
+"""peft's adapter name for rows that use the base model alone."""
+
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object, list[str]], torch.Tensor]
+"""(input_ids, attention_mask, position_ids, kv_cache, adapter_names) -> logits of the last position."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens."""
+
+    max_tokens: int
+    """Tokens to generate at most (finish_reason "length" when reached)."""
+    temperature: float = 0.0
+    """0 is greedy; higher flattens the distribution."""
+    top_p: float = 1.0
+    """Nucleus sampling: sample from the smallest set of tokens whose probability reaches top_p."""
+    seed: int | None = None
+    """Seed of this request's sampler; the same seed gives the same tokens."""
+    stop: tuple[str, ...] = ()
+    """Strings that end the completion; they are not part of the returned text."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt to complete."""
+
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    adapter: str | None = None
+    """Adapter name, or None for the base model."""
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What one decode step produced for one request."""
+
+    text: str
+    """New text since the previous step (may be empty while a stop string or a character is incomplete)."""
+    finish_reason: str | None
+    """None while decoding; "stop" (EOS or stop string) or "length" on the last delta."""
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text, holding back any tail that could still become one."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self._held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Add new text; returns (text safe to emit, whether a stop string was reached).
+
+        Once a stop string is found, the text before it is emitted and nothing after it.
+        """
+        buffer = self._held + text
+        hits = [i for i in (buffer.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self._held = ""
+            return buffer[: min(hits)], True
+        hold = 0
+        for stop in self.stops:
+            for size in range(min(len(stop) - 1, len(buffer)), hold, -1):
+                if buffer.endswith(stop[:size]):
+                    hold = size
+                    break
+        self._held = buffer[len(buffer) - hold :] if hold else ""
+        return buffer[: len(buffer) - hold], False
+
+    def flush(self) -> str:
+        """Text held back when the completion ends without a stop string."""
+        held, self._held = self._held, ""
+        return held
+
+
+class TextStream:
+    """Incremental detokenization: the text each new token adds.
+
+    Decodes the generated ids together with a few prompt tokens and strips the prompt's text, so
+    tokenizers that drop a word's leading space at the start of a sequence (SentencePiece) still
+    give the right spacing; text ending in an incomplete UTF-8 character is held back.
+    """
+
+    PREFIX_TOKENS = 4
+
+    def __init__(self, tokenizer, prompt_ids: Sequence[int]):
+        self._tokenizer = tokenizer
+        self._prefix = list(prompt_ids[-self.PREFIX_TOKENS :])
+        self._prefix_text = tokenizer.decode(self._prefix, skip_special_tokens=True)
+        self._ids: list[int] = []
+        self._emitted = 0
+
+    def add(self, token_id: int | None, *, final: bool = False) -> str:
+        """Append a token (None: nothing new) and return the text not returned before."""
+        if token_id is not None:
+            self._ids.append(token_id)
+        text = self._tokenizer.decode(self._prefix + self._ids, skip_special_tokens=True)
+        text = text[len(self._prefix_text) :] if text.startswith(self._prefix_text) else text
+        if text.endswith("\ufffd") and not final:
+            return ""
+        new, self._emitted = text[self._emitted :], max(self._emitted, len(text))
+        return new
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """Pick the next token from one row's logits: argmax at temperature 0, else top-p sampling."""
+    if params.temperature == 0.0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep a token while the mass before it is below top_p; the most likely token always stays.
+        keep = (sorted_probs.cumsum(0) - sorted_probs) < params.top_p
+        choice = torch.multinomial(sorted_probs * keep, 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@dataclass
+class _Row:
+    request: GenerationRequest
+    text: TextStream
+    stops: StopMatcher
+    generator: torch.Generator
+    generated: int = 0
+    finished: bool = False
+    last_token: int = 0
+
+
+class BatchDecoder:
+    """Decodes a batch of requests together, one token per ``step()``.
+
+    Rows that finish are dropped from the batch (and its KV cache), so a long request does not make
+    short ones keep paying for decode steps.
+    """
+
+    def __init__(
+        self,
+        requests: Sequence[GenerationRequest],
+        forward: Forward,
+        tokenizer,
+        *,
+        eos_token_ids: Sequence[int],
+        pad_token_id: int,
+        device: torch.device | str = "cpu",
+    ):
+        if not requests:
+            raise ValueError("BatchDecoder needs at least one request")
+        self._forward = forward
+        self._eos = set(eos_token_ids)
+        self._pad = pad_token_id
+        self._device = torch.device(device)
+        self._rows = []
+        for req in requests:
+            gen = torch.Generator()
+            gen.manual_seed(req.params.seed if req.params.seed is not None else secrets.randbits(63))
+            self._rows.append(_Row(req, TextStream(tokenizer, req.prompt_ids), StopMatcher(req.params.stop), gen))
+        self._active = list(range(len(self._rows)))  # row index of each batch position
+        self._cache = None
+        self._mask: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether every request has finished."""
+        return not self._active
+
+    def step(self) -> list[Delta | None]:
+        """Run one forward pass and return one delta per request (None for rows finished earlier)."""
+        if self.done:
+            raise RuntimeError("step() after every request finished")
+        logits = self._prefill() if self._cache is None else self._decode()
+        out: list[Delta | None] = [None] * len(self._rows)
+        keep = []
+        for pos, index in enumerate(self._active):
+            row = self._rows[index]
+            out[index] = self._advance(row, logits[pos])
+            if not row.finished:
+                keep.append(pos)
+        if len(keep) < len(self._active):
+            self._drop_finished(keep)
+        return out
+
+    def _adapter_names(self) -> list[str]:
+        return [self._rows[i].request.adapter or BASE_ADAPTER for i in self._active]
+
+    def _prefill(self) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        prompts = [self._rows[i].request.prompt_ids for i in self._active]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self._pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for r, prompt in enumerate(prompts):  # left padding: every row's last token is at -1
+            ids[r, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[r, width - len(prompt) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        self._cache = DynamicCache()
+        self._mask, self._positions = mask.to(self._device), positions[:, -1:].to(self._device)
+        return self._forward(
+            ids.to(self._device), self._mask, positions.to(self._device), self._cache, self._adapter_names()
+        )
+
+    def _decode(self) -> torch.Tensor:
+        tokens = torch.tensor([[self._rows[i].last_token] for i in self._active], device=self._device)
+        self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._active), 1))], dim=1)
+        self._positions = self._positions + 1
+        return self._forward(tokens, self._mask, self._positions, self._cache, self._adapter_names())
+
+    def _advance(self, row: _Row, logits: torch.Tensor) -> Delta:
+        params = row.request.params
+        token = sample_token(logits, params, row.generator)
+        row.generated += 1
+        row.last_token = token
+        finish = None
+        if token in self._eos:
+            finish = "stop"
+            new_text = row.text.add(None, final=True)
+        else:
+            final = row.generated >= params.max_tokens
+            new_text = row.text.add(token, final=final)
+            finish = "length" if final else None
+        text, hit_stop = row.stops.feed(new_text)
+        if hit_stop:
+            finish = "stop"
+        elif finish is not None:
+            text += row.stops.flush()
+        row.finished = finish is not None
+        return Delta(text, finish, len(row.request.prompt_ids), row.generated)
+
+    def _drop_finished(self, keep: list[int]) -> None:
+        self._active = [self._active[pos] for pos in keep]
+        if not keep:
+            return
+        index = torch.tensor(keep, device=self._device)
+        self._cache.batch_select_indices(index)
+        self._mask = self._mask[index]
+        self._positions = self._positions[index]

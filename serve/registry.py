@@ -1,0 +1,203 @@
+"""The adapters a deployment serves: a fixed name -> source mapping, local or s3://, checked up front.
+
+Requests only ever carry an adapter *name*; the path behind it was fixed at deploy time, so no
+request can make a replica read an arbitrary file. Adapters must be plain LoRA in PEFT's
+safetensors format (``adapter_config.json`` + ``adapter_model.safetensors``): pickled ``.bin``
+weights are never loaded, and DoRA cannot share a mixed-adapter batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ftune.errors import ConfigError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+
+
+def is_s3(source: str) -> bool:
+    """Whether an adapter source is an s3:// URI."""
+    return source.startswith("s3://")
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> (``bucket``, ``a/b/``); the prefix always ends with a slash."""
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise ValueError(f"{uri!r} has no bucket; use s3://bucket/prefix")
+    prefix = prefix.strip("/")
+    return bucket, f"{prefix}/" if prefix else ""
+
+
+def adapter_config_problems(config: dict[str, Any]) -> list[str]:
+    """Why an adapter_config.json cannot be served in a mixed-adapter batch (empty if it can)."""
+    problems = []
+    if config.get("peft_type") != "LORA":
+        problems.append(f"peft_type is {config.get('peft_type')!r}; only LoRA adapters can be served")
+    if config.get("use_dora"):
+        problems.append(
+            "is a DoRA adapter, which peft cannot mix with others in one batch; serve its merged model "
+            "instead (ftune export --adapter DIR --merge OUT)"
+        )
+    return problems
+
+
+def check_local_adapter(path: Path) -> tuple[list[str], dict[str, Any] | None]:
+    """Problems with a local adapter directory, and its adapter_config.json when readable."""
+    if not path.is_dir():
+        return [f"{path} is not a directory"], None
+    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+    if missing:
+        hint = ""
+        if WEIGHTS_FILE in missing and (path / "adapter_model.bin").is_file():
+            hint = " (only adapter_model.bin is there: pickled weights are not loaded; re-save with safetensors)"
+        return [f"{path} lacks {', '.join(missing)}{hint}"], None
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except ValueError as e:
+        return [f"{path / CONFIG_FILE} is not valid JSON: {e}"], None
+    return adapter_config_problems(config), config
+
+
+def _s3_client(endpoint_url: str | None):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None)
+
+
+def _list_s3_files(client, uri: str) -> dict[str, str]:
+    """{file name: ETag} of the objects directly under an s3:// prefix (not in sub-folders)."""
+    bucket, prefix = split_s3_uri(uri)
+    files = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            name = obj["Key"][len(prefix) :]
+            if name and "/" not in name:
+                files[name] = obj["ETag"]
+    return files
+
+
+def check_s3_adapter(uri: str, endpoint_url: str | None) -> tuple[list[str], dict[str, Any] | None]:
+    """Problems with an s3:// adapter (reachable, complete, LoRA), and its adapter_config.json."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        client = _s3_client(endpoint_url)
+        files = _list_s3_files(client, uri)
+        missing = [name for name in REQUIRED_FILES if name not in files]
+        if missing:
+            return [f"{uri} lacks {', '.join(missing)}"], None
+        bucket, prefix = split_s3_uri(uri)
+        body = client.get_object(Bucket=bucket, Key=prefix + CONFIG_FILE)["Body"].read()
+    except (BotoCoreError, ClientError, ValueError) as e:
+        return [f"cannot read {uri}: {e}"], None
+    try:
+        config = json.loads(body)
+    except ValueError as e:
+        return [f"{uri}{CONFIG_FILE} is not valid JSON: {e}"], None
+    return adapter_config_problems(config), config
+
+
+def download_s3_adapter(uri: str, cache_dir: Path, endpoint_url: str | None) -> Path:
+    """Download an s3:// adapter into the cache (once per content) and return the local directory.
+
+    The cache key hashes the URI and the objects' ETags, so a re-uploaded adapter is fetched again
+    while an unchanged one is reused. Files land in a temporary directory renamed into place, so a
+    concurrent replica never sees a half-written adapter.
+    """
+    client = _s3_client(endpoint_url)
+    files = {name: etag for name, etag in _list_s3_files(client, uri).items() if name in REQUIRED_FILES}
+    missing = [name for name in REQUIRED_FILES if name not in files]
+    if missing:
+        raise FileNotFoundError(f"{uri} lacks {', '.join(missing)}")
+    key = hashlib.sha256(json.dumps([uri, sorted(files.items())]).encode()).hexdigest()[:20]
+    final = Path(cache_dir).expanduser() / key
+    if all((final / name).is_file() for name in REQUIRED_FILES):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
+    try:
+        bucket, prefix = split_s3_uri(uri)
+        for name in files:
+            client.download_file(bucket, prefix + name, str(tmp / name))
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process published it first
+            if not all((final / name).is_file() for name in REQUIRED_FILES):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+class AdapterRegistry:
+    """Adapter name -> source, fixed at deploy time; resolves a name to a local PEFT directory."""
+
+    def __init__(self, sources: dict[str, str], *, cache_dir: str | Path, endpoint_url: str | None = None):
+        """Args:
+        sources: Adapter name -> local directory or s3://bucket/prefix.
+        cache_dir: Where s3:// adapters are downloaded to.
+        endpoint_url: S3-compatible endpoint; None uses AWS_ENDPOINT_URL or AWS.
+        """
+        self._sources = {
+            name: src if is_s3(src) else str(Path(src).expanduser().resolve()) for name, src in sources.items()
+        }
+        self._cache_dir = Path(cache_dir).expanduser()
+        self._endpoint_url = endpoint_url
+
+    @property
+    def names(self) -> list[str]:
+        """Registered adapter names, in registration order."""
+        return list(self._sources)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._sources
+
+    def source(self, name: str) -> str:
+        """The local path or s3 URI registered under ``name``."""
+        return self._sources[name]
+
+    def inspect(self) -> dict[str, dict[str, Any]]:
+        """Check every adapter and return its adapter_config.json, by name.
+
+        Raises:
+            ConfigError: listing every adapter that is missing, incomplete, unreadable or not LoRA.
+        """
+        problems, configs = [], {}
+        for name, source in self._sources.items():
+            if is_s3(source):
+                found, config = check_s3_adapter(source, self._endpoint_url)
+            else:
+                found, config = check_local_adapter(Path(source))
+            problems += [f"  - adapters.{name}: {p}" for p in found]
+            if config is not None:
+                configs[name] = config
+        if problems:
+            noun = "problem" if len(problems) == 1 else "problems"
+            raise ConfigError(f"{len(problems)} adapter {noun}:\n" + "\n".join(problems))
+        return configs
+
+    def local_dir(self, name: str) -> Path:
+        """A local directory holding adapter ``name`` (downloading an s3:// adapter if needed).
+
+        Raises:
+            KeyError: ``name`` is not registered.
+        """
+        source = self._sources[name]
+        if is_s3(source):
+            return download_s3_adapter(source, self._cache_dir, self._endpoint_url)
+        return Path(source)
+
+
+def common_base_model(configs: dict[str, dict[str, Any]]) -> str | None:
+    """The base_model_name_or_path every adapter was trained on, or None if unknown or they disagree."""
+    bases = {c.get("base_model_name_or_path") for c in configs.values()}
+    return bases.pop() if len(bases) == 1 and None not in bases else None

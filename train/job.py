@@ -1,0 +1,205 @@
+"""Training job driver: `python -m train --config FILE [section.key=value ...]` / `ftune train`.
+
+Validates the config, the DeepSpeed settings and the data in the driver, before Ray starts a
+single worker; then runs a Ray Train V2 TorchTrainer whose workers execute
+``train.loop.train_loop_per_worker`` and prints the run's summary.
+
+    ray job submit --working-dir . -- python -m train --config configs/train/tiny.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ftune.config import TrainJobConfig
+from ftune.errors import DataError, JobFailed, UserError
+from ftune.yaml_config import load_config
+from train.batching import BatchPlan
+from train.deepspeed_config import build_deepspeed_config, load_user_config
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Command-line arguments of the training job."""
+    parser = argparse.ArgumentParser(
+        prog="python -m train", description="Distributed LoRA/QLoRA/DoRA training on Ray Train + DeepSpeed."
+    )
+    parser.add_argument("--config", type=Path, help="YAML job config (e.g. configs/train/tiny.yaml)")
+    parser.add_argument("--name", help="run name (same as name=...); re-running a name resumes it")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    return parser.parse_args(argv)
+
+
+def default_run_name(config_path: Path | None) -> str:
+    """``<config stem>-<UTC timestamp>``: a fresh run unless a name is given."""
+    stem = config_path.stem if config_path else "train"
+    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+
+def ray_scaling_config(cfg: TrainJobConfig):
+    """Ray Train's ScalingConfig from the scaling section."""
+    from ray.train import ScalingConfig
+
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    return ScalingConfig(
+        num_workers=s.num_workers if isinstance(s.num_workers, int) else tuple(s.num_workers),
+        use_gpu=s.use_gpu,
+        resources_per_worker=resources,
+        placement_strategy=s.placement_strategy,
+        accelerator_type=s.accelerator_type,
+    )
+
+
+def check_model_reachable(cfg: TrainJobConfig) -> None:
+    """Load the model's config (cheap) so a wrong path fails here, not in every worker."""
+    from transformers import AutoConfig
+
+    from ftune.model import resolve_model_path
+
+    path = resolve_model_path(cfg.model)
+    try:
+        AutoConfig.from_pretrained(path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"model.name_or_path={cfg.model.name_or_path!r}: cannot load its config ({e}). "
+            "Use a local directory saved with save_pretrained, or a hub id this machine can reach."
+        ) from e
+
+
+def prepare(cfg: TrainJobConfig, name: str) -> dict[str, Any]:
+    """Everything checked before Ray starts: DeepSpeed config, model, data. Returns the loop config."""
+    from ftune.builtin import ftune_home
+    from ftune.data import prepare_data
+    from ftune.model import load_tokenizer
+    from ftune.storage import Storage
+
+    user_ds = load_user_config(cfg.deepspeed.config_file)
+    for world in sorted({cfg.scaling.min_workers, cfg.scaling.max_workers}):
+        build_deepspeed_config(cfg, world, torch.float32, user=user_ds)
+    check_model_reachable(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    data = prepare_data(cfg.data, tokenizer)
+    print(f"[ftune] data: {data.summary()}", flush=True)
+    plan = BatchPlan(len(data.train), cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.train.seed)
+    if plan.steps_per_epoch < 1:
+        raise DataError(
+            f"{cfg.data.path}: {len(data.train)} training examples make no full global batch of "
+            f"{cfg.train.global_batch_size}; lower train.global_batch_size or add data"
+        )
+    storage = Storage.from_config(cfg.storage)
+    local_run_dir = ftune_home() / "staging" / name if storage.is_remote else Path(storage.uri) / name
+    return {
+        "job": cfg.model_dump(mode="json"),
+        "name": name,
+        "fingerprint": cfg.fingerprint(),
+        "deepspeed_user": user_ds,
+        "storage_uri": storage.uri,
+        "endpoint_url": storage.endpoint_url,
+        "local_run_dir": str(local_run_dir),
+        "adapter_uri": storage.uri_of(name, "adapter"),
+        "_data": {"train": data.train, "validation": data.validation},
+    }
+
+
+def build_trainer(cfg: TrainJobConfig, loop_config: dict[str, Any], callbacks: list | None = None):
+    """The TorchTrainer for a prepared job (the dataset goes to workers through the object store)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ftune.storage import Storage
+    from train.loop import train_loop_per_worker
+    from train.progress import ProgressPrinter
+
+    loop_config = dict(loop_config)
+    loop_config["data"] = ray.put(loop_config.pop("_data"))
+    fs, root = Storage(loop_config["storage_uri"], loop_config["endpoint_url"]).filesystem()
+    run_config = RunConfig(
+        name=loop_config["name"],
+        storage_path=root,
+        storage_filesystem=fs,
+        failure_config=FailureConfig(
+            max_failures=cfg.failure.max_failures, max_preemption_failures=cfg.failure.max_preemption_failures
+        ),
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute="eval_loss", checkpoint_score_order="min"
+        ),
+        callbacks=[ProgressPrinter(loop_config["name"]), *(callbacks or [])],
+    )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray_scaling_config(cfg),
+        run_config=run_config,
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+    )
+
+
+def ensure_ray() -> None:
+    """Connect to the cluster (RAY_ADDRESS, as under `ray job submit`) or start a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+
+
+def run_training(cfg: TrainJobConfig, *, name: str | None = None, callbacks: list | None = None) -> dict[str, Any]:
+    """Run a training job to completion and return its summary.
+
+    Raises:
+        UserError: the config, model or data are wrong (found before Ray starts).
+        JobFailed: the workers failed beyond the retry budget.
+    """
+    import ray.train
+
+    from ftune.storage import Storage
+
+    name = name or cfg.name or default_run_name(None)
+    loop_config = prepare(cfg, name)
+    ensure_ray()
+    trainer = build_trainer(cfg, loop_config, callbacks)
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise JobFailed(f"training run {name!r} failed: {_root_cause(e)}") from e
+    storage = Storage(loop_config["storage_uri"], loop_config["endpoint_url"])
+    summary = json.loads(storage.read_text(name, "summary.json"))
+    summary["run_dir"] = storage.uri_of(name)
+    return summary
+
+
+def _root_cause(error: BaseException) -> str:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip().splitlines()
+    return text[-1] if text else type(error).__name__
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """Human-readable end-of-run report."""
+    em = summary.get("exact_match_after")
+    print(
+        f"[ftune] run {summary['name']} finished in {summary['wall_time_s']:.1f} s: {summary['steps']} steps, "
+        f"{summary['tokens']:,} tokens ({summary['tokens_per_s']:,.0f} tok/s), eval loss "
+        f"{summary['eval_loss_before']:.4f} -> {summary['eval_loss_after']:.4f}"
+        + (f", exact match {em:.1%}" if em is not None else "")
+    )
+    print(f"[ftune] run dir: {summary['run_dir']}")
+    print(f"[ftune] adapter: {summary['adapter_path']}")
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of `python -m train` and `ftune train`."""
+    args = parse_args(argv)
+    cfg = load_config(TrainJobConfig, args.config, args.overrides)
+    name = args.name or cfg.name or default_run_name(args.config)
+    print_summary(run_training(cfg, name=name))
+    return 0

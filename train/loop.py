@@ -1,0 +1,242 @@
+"""The per-worker training loop run by Ray Train: a DeepSpeed ZeRO engine over a peft model.
+
+Every rank runs the same sequence of collectives (steps, evaluations, reports, checkpoints),
+decided from the step number and Ray's agreed preemption notice alone, so no rank ever waits on
+a barrier the others skip.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import torch
+import torch.distributed as dist
+
+from ftune.adapters import add_adapter, save_adapter, trainable_parameters
+from ftune.config import TrainJobConfig
+from ftune.data.collate import Collator
+from ftune.data.tokenize import pad_token_id
+from ftune.model import load_base_model, load_tokenizer, resolve_precision
+from ftune.storage import Storage
+from train.batching import BatchPlan
+from train.checkpoint import CorruptCheckpoint, TrainState, load_checkpoint, save_checkpoint
+from train.deepspeed_config import build_deepspeed_config, gradient_accumulation_steps
+from train.evaluation import evaluate_loss, exact_match, shard
+from train.metrics import RunRecorder
+from train.schedule import lr_multiplier, warmup_steps
+
+log = logging.getLogger("ftune.train")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def total_steps(cfg: TrainJobConfig, plan: BatchPlan) -> int:
+    """Optimizer steps of the whole run."""
+    return cfg.train.max_steps or cfg.train.epochs * plan.steps_per_epoch
+
+
+def build_engine(cfg: TrainJobConfig, world_size: int, steps: int, user_deepspeed: dict[str, Any]):
+    """Load model + adapter and wrap them in a DeepSpeed engine with AdamW and the LR schedule."""
+    import deepspeed
+
+    dtype = resolve_precision(cfg.train.precision, cfg.scaling.use_gpu)
+    # The same seed on every rank: identical adapter initialisation everywhere.
+    seed_everything(cfg.train.seed)
+    model = load_base_model(cfg.model, dtype=dtype)
+    model = add_adapter(model, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.train.lr, betas=cfg.train.adam_betas, weight_decay=cfg.train.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_multiplier(cfg.train.lr_schedule, steps, warmup_steps(steps, cfg.train.warmup_ratio))
+    )
+    ds_config = build_deepspeed_config(cfg, world_size, dtype, user=user_deepspeed)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine, ds_config
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point: rebuild the typed config, restore, train, evaluate, checkpoint, export."""
+    cfg = TrainJobConfig.model_validate(loop_config["job"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(int(cfg.scaling.torch_threads or max(1, cfg.scaling.cpus_per_worker)))
+    data = ray.get(loop_config["data"])
+    train_examples, validation = data["train"], data["validation"]
+    tokenizer = load_tokenizer(cfg.model)
+    collate = Collator(pad_id=pad_token_id(tokenizer))
+
+    plan = BatchPlan(len(train_examples), cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.train.seed)
+    steps = total_steps(cfg, plan)
+    accum = gradient_accumulation_steps(cfg.train, world)
+    # The driver read the user's DeepSpeed JSON: workers may not see the same files.
+    engine, _ = build_engine(cfg, world, steps, loop_config["deepspeed_user"])
+    device = engine.device
+
+    state = TrainState(world_size=world, gradient_accumulation_steps=accum, config_fingerprint=loop_config["fingerprint"])
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            try:
+                state = load_checkpoint(engine, Path(ckpt_dir), rank=rank, world_size=world, fingerprint=loop_config["fingerprint"])
+            except CorruptCheckpoint as e:
+                raise RuntimeError(f"latest checkpoint is unusable: {e}") from e
+        if rank == 0:
+            changed = state.world_size != world
+            print(
+                f"[ftune] resumed at step {state.step}/{steps} from {checkpoint.path}"
+                + (f"; workers {state.world_size} -> {world}, gradient accumulation "
+                   f"{state.gradient_accumulation_steps} -> {accum}, global batch {cfg.train.global_batch_size} kept"
+                   if changed else ""),
+                flush=True,
+            )
+        state.world_size, state.gradient_accumulation_steps = world, accum
+    else:
+        seed_everything(cfg.train.seed + 1000 * rank)  # per-rank dropout streams
+
+    run_dir = Path(loop_config["local_run_dir"])
+    recorder = None
+    if rank == 0:
+        recorder = RunRecorder(run_dir, cfg.tracking, name=loop_config["name"], config=loop_config["job"])
+        print(
+            f"[ftune] {world} worker(s), global batch {cfg.train.global_batch_size} = micro {cfg.train.micro_batch_size}"
+            f" x accumulation {accum} x workers {world}; {steps} steps; "
+            f"{trainable_parameters(engine.module):,} trainable parameters",
+            flush=True,
+        )
+
+    val_shard = shard(validation, rank, world)
+    em_shard = shard([e for e in validation if e.reference][: cfg.train.exact_match_examples], rank, world)
+
+    def run_eval() -> dict[str, float]:
+        batches = [collate(val_shard[i : i + cfg.train.micro_batch_size]) for i in range(0, len(val_shard), cfg.train.micro_batch_size)]
+        if cfg.train.eval_batches:
+            batches = batches[: cfg.train.eval_batches]
+        out = evaluate_loss(engine.module, batches, device)
+        if cfg.train.exact_match_examples and em_shard:
+            out.update(exact_match(engine.module, tokenizer, em_shard, device, batch_size=cfg.train.micro_batch_size))
+        return out
+
+    if state.eval_loss_before is None:
+        before = run_eval()
+        state.eval_loss_before = before["eval_loss"]
+        state.last_eval = before
+        if recorder:
+            recorder.log({"step": 0, **before})
+
+    engine.train()
+    start_time = time.perf_counter()
+    steps_timed, time_timed = 0, 0.0
+    jit_saved = False
+    pending: list[dict[str, Any]] = []  # step rows not yet sent with ray.train.report
+    last_report = last_preemption_check = float("-inf")
+    while state.step < steps:
+        t0 = time.perf_counter()
+        loss_sum, tokens = 0.0, 0
+        for micro in plan.micro_batches(state.step, rank, world):
+            batch = {k: v.to(device) for k, v in collate([train_examples[i] for i in micro]).items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            loss_sum += float(loss.detach())
+            tokens += int(batch["attention_mask"].sum())
+        # One all-reduce per step carries the loss, the token count and rank 0's clock, so every
+        # rank takes the same report / preemption-check decisions without another collective.
+        totals = torch.tensor([loss_sum, float(tokens), time.monotonic() if rank == 0 else 0.0], dtype=torch.float64)
+        dist.all_reduce(totals)
+        clock = float(totals[2])
+        step_time = time.perf_counter() - t0
+        state.step += 1
+        state.epoch = plan.epoch_of(state.step - 1)
+        state.tokens_seen += int(totals[1])
+        if state.step > 1:  # the first step includes warm-up costs
+            steps_timed, time_timed = steps_timed + 1, time_timed + step_time
+        metrics: dict[str, Any] = {
+            "step": state.step,
+            "epoch": state.epoch,
+            "loss": float(totals[0]) / (accum * world),
+            "lr": engine.get_lr()[0],
+            "step_time_s": step_time,
+            "tokens_per_s": float(totals[1]) / step_time,
+            "total_steps": steps,
+            "world_size": world,
+        }
+        preemption = None
+        if clock - last_preemption_check >= cfg.train.preemption_check_interval_s:
+            last_preemption_check = clock
+            preemption = ray.train.get_preemption_info()
+        last = state.step == steps
+        do_eval = last or state.step % cfg.train.eval_every == 0
+        jit = preemption is not None and not jit_saved
+        do_ckpt = last or jit or state.step % cfg.train.checkpoint_every == 0
+        if do_eval:
+            state.last_eval = run_eval()
+            metrics.update(state.last_eval)
+        if recorder:
+            recorder.log(metrics)
+        pending.append(metrics)
+        if do_ckpt or do_eval or clock - last_report >= cfg.train.report_interval_s:
+            last_report = clock
+            report = {**metrics, "eval_loss": state.last_eval.get("eval_loss"), "steps": pending}
+            pending = []
+            if do_ckpt:
+                jit_saved = jit_saved or jit
+                _report_with_checkpoint(engine, state, report, rank, jit=jit)
+            else:
+                ray.train.report(report)
+
+    if rank == 0 and recorder is not None:
+        adapter_dir = run_dir / "adapter"
+        save_adapter(engine.module, adapter_dir)
+        wall = time.perf_counter() - start_time
+        summary = {
+            "name": loop_config["name"],
+            "steps": state.step,
+            "epochs": state.epoch + 1,
+            "tokens": state.tokens_seen,
+            "world_size": world,
+            "global_batch_size": cfg.train.global_batch_size,
+            "eval_loss_before": state.eval_loss_before,
+            "eval_loss_after": state.last_eval.get("eval_loss"),
+            "eval_perplexity_after": state.last_eval.get("eval_perplexity"),
+            "exact_match_after": state.last_eval.get("exact_match"),
+            "tokens_per_s": state.tokens_seen / max(wall, 1e-9),
+            "steady_step_time_s": time_timed / steps_timed if steps_timed else None,
+            "wall_time_s": wall,
+            "restarts": state.restarts,
+            "adapter_path": loop_config["adapter_uri"],
+            "trainable_parameters": trainable_parameters(engine.module),
+        }
+        recorder.finish(summary)
+        storage = Storage(loop_config["storage_uri"], loop_config.get("endpoint_url"))
+        if storage.is_remote:
+            storage.upload_dir(run_dir, loop_config["name"])
+
+
+def _report_with_checkpoint(engine, state: TrainState, metrics: dict[str, Any], rank: int, *, jit: bool) -> None:
+    with tempfile.TemporaryDirectory(prefix="ftune-ckpt-") as tmp:
+        t0 = time.perf_counter()
+        save_checkpoint(engine, state, Path(tmp), rank=rank)
+        metrics = {**metrics, "checkpoint_save_s": time.perf_counter() - t0, "jit_checkpoint": jit}
+        if metrics.get("eval_loss") is None:
+            metrics["eval_loss"] = float("inf")
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"checkpoint_step{state.step:07d}" + ("_jit" if jit else ""),
+        )
