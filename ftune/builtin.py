@@ -27,40 +27,49 @@ def ftune_home() -> Path:
 
 
 def _tiny_model_is_current(path: Path, seed: int) -> bool:
-    from ftune.tiny_model import FORMAT_VERSION, MARKER_FILE
+    from ftune.tiny_model import ARCHITECTURE, FORMAT_VERSION, MARKER_FILE
 
     try:
         marker = json.loads((path / MARKER_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return marker.get("format_version") == FORMAT_VERSION and marker.get("seed") == seed
+    # A cache built by an older ftune (other sizes or format) is rebuilt rather than silently used.
+    return (
+        marker.get("format_version") == FORMAT_VERSION
+        and marker.get("architecture") == json.loads(json.dumps(ARCHITECTURE))
+        and marker.get("seed") == seed
+        and marker.get("data_rows") == SAMPLE_ROWS
+    )
 
 
-def _publish_dir(build: Callable[[Path], object], final: Path, *, replace: bool) -> None:
-    """Runs ``build(tmp_dir)`` and renames the result to ``final``.
+def _publish_dir(build: Callable[[Path], object], final: Path, *, is_current: Callable[[Path], bool]) -> None:
+    """Runs ``build(tmp_dir)`` next to ``final`` and renames the result into place.
 
-    Without ``replace``, an existing non-empty ``final`` (another process won the race) is kept.
-    With ``replace``, the old directory is moved aside first and deleted after the swap.
+    If ``is_current(final)`` holds once the build is done, another process published first and
+    its copy is kept. Otherwise an existing ``final`` (stale, or a forced rebuild) is moved aside
+    and deleted after the swap.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=final.parent))
     tmp.chmod(0o755)  # mkdtemp makes it owner-only; the published cache should be readable like any other
+    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex}")
     try:
         build(tmp)
-        if replace and final.exists():
-            old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex}")
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+        if is_current(final):
             return
+        if final.exists():
+            try:
+                os.rename(final, old)  # rename cannot replace a non-empty directory
+            except FileNotFoundError:
+                pass  # another process moved it aside first
         try:
-            # Atomic on POSIX; fails with ENOTEMPTY/EEXIST if another process published first.
-            os.rename(tmp, final)
+            os.rename(tmp, final)  # atomic on POSIX
         except OSError:
-            if not any(final.iterdir()):
+            if not is_current(final):  # lost a race to a process that published a good copy: use it
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def ensure_tiny_model(out_dir: Path | None = None, *, seed: int = 0, force: bool = False) -> Path:
@@ -89,7 +98,11 @@ def ensure_tiny_model(out_dir: Path | None = None, *, seed: int = 0, force: bool
             f"{final} exists and is not a tiny-model build (no {MARKER_FILE}); "
             "delete it or choose another directory."
         )
-    _publish_dir(lambda tmp: build_tiny_model(tmp, seed=seed), final, replace=True)
+    _publish_dir(
+        lambda tmp: build_tiny_model(tmp, seed=seed),
+        final,
+        is_current=lambda path: not force and _tiny_model_is_current(path, seed),
+    )
     return final
 
 
@@ -102,20 +115,24 @@ def ensure_sample_dataset() -> Path:
     Returns:
         Path of the JSON Lines file of the sample instruction dataset.
     """
-    from ftune.sample_data import generate_rows, write_jsonl
+    from ftune.sample_data import generate_rows, jsonl_text
 
     final = ftune_home() / "data" / "sample" / "train.jsonl"
+    content = jsonl_text(generate_rows(SAMPLE_ROWS, seed=SAMPLE_SEED)).encode("utf-8")
+    try:
+        if final.read_bytes() == content:
+            return final
+    except FileNotFoundError:
+        pass
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=".train.jsonl.", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
     try:
-        write_jsonl(tmp, generate_rows(SAMPLE_ROWS, seed=SAMPLE_SEED))
-        if final.is_file() and final.read_bytes() == tmp.read_bytes():
-            return final
-        os.replace(tmp, final)  # atomic; concurrent writers write identical bytes
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+        os.chmod(tmp_name, 0o644)  # mkstemp makes it owner-only
+        os.replace(tmp_name, final)  # atomic; concurrent writers write identical bytes
     finally:
-        tmp.unlink(missing_ok=True)
+        Path(tmp_name).unlink(missing_ok=True)
     return final
 
 

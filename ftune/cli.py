@@ -16,6 +16,7 @@ from ftune.errors import JobFailed, UserError
 
 # subcommand -> (module with main(argv), one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("ftune.demo", "the whole product locally: tiny model, training, report"),
     "train": ("train.job", "run a distributed LoRA training job on Ray Train + DeepSpeed"),
     "build-tiny-model": ("ftune.tiny_model", "build the built-in tiny Llama model and sample data"),
 }

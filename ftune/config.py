@@ -146,6 +146,8 @@ class ScalingConfig(Section):
     """Placement group strategy for the worker group."""
     accelerator_type: str | None = None
     """Ray accelerator type the workers need (e.g. A10G, H100); None for any."""
+    elastic_resize_interval_s: float = Field(60.0, gt=0.0)
+    """Elastic jobs: how often Ray checks whether more workers fit and grows the group back."""
     torch_threads: int | None = Field(None, ge=1)
     """torch intra-op threads per worker; None uses cpus_per_worker."""
 

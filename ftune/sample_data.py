@@ -20,6 +20,7 @@ from pathlib import Path
 
 Row = dict[str, str]
 
+# fmt: off
 WORDS: tuple[str, ...] = (
     "apple", "bird", "boat", "bread", "cake", "cat", "chair", "cloud", "coin", "cup",
     "desk", "dog", "door", "drum", "duck", "egg", "fish", "flag", "frog", "gate",
@@ -28,14 +29,29 @@ WORDS: tuple[str, ...] = (
     "ring", "river", "road", "rock", "rose", "salt", "ship", "shoe", "snow", "sock",
     "star", "stone", "sun", "table", "tea", "tiger", "train", "tree", "wolf", "zebra",
 )
+# fmt: on
 """Short lowercase words used by the word families; a fixed list keeps the task learnable."""
 
 CAPITALS: tuple[tuple[str, str], ...] = (
-    ("Argentina", "Buenos Aires"), ("Australia", "Canberra"), ("Brazil", "Brasilia"),
-    ("Canada", "Ottawa"), ("China", "Beijing"), ("Egypt", "Cairo"), ("France", "Paris"),
-    ("Germany", "Berlin"), ("Greece", "Athens"), ("India", "New Delhi"), ("Italy", "Rome"),
-    ("Japan", "Tokyo"), ("Kenya", "Nairobi"), ("Mexico", "Mexico City"), ("Norway", "Oslo"),
-    ("Peru", "Lima"), ("Poland", "Warsaw"), ("Portugal", "Lisbon"), ("Spain", "Madrid"),
+    ("Argentina", "Buenos Aires"),
+    ("Australia", "Canberra"),
+    ("Brazil", "Brasilia"),
+    ("Canada", "Ottawa"),
+    ("China", "Beijing"),
+    ("Egypt", "Cairo"),
+    ("France", "Paris"),
+    ("Germany", "Berlin"),
+    ("Greece", "Athens"),
+    ("India", "New Delhi"),
+    ("Italy", "Rome"),
+    ("Japan", "Tokyo"),
+    ("Kenya", "Nairobi"),
+    ("Mexico", "Mexico City"),
+    ("Norway", "Oslo"),
+    ("Peru", "Lima"),
+    ("Poland", "Warsaw"),
+    ("Portugal", "Lisbon"),
+    ("Spain", "Madrid"),
     ("Sweden", "Stockholm"),
 )
 """Country -> capital pairs for the capital family."""
@@ -158,8 +174,20 @@ def to_chat(row: Row) -> dict[str, list[dict[str, str]]]:
     }
 
 
+def jsonl_text(rows: Iterable[dict]) -> str:
+    """Renders rows as JSON Lines: one object per line, sorted keys, non-ASCII kept as is.
+
+    Args:
+        rows: JSON-serialisable dicts.
+
+    Returns:
+        The text, each line ending in ``\n``.
+    """
+    return "".join(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n" for row in rows)
+
+
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
-    """Writes rows as JSON Lines: one object per line, sorted keys, UTF-8, ``\\n`` line ends.
+    """Writes rows as JSON Lines (see ``jsonl_text``) in UTF-8.
 
     Args:
         path: File to write; its parent directory must exist.
@@ -169,10 +197,8 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
         The path written.
     """
     path = Path(path)
-    # newline="\n" so the bytes are the same on every platform (determinism is tested by bytes).
-    with path.open("w", encoding="utf-8", newline="\n") as f:
-        for row in rows:
-            f.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
+    # Bytes, not text mode, so no platform newline translation: determinism is tested by bytes.
+    path.write_bytes(jsonl_text(rows).encode("utf-8"))
     return path
 
 

@@ -216,8 +216,9 @@ def _report(
         if (key, message) in seen:
             continue
         seen.add((key, message))
-        if key in origins:
-            where = f"override {origins[key]!r}"
+        nested = [text for dotted, text in origins.items() if dotted.startswith(key + ".")] if key else []
+        if key in origins or nested:
+            where = f"override {origins.get(key) or nested[0]!r}"
         elif key in lines:
             where = f"{source}:{lines[key]}"
         else:

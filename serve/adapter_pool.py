@@ -5,26 +5,28 @@ different adapter to each row (peft's ``adapter_names``). Serve's ``@serve.multi
 which adapters stay; this pool does the loading and unloading it asks for, and defers unloading an
 adapter until the requests already using it have finished.
 
-Everything that touches the model (forward passes, loading, deleting) runs in a worker thread under
-one asyncio lock, in the order it was requested; the bookkeeping (who uses what) runs on the event
-loop only, so it needs no lock.
+Threads: forward passes, loads and deletes each hold one model lock (a ``threading.Lock``), so a load
+can slip in between two decode steps but never into one. Loads and deletes are also ordered among
+themselves on the event loop (an ``asyncio.Lock``: unload-then-reload of one name stays in that
+order). The bookkeeping (who uses what) runs on the event loop only, so it needs no lock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 class AdapterPool:
@@ -33,38 +35,48 @@ class AdapterPool:
     def __init__(self, base_model: torch.nn.Module):
         self._base = base_model
         self._peft = None  # created by the first load; peft wraps the base model's layers in place
-        self._lock = asyncio.Lock()
-        self._loaded: set[str] = set()  # adapters new requests may use
+        self._model_lock = threading.Lock()
+        self._changes = asyncio.Lock()
+        self._loaded: set[str] = set()  # in the peft model and not being deleted
+        self._loading: dict[str, asyncio.Future] = {}
         self._users: Counter[str] = Counter()
         self._doomed: set[str] = set()  # evicted while in use: deleted when the last user releases
+        self._adapter_layers: list[torch.nn.Module] = []  # peft layers that take adapter_names
         self.last_load_s = 0.0
 
     @property
     def loaded(self) -> list[str]:
-        """Adapters new requests may use."""
-        return sorted(self._loaded)
+        """Adapters loaded and not evicted (evicted ones may linger while requests still use them)."""
+        return sorted(self._loaded - self._doomed)
 
     @property
     def resident(self) -> list[str]:
         """Adapters in the peft model right now (including evicted ones still in use)."""
         return sorted(self._peft.peft_config) if self._peft is not None else []
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` in a worker thread with exclusive use of the model."""
-        async with self._lock:
-            return await asyncio.to_thread(fn, *args)
+    async def _change(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run a model change (load, delete) in a worker thread, after the changes asked for before it."""
+        async with self._changes:
+            await asyncio.to_thread(self._locked, fn, *args)
+
+    def _locked(self, fn: Callable[..., None], *args: Any) -> None:
+        with self._model_lock:
+            fn(*args)
 
     async def load(self, name: str, adapter_dir: Path) -> None:
         """Make adapter ``name`` available, loading it from ``adapter_dir`` unless it is still there."""
         self._doomed.discard(name)
         if name in self._loaded:
             return
-        self._loaded.add(name)  # reserve the name now so a concurrent load does not load it twice
+        if name not in self._loading:  # concurrent callers wait for the same load
+            self._loading[name] = asyncio.ensure_future(self._change(self._load, name, Path(adapter_dir)))
+        task = self._loading[name]
         try:
-            await self.run(self._load, name, Path(adapter_dir))
-        except BaseException:
-            self._loaded.discard(name)
-            raise
+            await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._loading.pop(name, None)
+        self._loaded.add(name)
 
     def _load(self, name: str, adapter_dir: Path) -> None:
         from ftune.adapters import load_adapter
@@ -75,6 +87,7 @@ class AdapterPool:
         else:
             self._peft.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
         self._peft.eval()
+        self._adapter_layers = _adapter_layers(self._base)
         self.last_load_s = time.perf_counter() - start
         log.info("loaded adapter %s from %s in %.1f ms", name, adapter_dir, 1000 * self.last_load_s)
 
@@ -86,7 +99,7 @@ class AdapterPool:
             self._doomed.add(name)
             return
         self._loaded.discard(name)
-        await self.run(self._delete, name)
+        await self._change(self._delete, name)
 
     def _delete(self, name: str) -> None:
         if self._peft is None or name not in self._peft.peft_config:
@@ -95,6 +108,7 @@ class AdapterPool:
             # peft warns when the deleted adapter was the "active" one; rows name their adapter.
             warnings.simplefilter("ignore", UserWarning)
             self._peft.delete_adapter(name)
+        self._adapter_layers = _adapter_layers(self._base)
         log.info("unloaded adapter %s", name)
 
     def acquire(self, name: str | None) -> None:
@@ -115,7 +129,7 @@ class AdapterPool:
             if name in self._doomed:
                 self._doomed.discard(name)
                 self._loaded.discard(name)
-                await self.run(self._delete, name)
+                await self._change(self._delete, name)
 
     def forward(
         self,
@@ -125,7 +139,14 @@ class AdapterPool:
         cache: Any,
         adapter_names: list[str],
     ) -> torch.Tensor:
-        """Logits of the last position for each row, each row with its adapter (call inside ``run``)."""
+        """Logits of the last position for each row, each row with its adapter (blocks; use a thread).
+
+        This is what ``PeftModel.forward(..., adapter_names=...)`` does, minus its per-call walk over
+        every module of the model (twice), whose cost grows with each loaded adapter's submodules and
+        was over a third of a decode step with 16 adapters loaded: the layers that take
+        ``adapter_names`` are listed once per load/unload instead, and get the names by the same
+        forward pre-hook peft uses. Every adapter named here is loaded (the pool's callers acquire it).
+        """
         kwargs = dict(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -134,10 +155,28 @@ class AdapterPool:
             use_cache=True,
             logits_to_keep=1,
         )
-        with torch.inference_mode():
-            if self._peft is None or not self._peft.peft_config:
-                # No adapter loaded: peft's wrapped layers (if any) have no active adapter either.
-                out = self._base(**kwargs)
-            else:
-                out = self._peft(**kwargs, adapter_names=adapter_names)
+        with self._model_lock:
+            handles = []
+            if self._peft is not None and self._peft.peft_config:
+                hook = partial(_add_adapter_names, adapter_names=list(adapter_names))
+                handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in self._adapter_layers]
+            try:
+                with torch.inference_mode():
+                    # With no adapter loaded, peft's wrapped layers (if any) have no active adapter either.
+                    out = self._base(**kwargs)
+            finally:
+                for handle in handles:
+                    handle.remove()
         return out.logits[:, -1, :]
+
+
+def _adapter_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    return [m for m in model.modules() if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper))]
+
+
+def _add_adapter_names(module, args, kwargs, adapter_names):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs

@@ -12,11 +12,13 @@ mixed-adapter batch forward.
 
 # No `from __future__ import annotations` here: Serve's ingress rebuilds the route signatures and
 # needs real annotations (a string "Request" would make FastAPI expect a query parameter).
+import asyncio
 import contextvars
 import hmac
 import logging
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -80,17 +82,54 @@ def _registry(config: ServingConfig) -> AdapterRegistry:
     return AdapterRegistry(config.adapters, cache_dir=cache_dir(config), endpoint_url=config.storage.endpoint_url)
 
 
-@serve.deployment(name="LoraServer")
-@serve.ingress(api)
+def _require_safetensors(model_path: str) -> None:
+    """Refuse a local model directory that only has pickled (.bin) weights."""
+    path = Path(model_path)
+    if path.is_dir() and not any(path.glob("*.safetensors")):
+        raise RuntimeError(f"{path} has no *.safetensors weights; only safetensors are loaded (re-save the model)")
+
+
+class _LoadedAdapter:
+    """What ``@serve.multiplexed`` caches per adapter; its LRU eviction awaits ``__del__``."""
+
+    def __init__(self, name: str, pool: AdapterPool):
+        self.name = name
+
+        async def unload() -> None:
+            await pool.evict(name)
+
+        # An instance attribute, not a method: Serve's LRU awaits it, while garbage collection
+        # (which only calls a __del__ defined on the class) never does.
+        self.__del__ = unload
+
+
+def _sse(events: AsyncIterator[bytes]) -> StreamingResponse:
+    async def framed() -> AsyncIterator[bytes]:
+        try:
+            async for event in events:
+                yield event
+        except ApiError as e:
+            yield sse_event(e.body())
+        except Exception as e:  # headers are sent: report in-stream, as OpenAI does
+            log.exception("stream failed")
+            yield sse_event(error_body(f"internal error: {e}", type="server_error"))
+        yield SSE_DONE
+
+    return StreamingResponse(framed(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
 class LoraServer:
     """One replica: base model, adapter pool, batcher and the OpenAI routes."""
 
     def __init__(self, config: dict[str, Any]):
         import torch
 
-        from ftune.model import load_base_model, load_tokenizer, resolve_precision
+        from ftune.model import load_base_model, load_tokenizer, resolve_model_path, resolve_precision
 
         self.config = cfg = ServingConfig.model_validate(config)
+        if os.environ.get("FTUNE_SWITCH"):
+            import sys
+            sys.setswitchinterval(float(os.environ["FTUNE_SWITCH"]))
         torch.set_num_threads(cfg.resources.torch_threads)
         self.api_key = None
         if cfg.api_key_env:
@@ -103,18 +142,22 @@ class LoraServer:
         use_gpu = cfg.resources.num_gpus > 0 and torch.cuda.is_available()
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.tokenizer = load_tokenizer(cfg.model, padding_side="left")
+        _require_safetensors(resolve_model_path(cfg.model))
         base = load_base_model(cfg.model, dtype=resolve_precision(cfg.precision, use_gpu), for_training=False)
-        base.to(self.device).eval()
+        if not cfg.model.load_in_4bit:  # a 4-bit model is already placed by its device_map
+            base.to(self.device)
+        base.eval()
         self.context_tokens = cfg.limits.max_context_tokens or getattr(
             base.config, "max_position_embeddings", None
         ) or self.tokenizer.model_max_length
         eos = base.generation_config.eos_token_id
         self.eos_ids = {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
         self.pool = AdapterPool(base)
+        self.batch_stats = {"batches": 0, "requests": 0, "largest": 0, "most_adapters": 0}
         self.registry = _registry(cfg)
         # Both decorators take their settings at decoration time, and the config is only known here.
         # The loader is a plain function: Serve keeps its LRU state as an attribute of it.
-        async def load_adapter(name: str) -> "_LoadedAdapter":
+        async def load_adapter(name: str) -> _LoadedAdapter:
             return await self._load_adapter(name)
 
         self._adapter = serve.multiplexed(max_num_models_per_replica=cfg.max_adapters_per_replica)(load_adapter)
@@ -128,8 +171,8 @@ class LoraServer:
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
-        """Liveness: no key needed."""
-        return {"status": "ok", "adapters_loaded": self.pool.loaded}
+        """Liveness (no key needed), with the adapters loaded and batching counters of this replica."""
+        return {"status": "ok", "adapters_loaded": self.pool.loaded, "batching": self.batch_stats}
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
@@ -229,10 +272,8 @@ class LoraServer:
 
     # ---- adapters and generation --------------------------------------------------------------
 
-    async def _load_adapter(self, name: str) -> "_LoadedAdapter":
+    async def _load_adapter(self, name: str) -> _LoadedAdapter:
         """What ``@serve.multiplexed`` calls on a cache miss (``self._adapter`` is the cached form)."""
-        import asyncio
-
         try:
             local = await asyncio.to_thread(self.registry.local_dir, name)
             await self.pool.load(name, local)
@@ -256,6 +297,11 @@ class LoraServer:
 
     async def _decode(self, requests: list[GenerationRequest]) -> AsyncIterator[list[Any]]:
         """The batch handler: one list of deltas per decode step, StopIteration for finished rows."""
+        stats = self.batch_stats
+        stats["batches"] += 1
+        stats["requests"] += len(requests)
+        stats["largest"] = max(stats["largest"], len(requests))
+        stats["most_adapters"] = max(stats["most_adapters"], len({r.adapter for r in requests}))
         decoder = BatchDecoder(
             requests,
             self.pool.forward,
@@ -264,9 +310,37 @@ class LoraServer:
             pad_token_id=self.tokenizer.pad_token_id,
             device=self.device,
         )
-        while not decoder.done:
-            deltas = await self.pool.run(decoder.step)
+        mode = os.environ.get("FTUNE_DECODE_MODE", "producer")
+        if mode == "hop":
+            while not decoder.done:
+                deltas = await asyncio.to_thread(decoder.step)
+                yield [StopIteration if d is None else d for d in deltas]
+            return
+        if mode == "inline":
+            while not decoder.done:
+                deltas = decoder.step()
+                yield [StopIteration if d is None else d for d in deltas]
+                await asyncio.sleep(0)
+            return
+        # The decode loop runs on a worker thread and hands each step's deltas over as it goes, so the
+        # next step is computed while the event loop delivers this one (not one thread hop per token).
+        loop = asyncio.get_running_loop()
+        steps: asyncio.Queue = asyncio.Queue()
+
+        def produce() -> None:
+            try:
+                while not decoder.done:
+                    loop.call_soon_threadsafe(steps.put_nowait, decoder.step())
+            except BaseException as e:  # re-raised on the event loop, failing this batch's requests
+                loop.call_soon_threadsafe(steps.put_nowait, e)
+            loop.call_soon_threadsafe(steps.put_nowait, None)
+
+        worker = asyncio.ensure_future(asyncio.to_thread(produce))
+        while (deltas := await steps.get()) is not None:
+            if isinstance(deltas, BaseException):
+                raise deltas
             yield [StopIteration if d is None else d for d in deltas]
+        await worker
 
     async def _collect(self, request: GenerationRequest) -> tuple[str, str | None, int]:
         parts, finish, used = [], None, 0
@@ -297,35 +371,6 @@ class LoraServer:
             yield sse_event(usage_chunk(rid, body.model, "chat.completion.chunk", len(gen.prompt_ids), used))
 
 
-class _LoadedAdapter:
-    """What ``@serve.multiplexed`` caches per adapter; its LRU eviction awaits ``__del__``."""
-
-    def __init__(self, name: str, pool: AdapterPool):
-        self.name = name
-
-        async def unload() -> None:
-            await pool.evict(name)
-
-        # An instance attribute, not a method: Serve's LRU awaits it, while garbage collection
-        # (which only calls a __del__ defined on the class) never does.
-        self.__del__ = unload
-
-
-def _sse(events: AsyncIterator[bytes]) -> StreamingResponse:
-    async def framed() -> AsyncIterator[bytes]:
-        try:
-            async for event in events:
-                yield event
-        except ApiError as e:
-            yield sse_event(e.body())
-        except Exception as e:  # headers are sent: report in-stream, as OpenAI does
-            log.exception("stream failed")
-            yield sse_event(error_body(f"internal error: {e}", type="server_error"))
-        yield SSE_DONE
-
-    return StreamingResponse(framed(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
 def build_app(args: dict[str, Any]) -> serve.Application:
     """The application for a Serve config file's ``import_path: serve.app:build_app``.
 
@@ -341,4 +386,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 def build_application(config: ServingConfig) -> serve.Application:
     """The application for an already validated config (checks the adapters first)."""
     _registry(config).inspect()
-    return LoraServer.options(**deployment_options(config)).bind(config.model_dump(mode="json"))
+    return LoraDeployment.options(**deployment_options(config)).bind(config.model_dump(mode="json"))
+
+
+# Decorated apart from the class so that `serve.app.LoraServer` stays the class itself: replicas then
+# import this module (pickling by reference) instead of receiving a by-value copy of the class.
+LoraDeployment = serve.deployment(name="LoraServer")(serve.ingress(api)(LoraServer))

@@ -9,9 +9,11 @@ truth, checked, instead of a separate ``deployments:`` override that nothing val
 
 from __future__ import annotations
 
+import difflib
 import re
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
 import yaml
@@ -19,7 +21,7 @@ from pydantic import Field
 
 from ftune.config import ModelConfig, Precision
 from ftune.errors import ConfigError
-from ftune.yaml_config import Section, _describe_error, _report, apply_overrides
+from ftune.yaml_config import KNOWN_ALIASES, Section, _describe_error, _report, apply_overrides
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """What an adapter (and so an OpenAI model id) may be called: it is only ever a registry key."""
@@ -196,7 +198,7 @@ def validate_serving_args(
     try:
         config = ServingConfig.model_validate(data)
     except pydantic.ValidationError as e:
-        problems = [_describe_error(ServingConfig, err) for err in e.errors()]
+        problems = [_describe(ServingConfig, err) for err in e.errors()]
         raise ConfigError(_report(source, problems, lines or {}, origins)) from None
     problems = config.problems()
     if problems:
@@ -224,28 +226,99 @@ def deployment_options(config: ServingConfig) -> dict[str, Any]:
     }
 
 
-class ServeApplication(pydantic.BaseModel):
-    """The parts of one ``applications:`` entry of a Serve config file that ftune reads."""
+IMPORT_PATH = "serve.app:build_app"
+"""The import_path of an ftune application in a Serve config file."""
 
-    model_config = pydantic.ConfigDict(extra="allow")
+
+class HttpOptions(Section):
+    """Serve's cluster-wide HTTP settings (``http_options`` of a Serve config file)."""
+
+    host: str = "127.0.0.1"
+    """Address the proxies listen on; 0.0.0.0 exposes the API beyond this machine."""
+    port: int = Field(8000, ge=1, le=65535)
+    """HTTP port of the proxies."""
+    request_timeout_s: float | None = Field(None, gt=0)
+    """End-to-end timeout of a request at the proxy; None waits as long as it takes."""
+    keep_alive_timeout_s: float | None = Field(None, gt=0)
+    """How long the proxy keeps an idle HTTP connection open."""
+
+
+class ServeApplicationConfig(Section):
+    """One ``applications:`` entry of a Serve config file."""
 
     name: str = "default"
-    route_prefix: str | None = "/"
-    import_path: str
-    args: dict[str, Any] = Field(default_factory=dict)
+    """Serve application name."""
+    route_prefix: str = "/"
+    """URL prefix of the application: the OpenAI base URL is http://host:port<route_prefix>/v1."""
+    import_path: Literal["serve.app:build_app"] = IMPORT_PATH
+    """Builder Serve imports and calls with args."""
+    args: ServingConfig = Field(default_factory=ServingConfig)
+    """The serving config, validated by build_app."""
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+    """Ray runtime environment of the replicas (env_vars, working_dir for serve deploy)."""
+    logging_config: dict[str, Any] | None = None
+    """Serve logging settings of this application."""
+    deployments: list[dict[str, Any]] = Field(default_factory=list)
+    """Must stay empty: replica settings live in args (autoscaling, limits, resources)."""
+
+    @pydantic.field_validator("deployments")
+    @classmethod
+    def _no_deployment_overrides(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if value:
+            raise ValueError(
+                "set replicas, autoscaling, queue limits and CPUs under args (autoscaling:, limits:, "
+                "resources:) where they are validated, and remove this deployments: section"
+            )
+        return value
 
 
-def read_serve_config_file(
-    path: str | Path, app_name: str | None = None
-) -> tuple[ServeApplication, dict[str, Any], dict[str, int]]:
-    """Read a Ray Serve config file and pick the ftune application in it.
+class ServeFileConfig(Section):
+    """A Ray Serve config file of ftune applications (what ``serve run`` / ``serve deploy`` read)."""
 
-    Returns:
-        The application entry, the file's ``http_options`` and the line of every dotted key of its args.
+    proxy_location: Literal["Disabled", "HeadOnly", "EveryNode"] = "EveryNode"
+    """Where Serve runs HTTP proxies."""
+    http_options: HttpOptions = Field(default_factory=HttpOptions)
+    """Host and port of the proxies."""
+    grpc_options: dict[str, Any] | None = None
+    """Serve gRPC settings (unused by ftune)."""
+    logging_config: dict[str, Any] | None = None
+    """Serve logging settings."""
+    applications: list[ServeApplicationConfig] = Field(min_length=1)
+    """The applications; each imports serve.app:build_app."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Every application's cross-field problems, keyed from the top of the file."""
+        out = [(f"applications.{i}.args.{key}", msg) for i, app in enumerate(self.applications) for key, msg in app.args.problems()]
+        names = [app.name for app in self.applications]
+        prefixes = [app.route_prefix for app in self.applications]
+        for i, app in enumerate(self.applications):
+            if names.index(app.name) != i:
+                out.append((f"applications.{i}.name", f"{app.name!r} is used by another application"))
+            if prefixes.index(app.route_prefix) != i:
+                out.append((f"applications.{i}.route_prefix", f"{app.route_prefix!r} is used by another application"))
+        return out
+
+    def application(self, name: str | None = None) -> tuple[int, ServeApplicationConfig]:
+        """The application called ``name`` (the only one when None), with its index.
+
+        Raises:
+            ConfigError: no such application, or several and no name given.
+        """
+        names = [app.name for app in self.applications]
+        if name is None:
+            if len(names) > 1:
+                raise ConfigError(f"the config has {len(names)} applications ({', '.join(names)}); pick one with --app NAME")
+            return 0, self.applications[0]
+        if name not in names:
+            raise ConfigError(f"no application named {name!r}; the config has {', '.join(names)}")
+        return names.index(name), self.applications[names.index(name)]
+
+
+def read_yaml_with_lines(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """Read a YAML mapping and the line of every dotted key, list items included (``applications.0.args``).
 
     Raises:
-        ConfigError: the file is missing or malformed, holds no (or several) ftune applications, or
-            overrides deployment options that belong in ``args``.
+        ConfigError: the file is missing, is not valid YAML or is not a mapping.
     """
     path = Path(path)
     if not path.is_file():
@@ -258,47 +331,59 @@ def read_serve_config_file(
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from e
-    apps = data.get("applications") if isinstance(data, dict) else None
-    if not isinstance(apps, list) or not apps:
-        raise ConfigError(
-            f"{path}: not a Ray Serve config file: it needs an 'applications:' list "
-            "(see configs/serve/tiny.yaml)"
-        )
-    ours = [
-        i
-        for i, app in enumerate(apps)
-        if isinstance(app, dict) and str(app.get("import_path", "")).startswith("serve.app:")
-        and (app_name is None or app.get("name", "default") == app_name)
-    ]
-    if len(ours) != 1:
-        which = f"named {app_name!r} " if app_name else ""
-        raise ConfigError(
-            f"{path}: expected exactly one application {which}with import_path serve.app:build_app, "
-            f"found {len(ours)}" + ("; pick one with --app NAME" if len(ours) > 1 else "")
-        )
-    index = ours[0]
-    app = ServeApplication.model_validate(apps[index])
-    if apps[index].get("deployments"):
-        raise ConfigError(
-            f"{path}: application {app.name!r} overrides 'deployments:'; set replicas, autoscaling, "
-            "queue limits and CPUs under its args (autoscaling:, limits:, resources:) where they are "
-            "validated, and remove the deployments: section"
-        )
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: not a Ray Serve config file: it needs an 'applications:' list (see configs/serve/tiny.yaml)")
     lines: dict[str, int] = {}
-    app_node = _mapping_value(root, "applications").value[index]
-    args_node = _mapping_value(app_node, "args")
-    if args_node is not None:
-        _key_lines(args_node, "", lines)
-    http_options = data.get("http_options") or {}
-    return app, http_options, lines
+    _key_lines(root, "", lines)
+    return data, lines
 
 
-def _mapping_value(node: yaml.Node | None, key: str) -> Any:
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            if key_node.value == key:
-                return value_node
-    return None
+def validate_serve_file(
+    data: dict[str, Any], *, source: str, lines: dict[str, int] | None = None, origins: dict[str, str] | None = None
+) -> ServeFileConfig:
+    """Validate a Serve config file's contents, reporting every problem with its line.
+
+    Raises:
+        ConfigError: naming each bad key with its file:line (or the override that set it) and the fix.
+    """
+    try:
+        config = ServeFileConfig.model_validate(data)
+    except pydantic.ValidationError as e:
+        problems = [_describe(ServeFileConfig, err) for err in e.errors()]
+        raise ConfigError(_report(source, problems, lines or {}, origins or {})) from None
+    problems = config.problems()
+    if problems:
+        raise ConfigError(_report(source, problems, lines or {}, origins or {}))
+    return config
+
+
+def _describe(cls: type[pydantic.BaseModel], err: dict) -> tuple[str, str]:
+    """(dotted key, message) of a validation error; unknown keys get a "did you mean", also inside lists."""
+    loc = tuple(err.get("loc", ()))
+    if err.get("type") != "extra_forbidden":
+        return _describe_error(cls, err)
+    parent = _model_at(cls, loc[:-1])
+    known = sorted(parent.model_fields) if parent is not None else []
+    alias = KNOWN_ALIASES.get(str(loc[-1]))
+    guess = [alias] if alias in known else difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
+    where = ".".join(str(p) for p in loc[:-1])
+    hint = f"did you mean '{where + '.' if where else ''}{guess[0]}'?" if guess else f"known keys here: {', '.join(known)}"
+    return ".".join(str(p) for p in loc), f"unknown key. {hint}"
+
+
+def _model_at(cls: type[pydantic.BaseModel], loc: tuple) -> type[pydantic.BaseModel] | None:
+    """The model reached from ``cls`` by following field names and list indices in ``loc``."""
+    model: Any = cls
+    for part in loc:
+        if isinstance(part, int):
+            continue  # the list's item type was unwrapped with the list field
+        if not (isinstance(model, type) and issubclass(model, pydantic.BaseModel)) or str(part) not in model.model_fields:
+            return None
+        model = model.model_fields[str(part)].annotation
+        for arg in typing.get_args(model) or ():
+            if isinstance(arg, type) and issubclass(arg, pydantic.BaseModel):
+                model = arg
+    return model if isinstance(model, type) and issubclass(model, pydantic.BaseModel) else None
 
 
 def _key_lines(node: yaml.Node, prefix: str, out: dict[str, int]) -> None:
@@ -307,6 +392,10 @@ def _key_lines(node: yaml.Node, prefix: str, out: dict[str, int]) -> None:
             dotted = f"{prefix}{key_node.value}"
             out[dotted] = key_node.start_mark.line + 1
             _key_lines(value_node, dotted + ".", out)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            out[f"{prefix}{index}"] = item.start_mark.line + 1
+            _key_lines(item, f"{prefix}{index}.", out)
 
 
 def _deep_copy(value: Any) -> Any:

@@ -50,8 +50,8 @@ def adapter_config_problems(config: dict[str, Any]) -> list[str]:
     return problems
 
 
-def check_local_adapter(path: Path) -> tuple[list[str], dict[str, Any] | None]:
-    """Problems with a local adapter directory, and its adapter_config.json when readable."""
+def read_local_adapter(path: Path) -> tuple[list[str], dict[str, Any] | None]:
+    """Problems with the files of a local adapter directory, and its adapter_config.json when readable."""
     if not path.is_dir():
         return [f"{path} is not a directory"], None
     missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
@@ -64,7 +64,13 @@ def check_local_adapter(path: Path) -> tuple[list[str], dict[str, Any] | None]:
         config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
     except ValueError as e:
         return [f"{path / CONFIG_FILE} is not valid JSON: {e}"], None
-    return adapter_config_problems(config), config
+    return [], config
+
+
+def check_local_adapter(path: Path) -> tuple[list[str], dict[str, Any] | None]:
+    """Why a local adapter directory cannot be served (empty if it can), and its adapter_config.json."""
+    problems, config = read_local_adapter(path)
+    return (problems or adapter_config_problems(config or {})), config
 
 
 def _s3_client(endpoint_url: str | None):
@@ -139,14 +145,15 @@ def download_s3_adapter(uri: str, cache_dir: Path, endpoint_url: str | None) -> 
 
 
 class AdapterRegistry:
-    """Adapter name -> source, fixed at deploy time; resolves a name to a local PEFT directory."""
+    """Adapter name -> source, fixed at deploy time; resolves a name to a local PEFT directory.
 
-    def __init__(self, sources: dict[str, str], *, cache_dir: str | Path, endpoint_url: str | None = None):
-        """Args:
+    Args:
         sources: Adapter name -> local directory or s3://bucket/prefix.
         cache_dir: Where s3:// adapters are downloaded to.
         endpoint_url: S3-compatible endpoint; None uses AWS_ENDPOINT_URL or AWS.
-        """
+    """
+
+    def __init__(self, sources: dict[str, str], *, cache_dir: str | Path, endpoint_url: str | None = None):
         self._sources = {
             name: src if is_s3(src) else str(Path(src).expanduser().resolve()) for name, src in sources.items()
         }

@@ -55,6 +55,7 @@ def ray_scaling_config(cfg: TrainJobConfig):
         resources_per_worker=resources,
         placement_strategy=s.placement_strategy,
         accelerator_type=s.accelerator_type,
+        elastic_resize_monitor_interval_s=s.elastic_resize_interval_s,
     )
 
 
@@ -87,7 +88,7 @@ def prepare(cfg: TrainJobConfig, name: str) -> dict[str, Any]:
     check_model_reachable(cfg)
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tokenizer)
-    print(f"[ftune] data: {data.summary()}", flush=True)
+    print(f"[ftune] {data.summary()}", flush=True)
     plan = BatchPlan(len(data.train), cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.train.seed)
     if plan.steps_per_epoch < 1:
         raise DataError(

@@ -42,6 +42,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def frozen_weights_sha256(model: torch.nn.Module) -> str:
+    """Checksum of the frozen (base) weights under their original names: proves training left them intact."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    frozen = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            frozen[name.replace("base_model.model.", "", 1).replace(".base_layer", "")] = param
+    for name in sorted(frozen):
+        digest.update(name.encode())
+        digest.update(frozen[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def total_steps(cfg: TrainJobConfig, plan: BatchPlan) -> int:
     """Optimizer steps of the whole run."""
     return cfg.train.max_steps or cfg.train.epochs * plan.steps_per_epoch
@@ -221,6 +236,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "restarts": state.restarts,
             "adapter_path": loop_config["adapter_uri"],
             "trainable_parameters": trainable_parameters(engine.module),
+            "base_weights_sha256": frozen_weights_sha256(engine.module),
         }
         recorder.finish(summary)
         storage = Storage(loop_config["storage_uri"], loop_config.get("endpoint_url"))

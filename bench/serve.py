@@ -1,0 +1,340 @@
+"""Serving: Serve HTTP overhead over in-process decoding, mixed-adapter throughput, adapter cold load.
+
+Measured in one run, on one machine, with one torch thread for the model everywhere:
+
+  a. in-process   the replica's own decode path (AdapterPool + BatchDecoder), no Ray, no HTTP
+  b. serve-http   the same requests through Ray Serve's proxy and the FastAPI ingress (requests.Session)
+  c. mixed        8 concurrent clients, all on one adapter vs. round-robin over 8 adapters, in process
+                  (one batch of 8) and through Serve (``@serve.batch`` + peft's adapter_names)
+  d. cold load    loading an adapter into the replica's peft model: in process, and the extra latency
+                  of the first request to an adapter over HTTP
+
+    python bench/serve.py                    # tiny model, 40 sequential requests, 16 tokens each
+    python bench/serve.py --model 512x4      # a larger random Llama (HIDDENxLAYERS), same tokenizer
+    python bench/serve.py --no-serve         # in-process rows only (no Ray)
+
+Goals: Serve HTTP overhead <= 3 ms at p50 over in-process; 8 mixed adapters >= 0.9x the throughput of
+one adapter; adapter cold load <= 50 ms (tiny model). Results go to bench/RESULTS.md (section "serve").
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.report import REPO, goal, machine_line, markdown_table  # noqa: E402
+
+RESULTS = REPO / "bench" / "RESULTS.md"
+SECTION_START, SECTION_END = "<!-- bench/serve.py start -->", "<!-- bench/serve.py end -->"
+PROMPT = "Write one sentence about the sea."
+ADAPTERS = [f"a{i}" for i in range(8)]
+OVERHEAD_GOAL_MS, MIXED_GOAL, COLD_GOAL_MS = 3.0, 0.9, 50.0
+ROUNDS = 2
+"""Alternating rounds of the 1-adapter and 8-adapter concurrent runs."""
+THROUGHPUT_WAIT_S = 0.03
+"""batch_wait_timeout_s of the throughput app: about the spread of 8 clients' arrivals on 2 cores."""
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+def build_model(spec: str, out_dir: Path) -> Path:
+    """The tiny model, or a random Llama of shape HIDDENxLAYERS with the tiny model's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from ftune.builtin import ensure_tiny_model
+
+    tiny = ensure_tiny_model()
+    if spec == "tiny":
+        return tiny
+    hidden, layers = (int(x) for x in spec.lower().split("x"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    config = LlamaConfig.from_pretrained(tiny)
+    config.update({"hidden_size": hidden, "intermediate_size": hidden * 11 // 4, "num_hidden_layers": layers})
+    torch.manual_seed(0)
+    path = out_dir / f"llama-{spec}"
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------ in process
+class InProcess:
+    """The replica's decode path without Serve: one AdapterPool, BatchDecoder steps run inline."""
+
+    def __init__(self, model_dir: Path, adapters: dict[str, Path]):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from serve.adapter_pool import AdapterPool
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.pool = AdapterPool(AutoModelForCausalLM.from_pretrained(model_dir).eval())
+        self.adapters = adapters
+        self.load_ms: list[float] = []  # all but the first, which also wraps the base model in peft
+        for i, (name, path) in enumerate(adapters.items()):
+            start = time.perf_counter()
+            asyncio.run(self.pool.load(name, path))
+            if i:
+                self.load_ms.append(1000 * (time.perf_counter() - start))
+
+    def generate(self, models: list[str | None], max_tokens: int) -> None:
+        """Tokenize, decode ``len(models)`` requests in one batch, detokenize (as a replica does)."""
+        from serve.generation import BatchDecoder, GenerationRequest, SamplingParams
+
+        ids = tuple(self.tokenizer(PROMPT)["input_ids"])
+        requests = [GenerationRequest(ids, SamplingParams(max_tokens=max_tokens), m) for m in models]
+        decoder = BatchDecoder(
+            requests,
+            self.pool.forward,
+            self.tokenizer,
+            eos_token_ids=[self.tokenizer.eos_token_id],
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        while not decoder.done:
+            decoder.step()
+
+
+def time_calls(fn, n: int, warmup: int = 3) -> list[float]:
+    """Latencies in ms of ``n`` sequential calls, after ``warmup`` untimed ones."""
+    return time_interleaved([fn], n, warmup)[0]
+
+
+def time_interleaved(fns, n: int, warmup: int = 3) -> list[list[float]]:
+    """Latencies in ms of ``n`` rounds of calling each of ``fns`` in turn (so drift hits all alike)."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    out: list[list[float]] = [[] for _ in fns]
+    for _ in range(n):
+        for fn, times in zip(fns, out):
+            start = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - start))
+    return out
+
+
+# ----------------------------------------------------------------------------------------- serve
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deploy_apps(model_dir: Path, adapters: dict[str, Path], port: int) -> dict[str, str]:
+    """Two applications on one Serve: ``latency`` (no batch wait) and ``throughput`` (a short wait)."""
+    import ray
+    from ray import serve
+
+    from serve.app import build_application
+    from serve.config import validate_serving_args
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    urls = {}
+    for name, wait in (("latency", 0.0), ("throughput", THROUGHPUT_WAIT_S)):
+        config = validate_serving_args(
+            {
+                "model": {"name_or_path": str(model_dir)},
+                "adapters": {k: str(v) for k, v in adapters.items()},
+                "max_adapters_per_replica": len(adapters),
+                "batching": {"max_batch_size": 8, "batch_wait_timeout_s": wait},
+                "limits": {"max_ongoing_requests": 16, "max_queued_requests": -1, "max_tokens": 256},
+                "resources": {"num_cpus": 0.5, "torch_threads": 1},
+            }
+        )
+        serve.run(build_application(config), name=name, route_prefix=f"/{name}", blocking=False)
+        urls[name] = f"http://127.0.0.1:{port}/{name}"
+    return urls
+
+
+def http_call(session, url: str, model: str, max_tokens: int) -> None:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
+    response = session.post(url + "/v1/completions", json=body, timeout=120)
+    response.raise_for_status()
+    assert response.json()["usage"]["completion_tokens"] == max_tokens
+
+
+def concurrent_run(url: str, models: list[str], clients: int, per_client: int, max_tokens: int) -> dict:
+    """``clients`` threads, each sending ``per_client`` requests cycling through ``models``."""
+    import requests
+
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def worker(offset: int) -> None:
+        session = requests.Session()
+        for i in range(per_client):
+            start = time.perf_counter()
+            http_call(session, url, models[(offset + i) % len(models)], max_tokens)
+            with lock:
+                latencies.append(1000 * (time.perf_counter() - start))
+
+    threads = [threading.Thread(target=worker, args=(c,)) for c in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    return {"latencies": latencies, "rps": len(latencies) / elapsed, "tps": len(latencies) * max_tokens / elapsed}
+
+
+def batching_stats(url: str) -> dict:
+    import requests
+
+    return requests.get(url + "/healthz", timeout=10).json()["batching"]
+
+
+# ---------------------------------------------------------------------------------------- report
+def write_results(text: str) -> None:
+    """Replace this benchmark's section of bench/RESULTS.md (creating the file if needed)."""
+    section = f"{SECTION_START}\n{text.rstrip()}\n{SECTION_END}\n"
+    old = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n\n"
+    if SECTION_START in old and SECTION_END in old:
+        head, rest = old.split(SECTION_START, 1)
+        new = head + section + rest.split(SECTION_END, 1)[1].lstrip("\n")
+    else:
+        new = old.rstrip() + "\n\n" + section
+    RESULTS.write_text(new, encoding="utf-8")
+
+
+def row(name: str, latencies: list[float] | None, rps: float | None = None, tps: float | None = None, note: str = ""):
+    p50 = f"{percentile(latencies, 50):.1f}" if latencies else "-"
+    p99 = f"{percentile(latencies, 99):.1f}" if latencies else "-"
+    return [name, p50, p99, f"{rps:.1f}" if rps else "-", f"{tps:.0f}" if tps else "-", note]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", help="tiny or HIDDENxLAYERS (a random Llama)")
+    parser.add_argument("--requests", type=int, default=40, help="sequential requests per latency row")
+    parser.add_argument("--tokens", type=int, default=16, help="max_tokens of every request")
+    parser.add_argument("--per-client", type=int, default=8, help="requests per client in the mixed runs")
+    parser.add_argument("--no-serve", action="store_true", help="skip the Ray Serve rows")
+    parser.add_argument("--no-record", action="store_true", help="do not update bench/RESULTS.md")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from serve.synthetic import write_random_adapters
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(1)
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    model_dir = build_model(args.model, work)
+    adapters = write_random_adapters(model_dir, work / "adapters", {name: i for i, name in enumerate(ADAPTERS)})
+    n, tokens = args.requests, args.tokens
+
+    local = InProcess(model_dir, adapters)
+    rows, notes = [], []
+    batch_one, batch_mix = time_interleaved(
+        [lambda: local.generate(["a0"] * 8, tokens), lambda: local.generate(ADAPTERS, tokens)], max(5, n // 4)
+    )
+    for label, lat in (("1 adapter", batch_one), ("8 adapters", batch_mix)):
+        mean = statistics.mean(lat)
+        rows.append(row(f"in-process batch of 8, {label}", lat, 8000 / mean, 8000 * tokens / mean))
+    local_ratio = statistics.mean(batch_one) / statistics.mean(batch_mix)
+    cold_local = statistics.median(local.load_ms)
+    rows.append([f"adapter load into the peft model (x{len(local.load_ms)})", f"{cold_local:.1f}", f"{max(local.load_ms):.1f}", "-", "-", "in process"])
+
+    overhead = serve_ratio = cold_http = None
+    if args.no_serve:
+        seq1, seqn = time_interleaved([lambda: local.generate(["a0"], 1), lambda: local.generate(["a0"], tokens)], n)
+        rows.append(row("in-process, 1 token", seq1, 1000 / statistics.mean(seq1)))
+        rows.append(row(f"in-process, {tokens} tokens", seqn, 1000 / statistics.mean(seqn), 1000 * tokens / statistics.mean(seqn)))
+    else:
+        import requests
+
+        urls = deploy_apps(model_dir, adapters, free_port())
+        session = requests.Session()
+        lat_url = urls["latency"]
+        http_call(session, lat_url, "a0", 1)  # load a0 before timing
+        seq1, http1, seqn, httpn = time_interleaved(
+            [
+                lambda: local.generate(["a0"], 1),
+                lambda: http_call(session, lat_url, "a0", 1),
+                lambda: local.generate(["a0"], tokens),
+                lambda: http_call(session, lat_url, "a0", tokens),
+            ],
+            n,
+        )
+        for where, one, many in (("in-process", seq1, seqn), ("serve-http", http1, httpn)):
+            rows.append(row(f"{where}, 1 token", one, 1000 / statistics.mean(one)))
+            rows.append(row(f"{where}, {tokens} tokens", many, 1000 / statistics.mean(many), 1000 * tokens / statistics.mean(many)))
+        overhead = percentile(httpn, 50) - percentile(seqn, 50)
+        overhead_1 = percentile(http1, 50) - percentile(seq1, 50)
+        notes.append(f"Serve HTTP overhead at p50: {overhead_1:.1f} ms for a 1-token request, {overhead:.1f} ms for {tokens} tokens.")
+
+        cold = []
+        for name in ADAPTERS[1:]:  # first request to each adapter loads it
+            start = time.perf_counter()
+            http_call(session, lat_url, name, 1)
+            cold.append(1000 * (time.perf_counter() - start) - percentile(http1, 50))
+        cold_http = statistics.median(cold)
+        rows.append([f"first request to an adapter, extra (x{len(cold)})", f"{cold_http:.1f}", f"{max(cold):.1f}", "-", "-", "serve-http"])
+
+        thr_url = urls["throughput"]
+        for name in ADAPTERS:  # warm: every adapter loaded before timing
+            http_call(session, thr_url, name, 1)
+        runs = {label: {"latencies": [], "seconds": 0.0, "batches": 0, "requests": 0} for label in ("1 adapter", "8 adapters mixed")}
+        for _ in range(ROUNDS):  # alternate, so load drift on a shared machine hits both alike
+            for label, models in (("1 adapter", ["a0"]), ("8 adapters mixed", ADAPTERS)):
+                before = batching_stats(thr_url)
+                result = concurrent_run(thr_url, models, clients=8, per_client=args.per_client, max_tokens=tokens)
+                after = batching_stats(thr_url)
+                total = runs[label]
+                total["latencies"] += result["latencies"]
+                total["seconds"] += len(result["latencies"]) / result["rps"]
+                total["batches"] += after["batches"] - before["batches"]
+                total["requests"] += after["requests"] - before["requests"]
+        for label, total in runs.items():
+            rps = len(total["latencies"]) / total["seconds"]
+            note = f"mean batch {total['requests'] / max(total['batches'], 1):.1f}"
+            rows.append(row(f"serve-http, 8 clients, {label}", total["latencies"], rps, rps * tokens, note))
+        serve_ratio = runs["1 adapter"]["seconds"] / runs["8 adapters mixed"]["seconds"]
+        from ray import serve
+
+        serve.shutdown()
+
+    table = markdown_table(["run", "p50 ms", "p99 ms", "req/s", "tok/s", "note"], rows)
+    verdicts = []
+    if overhead is not None:
+        verdicts.append(goal("Serve HTTP overhead at p50", f"{overhead:.1f} ms", f"<= {OVERHEAD_GOAL_MS:.0f} ms", overhead <= OVERHEAD_GOAL_MS))
+    verdicts.append(goal("8 mixed adapters vs 1, in process (batch of 8)", f"{local_ratio:.2f}x", f">= {MIXED_GOAL}x", local_ratio >= MIXED_GOAL))
+    if serve_ratio is not None:
+        verdicts.append(goal("8 mixed adapters vs 1, through Serve", f"{serve_ratio:.2f}x", f">= {MIXED_GOAL}x", serve_ratio >= MIXED_GOAL))
+    verdicts.append(goal("adapter cold load (in process, p50)", f"{cold_local:.1f} ms", f"<= {COLD_GOAL_MS:.0f} ms", cold_local <= COLD_GOAL_MS))
+    if cold_http is not None:
+        verdicts.append(goal("adapter cold load (first HTTP request, extra, p50)", f"{cold_http:.1f} ms", f"<= {COLD_GOAL_MS:.0f} ms", cold_http <= COLD_GOAL_MS))
+    import peft
+    import ray
+
+    header = (
+        f"## serve (bench/serve.py --model {args.model} --requests {n} --tokens {tokens})\n\n"
+        f"{machine_line()}; ray {ray.__version__}, torch {torch.__version__}, peft {peft.__version__}; "
+        "model on 1 torch thread, replica 0.5 CPU.\n"
+    )
+    report = "\n".join([header, table, "", *notes, "", "```", *verdicts, "```"])
+    print(report)
+    if not args.no_record:
+        write_results(report)
+        print(f"\nrecorded in {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,511 @@
+"""Training overhead: ftune (Ray Train V2 + DeepSpeed ZeRO-2 + peft) against a plain PEFT loop on CPU.
+
+For each model size, three runs on the same tokenized data, BatchPlan order, global batch, AdamW,
+LR schedule, gradient clipping, fp32 and one torch thread per process:
+
+  a. plain   one Python process: peft model, torch AdamW, clip_grad_norm_, no Ray, no DeepSpeed
+  b. ftune-1 ``train.job.run_training`` with scaling.num_workers=1
+  c. ftune-2 the same with 2 workers (each does half of every global batch)
+
+Each run is a fresh Python process, so start-up counts imports, ``ray.init`` and the workers' own
+start. Evaluation and checkpointing happen only after the last step, so the steps in between are
+the steady state the goals are about; the plain loop evaluates before and after exactly as ftune does.
+
+    python bench/train_overhead.py                            # tiny model and 256x4, 150 steps
+    python bench/train_overhead.py --model 256x4 --steps 200  # one size (HIDDENxLAYERS or tiny)
+    python bench/train_overhead.py --profile                  # + where a step's time goes (py-spy)
+
+Goals: steady step time of ftune-1 <= 1.10x plain; start-up (before ``run_training`` -> first step
+finished) <= 20 s; final train and eval losses within 2 % of plain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.report import REPO, goal, machine_line, markdown_table  # noqa: E402
+
+TINY_CONFIG = REPO / "configs" / "train" / "tiny.yaml"
+RUNS = (("plain", 1), ("ftune", 1), ("ftune", 2))
+STEP_TIME_GOAL = 1.10
+STARTUP_GOAL_S = 20.0
+LOSS_GOAL = 0.02
+FINAL_LOSS_STEPS = 10
+
+
+# --------------------------------------------------------------------------------------------- setup
+def build_llama(spec: str, out_dir: Path) -> Path:
+    """A random Llama of shape ``HIDDENxLAYERS`` (e.g. 256x4) with the tiny model's tokenizer, in HF format."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from ftune.builtin import ensure_tiny_model
+
+    hidden, layers = (int(x) for x in spec.lower().split("x"))
+    path = out_dir / f"llama-{hidden}x{layers}"
+    if (path / "config.json").exists():
+        return path
+    tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_model())
+    heads = max(1, hidden // 64)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=16 * round(hidden * 8 / 3 / 16),  # Llama's SwiGLU ratio
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=1024,
+        rope_theta=500000.0,
+        initializer_range=hidden**-0.5,  # as the tiny model: frozen 0.02 weights leave LoRA little to learn
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def job_config(model: str, steps: int, workers: int, storage: Path, wandb: str):
+    """tiny.yaml with this benchmark's model, steps and workers; evaluation/checkpoint only at the end."""
+    from ftune.config import TrainJobConfig
+    from ftune.yaml_config import load_config
+
+    return load_config(
+        TrainJobConfig,
+        TINY_CONFIG,
+        [
+            f"model.name_or_path={model}",
+            f"train.max_steps={steps}",
+            f"train.eval_every={steps}",
+            f"train.checkpoint_every={steps}",
+            "train.exact_match_examples=0",
+            "failure.max_failures=0",  # a failed run should stop the benchmark, not resume from a checkpoint
+            f"scaling.num_workers={workers}",
+            "scaling.cpus_per_worker=1",
+            "scaling.torch_threads=1",
+            f"storage.path={storage}",
+            f"tracking.wandb={wandb}",
+        ],
+    )
+
+
+# ------------------------------------------------------------------------------- child: plain loop
+def run_plain(cfg) -> dict[str, Any]:
+    """The baseline: a single-process peft loop doing what one ftune worker does, minus the framework."""
+    import torch
+
+    from ftune.adapters import add_adapter
+    from ftune.data import Collator, pad_token_id, prepare_data
+    from ftune.model import load_base_model, load_tokenizer
+    from train.batching import BatchPlan
+    from train.evaluation import evaluate_loss
+    from train.schedule import lr_multiplier, warmup_steps
+
+    t_setup = time.time()
+    torch.set_num_threads(1)
+    t = cfg.train
+    tokenizer = load_tokenizer(cfg.model)
+    data = prepare_data(cfg.data, tokenizer)
+    plan = BatchPlan(len(data.train), t.global_batch_size, t.micro_batch_size, t.seed)
+    collate = Collator(pad_id=pad_token_id(tokenizer))
+    torch.manual_seed(t.seed)  # the seed build_engine uses before the adapter is initialised
+    model = add_adapter(load_base_model(cfg.model, dtype=torch.float32), cfg.lora)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_multiplier(t.lr_schedule, t.max_steps, warmup_steps(t.max_steps, t.warmup_ratio))
+    )
+    val = data.validation
+    val_batches = [collate(val[i : i + t.micro_batch_size]) for i in range(0, len(val), t.micro_batch_size)]
+    val_batches = val_batches[: t.eval_batches] if t.eval_batches else val_batches
+    device = torch.device("cpu")
+    eval_before = evaluate_loss(model, val_batches, device)["eval_loss"]
+    torch.manual_seed(t.seed)  # ftune reseeds rank 0 with seed + 1000 * rank
+    model.train()
+    rows = []
+    for step in range(t.max_steps):
+        t0 = time.perf_counter()
+        micro_batches = plan.micro_batches(step, 0, 1)
+        loss_sum, tokens = 0.0, 0
+        for micro in micro_batches:
+            batch = collate([data.train[i] for i in micro])
+            loss = model(**batch).loss
+            (loss / len(micro_batches)).backward()  # what engine.backward does with gradient accumulation
+            loss_sum += float(loss.detach())
+            tokens += int(batch["attention_mask"].sum())
+        if t.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_time = time.perf_counter() - t0
+        rows.append(
+            {"step": step + 1, "loss": loss_sum / len(micro_batches), "step_time_s": step_time, "tokens": tokens, "time": time.time()}
+        )
+    eval_after = evaluate_loss(model, val_batches, device)["eval_loss"]
+    return {"t_setup": t_setup, "rows": rows, "eval_loss_before": eval_before, "eval_loss_after": eval_after}
+
+
+# ------------------------------------------------------------------------------------ child: ftune
+def profiled_loop(loop_config: dict[str, Any]) -> None:
+    """``train_loop_per_worker`` with timers around each part of a step, sampled by py-spy.
+
+    Installed by ``--profile`` in place of the real loop (the TorchTrainer pickles this function by
+    value). Each rank writes ``worker<rank>.timers.json`` (calls, seconds and first-call time stamps per
+    part, and when the worker process started) and ``worker<rank>.pyspy.txt`` (collapsed stacks).
+    """
+    import collections
+    import json as json_
+    import os as os_
+    import time as time_
+
+    entered = time_.time()
+    import deepspeed.runtime.engine
+    import psutil
+    import ray.train
+    import torch.distributed
+
+    import train.loop as loop
+
+    totals: dict[str, dict[str, float]] = collections.defaultdict(lambda: {"calls": 0, "seconds": 0.0})
+
+    def timed(owner, attr: str, label: str) -> None:
+        inner = getattr(owner, attr)
+
+        def wrapper(*args, **kwargs):
+            t0 = time_.perf_counter()
+            entry = totals[label]
+            if not entry["calls"]:
+                entry["first_start"] = time_.time()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                entry["calls"] += 1
+                entry["seconds"] += time_.perf_counter() - t0
+                entry.setdefault("first_end", time_.time())
+
+        setattr(owner, attr, wrapper)
+
+    engine = deepspeed.runtime.engine.DeepSpeedEngine
+    timed(loop.Collator, "__call__", "collate")
+    timed(engine, "forward", "engine.forward")
+    timed(engine, "backward", "engine.backward")
+    timed(engine, "step", "engine.step")
+    for collective in ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast", "barrier"):
+        timed(torch.distributed, collective, f"torch.distributed.{collective}")
+    timed(ray.train, "report", "ray.train.report")
+    timed(ray.train, "get_preemption_info", "ray.train.get_preemption_info")
+    timed(loop.RunRecorder, "log", "RunRecorder.log")
+    timed(loop, "evaluate_loss", "evaluate_loss")
+    timed(loop, "build_engine", "build_engine")
+    timed(loop, "load_tokenizer", "load_tokenizer")
+    profile_dir = os_.environ["FTUNE_BENCH_PROFILE_DIR"]
+    rank = ray.train.get_context().get_world_rank()
+    spy = None
+    if shutil.which("py-spy"):
+        spy = subprocess.Popen(
+            ["py-spy", "record", "--pid", str(os_.getpid()), "--format", "raw", "--rate", "250", "--nonblocking",
+             "-o", f"{profile_dir}/worker{rank}.pyspy.txt"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            # The train function runs in a thread that blocks SIGINT; the child would inherit that mask.
+            preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}),
+        )
+    try:
+        loop.train_loop_per_worker(loop_config)
+    finally:
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled and exits
+            try:
+                spy.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+        timeline = {"process_started": psutil.Process().create_time(), "loop_entered": entered}
+        Path(profile_dir, f"worker{rank}.timers.json").write_text(
+            json_.dumps({"timeline": timeline, "timers": dict(totals)}, indent=1)
+        )
+
+
+def _time_stamped(fn, label: str, marks: dict[str, float]):
+    """``fn`` recording when it started and returned into ``marks`` (driver-side start-up breakdown)."""
+
+    def wrapper(*args, **kwargs):
+        marks[f"{label}_start"] = time.time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            marks[f"{label}_end"] = time.time()
+
+    return wrapper
+
+
+def run_ftune(cfg, name: str, profile: bool) -> dict[str, Any]:
+    """``run_training`` in a fresh local Ray; returns the summary and rank 0's metrics.jsonl rows."""
+    import ray
+
+    import train.job
+    import train.loop
+
+    if profile:
+        train.loop.train_loop_per_worker = profiled_loop  # build_trainer looks it up at call time
+    marks: dict[str, float] = {}
+    for step in ("prepare", "build_trainer"):  # run_training looks both up at call time
+        setattr(train.job, step, _time_stamped(getattr(train.job, step), step, marks))
+    os.environ.pop("RAY_ADDRESS", None)  # never join another engineer's cluster
+    t_setup = time.time()
+    ray.init(
+        address="local",
+        num_cpus=cfg.scaling.max_workers + 2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=True,
+    )
+    t_ray = time.time()
+    try:
+        summary = train.job.run_training(cfg, name=name)
+    finally:
+        ray.shutdown()
+    lines = (Path(cfg.storage.path).expanduser() / name / "metrics.jsonl").read_text().splitlines()
+    rows, eval_row_time = [], None
+    for row in map(json.loads, lines):
+        if row["step"] == 0:
+            eval_row_time = row["time"]
+        elif "loss" in row:
+            row["tokens"] = round(row["tokens_per_s"] * row["step_time_s"])
+            rows.append(row)
+    return {
+        "t_setup": t_setup,
+        "t_ray_ready": t_ray,
+        "t_eval_before_done": eval_row_time,
+        **{f"t_{k}": v for k, v in marks.items()},
+        "rows": rows,
+        "eval_loss_before": summary["eval_loss_before"],
+        "eval_loss_after": summary["eval_loss_after"],
+    }
+
+
+def child_main(args: argparse.Namespace) -> None:
+    from ftune.config import TrainJobConfig
+
+    cfg = TrainJobConfig.model_validate(json.loads(Path(args.child_job).read_text()))
+    if args.child == "plain":
+        result = run_plain(cfg)
+    else:
+        result = run_ftune(cfg, name=Path(args.child_result).stem, profile=bool(os.environ.get("FTUNE_BENCH_PROFILE_DIR")))
+    result["t_spawn"] = args.spawned_at
+    Path(args.child_result).write_text(json.dumps(result))
+
+
+# ----------------------------------------------------------------------------------- parent: stats
+def steady_stats(result: dict[str, Any], warmup: int) -> dict[str, Any]:
+    """Start-up, steady step time (median of step_time_s, and wall per step from the time stamps), tokens/s, losses.
+
+    The steady window is steps warmup+1 .. last-1: the last step's row is written after the final evaluation.
+    """
+    rows = sorted(result["rows"], key=lambda r: r["step"])
+    last = rows[-1]["step"]
+    stamp = {r["step"]: r["time"] for r in rows}
+    window = [r for r in rows if warmup < r["step"] < last]
+    if not window:
+        raise SystemExit(f"--steps must exceed --warmup + 1 (got {last} steps, warm-up {warmup})")
+    gaps = [stamp[r["step"]] - stamp[r["step"] - 1] for r in window]
+    first = stamp[1]
+    return {
+        "startup_s": first - result["t_setup"],
+        "startup_from_spawn_s": first - result["t_spawn"],
+        "step_s": statistics.median(r["step_time_s"] for r in window),
+        "wall_step_s": statistics.fmean(gaps),
+        "wall_step_median_s": statistics.median(gaps),
+        "tokens_per_s": sum(r["tokens"] for r in window) / sum(gaps),
+        "final_loss": statistics.fmean(r["loss"] for r in rows[-FINAL_LOSS_STEPS:]),
+        "eval_loss_before": result["eval_loss_before"],
+        "eval_loss_after": result["eval_loss_after"],
+        "steps": last,
+    }
+
+
+def run_child(kind: str, cfg, name: str, work: Path, profile_dir: Path | None) -> dict[str, Any]:
+    """Run one configuration in a fresh interpreter; its output goes to ``work/<name>.log``."""
+    job = work / f"{name}.job.json"
+    job.write_text(cfg.model_dump_json())
+    result, log = work / f"{name}.json", work / f"{name}.log"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("FTUNE_BENCH_PROFILE_DIR", None)
+    if profile_dir is not None:
+        profile_dir.mkdir(parents=True, exist_ok=True)
+        env["FTUNE_BENCH_PROFILE_DIR"] = str(profile_dir)
+    cmd = [sys.executable, __file__, "--child", kind, "--child-job", str(job), "--child-result", str(result)]
+    if profile_dir is not None and kind == "plain" and shutil.which("py-spy"):
+        spy_out = profile_dir / "plain.pyspy.txt"
+        cmd = ["py-spy", "record", "--format", "raw", "--rate", "250", "--nonblocking", "-o", str(spy_out), "--", *cmd]
+    print(f"  {name} ...", end="", flush=True)
+    with log.open("w") as out:
+        spawned = time.time()
+        proc = subprocess.run([*cmd, "--spawned-at", repr(spawned)], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    print(f" {time.time() - spawned:.0f} s", flush=True)
+    if proc.returncode:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-40:])
+        raise SystemExit(f"{name} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
+    return json.loads(result.read_text())
+
+
+def warm_imports() -> None:
+    """Import the heavy packages once, so the first measured process does not pay a cold disk cache."""
+    subprocess.run(
+        [sys.executable, "-c", "import torch, transformers, peft, deepspeed, ray.train, train.job"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    )
+
+
+def ratio(x: float, base: float) -> str:
+    return f"{x / base:.2f}x"
+
+
+def report(results: dict[str, dict[str, dict[str, Any]]], args: argparse.Namespace) -> tuple[str, list[str]]:
+    """The markdown table and the goal verdicts."""
+    headers = [
+        "model", "run", "start-up s", "spawn->1st step s", "step ms (median)", "x plain",
+        "wall/step ms (mean)", "x plain", "tokens/s", "final loss", "eval loss after",
+    ]
+    rows, goals = [], []
+    for model, runs in results.items():
+        base = runs["plain"]
+        for label, s in runs.items():
+            rows.append([
+                model, label, f"{s['startup_s']:.1f}", f"{s['startup_from_spawn_s']:.1f}",
+                f"{s['step_s'] * 1e3:.1f}", ratio(s["step_s"], base["step_s"]),
+                f"{s['wall_step_s'] * 1e3:.1f}", ratio(s["wall_step_s"], base["wall_step_s"]),
+                f"{s['tokens_per_s']:,.0f}", f"{s['final_loss']:.4f}", f"{s['eval_loss_after']:.4f}",
+            ])
+        one = runs["ftune-1"]
+        for key, what in (("step_s", "step time (median step_time_s)"), ("wall_step_s", "wall per step (time stamps)")):
+            r = one[key] / base[key]
+            goals.append(goal(f"{model}: ftune-1 / plain {what}", f"{r:.2f}x", f"<= {STEP_TIME_GOAL:.2f}x", r <= STEP_TIME_GOAL))
+        for label, s in runs.items():
+            if label == "plain":
+                continue
+            goals.append(goal(f"{model}: {label} start-up to first step", f"{s['startup_s']:.1f} s", f"<= {STARTUP_GOAL_S:.0f} s", s["startup_s"] <= STARTUP_GOAL_S))
+            for key, what in (("final_loss", "final train loss"), ("eval_loss_after", "eval loss after")):
+                d = abs(s[key] / base[key] - 1)
+                goals.append(goal(f"{model}: {label} {what} vs plain", f"{d:.2%} off", f"<= {LOSS_GOAL:.0%}", d <= LOSS_GOAL))
+    return markdown_table(headers, rows), goals
+
+
+def startup_breakdown(raw: dict[str, dict[str, Any]], profile_root: Path | None) -> list[str]:
+    """Per ftune run, where the seconds before the first step went (time stamps from the driver and rank 0)."""
+    lines = []
+    for key, r in raw.items():
+        if "t_ray_ready" not in r:
+            continue
+        first = min(row["time"] for row in r["rows"] if row["step"] == 1)
+        marks = [
+            ("ray.init", r["t_setup"], r["t_ray_ready"]),
+            ("prepare (driver: DeepSpeed config, model config, data)", r["t_prepare_start"], r["t_prepare_end"]),
+            ("build_trainer (ray.put data)", r["t_build_trainer_start"], r["t_build_trainer_end"]),
+        ]
+        timers = profile_root / key.replace(" ", "-") / "worker0.timers.json" if profile_root else None
+        if timers and timers.exists():
+            w = json.loads(timers.read_text())
+            line, t = w["timeline"], w["timers"]
+            marks += [
+                ("fit -> rank-0 worker process started", r["t_build_trainer_end"], line["process_started"]),
+                ("worker process -> loop entered (actor init, process group, unpickling imports torch)",
+                 line["process_started"], line["loop_entered"]),
+                ("loop entered -> build_engine (ray.get data, tokenizer)", line["loop_entered"], t["build_engine"]["first_start"]),
+                ("build_engine (model, peft, deepspeed import + initialize)", t["build_engine"]["first_start"], t["build_engine"]["first_end"]),
+                ("evaluation before training", t["evaluate_loss"]["first_start"], t["evaluate_loss"]["first_end"]),
+                ("first step", t["evaluate_loss"]["first_end"], first),
+            ]
+        else:
+            marks += [
+                ("fit -> evaluation before training done (workers start, build engine, evaluate)",
+                 r["t_build_trainer_end"], r["t_eval_before_done"]),
+                ("first step", r["t_eval_before_done"], first),
+            ]
+        parts = [f"imports {r['t_setup'] - r['t_spawn']:.1f} s (before the clock starts)"]
+        parts += [f"{label} {end - start:.1f} s" for label, start, end in marks]
+        lines.append(f"{key} ({first - r['t_setup']:.1f} s):\n    " + "\n    ".join(parts))
+    return lines
+
+
+def summarize_profiles(root: Path) -> str:
+    return str(sorted(p.name for p in root.rglob("*")))
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", help="tiny or HIDDENxLAYERS (repeatable; default: tiny and 256x4)")
+    parser.add_argument("--steps", type=int, default=150, help="optimizer steps per run (default 150)")
+    parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the steady state (default 5)")
+    parser.add_argument("--wandb", default="disabled", choices=["disabled", "offline"], help="ftune's tracking.wandb")
+    parser.add_argument("--profile", action="store_true", help="time each part of a worker step and sample it with py-spy")
+    parser.add_argument("--out", type=Path, help="keep logs, metrics and results here (default: a temp dir, deleted)")
+    parser.add_argument("--child", choices=["plain", "ftune"], help=argparse.SUPPRESS)
+    parser.add_argument("--child-job", help=argparse.SUPPRESS)
+    parser.add_argument("--child-result", help=argparse.SUPPRESS)
+    parser.add_argument("--spawned-at", type=float, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if args.child:
+        child_main(args)
+        return 0
+    from ftune.builtin import ensure_sample_dataset, ensure_tiny_model
+
+    models = args.model or ["tiny", "256x4"]
+    work = Path(args.out or tempfile.mkdtemp(prefix="ftune-bench-")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"machine: {machine_line()}")
+    print(f"steps {args.steps} (warm-up {args.warmup} and the last step left out), work dir {work}", flush=True)
+    ensure_tiny_model(), ensure_sample_dataset()  # built before anything is timed
+    warm_imports()
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    raw: dict[str, dict[str, Any]] = {}
+    try:
+        for spec in models:
+            model = "builtin:tiny-llama" if spec == "tiny" else str(build_llama(spec, work / "models"))
+            results[spec] = {}
+            for kind, workers in RUNS:
+                label = "plain" if kind == "plain" else f"ftune-{workers}"
+                name = f"{spec}-{label}".replace(":", "_")
+                cfg = job_config(model, args.steps, workers, work / "runs", args.wandb)
+                profile_dir = work / "profile" / name if args.profile else None
+                raw[f"{spec} {label}"] = r = run_child(kind, cfg, name, work, profile_dir)
+                results[spec][label] = steady_stats(r, args.warmup)
+        table, goals = report(results, args)
+        print(f"\n{table}\n")
+        profile_root = work / "profile" if args.profile else None
+        print("start-up breakdown:\n  " + "\n  ".join(startup_breakdown(raw, profile_root)) + "\n")
+        print("\n".join(goals))
+        (work / "results.json").write_text(json.dumps({"machine": machine_line(), "results": results}, indent=1))
+        if args.profile:
+            print(summarize_profiles(profile_root))
+    finally:
+        if args.out is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0 if all(g.startswith("PASS") for g in goals) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,218 @@
+"""Drain this Ray node, reason PREEMPTION, when its spot instance is about to be reclaimed.
+
+Runs next to the raylet on every spot worker (``cluster/aws-spot.yaml`` starts it after ``ray start``):
+
+    python -m cluster.spot_watcher [--url URL] [--interval S] [--node-id ID] [--address HOST:PORT]
+
+* polls EC2's ``spot/instance-action`` (IMDSv2, IMDSv1 fallback); on a notice it drains the node
+  once with the notice's time as deadline, then stays idle (or exits with ``--exit-after-drain``);
+* on SIGTERM (the instance or pod is shutting down) it drains with ``--sigterm-deadline-s`` and exits;
+* with ``--drain-now [--wait]`` it drains at once and exits, with ``--wait`` only once the node is
+  gone or the deadline passed (a Kubernetes ``preStop`` hook: the pod is not signalled meanwhile).
+
+A drained node takes no new work, Ray Train's ``get_preemption_info()`` reports it (Train polls
+the GCS's draining nodes), and its raylet exits once idle. This is ``ray drain-node --reason
+DRAIN_NODE_REASON_PREEMPTION`` done from Python, with the node found automatically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+
+import psutil
+
+from cluster import gcs
+from cluster.spot_notice import DEFAULT_DEADLINE_S, DEFAULT_URL, InstanceMetadataClient, NoticeError
+
+logger = logging.getLogger("cluster.spot_watcher")
+
+
+class SpotWatcher:
+    """Polls for an interruption notice and drains the local Ray node on one (or on SIGTERM).
+
+    Args:
+        client: Where notices come from (``InstanceMetadataClient`` or a test double).
+        address: GCS address; None finds the local cluster as ``ray drain-node`` does.
+        node_id: Hex id of the node to drain; None picks the alive node whose IP is this machine's.
+        interval_s: Seconds between polls (EC2 recommends 5).
+        sigterm_deadline_s: Drain deadline on SIGTERM: the pod's terminationGracePeriodSeconds
+            or the instance's shutdown grace, minus a margin.
+        default_deadline_s: Deadline for a notice whose time cannot be read.
+        exit_after_drain: Return after draining on a notice instead of idling until SIGTERM.
+    """
+
+    def __init__(
+        self,
+        client: InstanceMetadataClient,
+        *,
+        address: str | None = None,
+        node_id: str | None = None,
+        interval_s: float = 5.0,
+        sigterm_deadline_s: float = 30.0,
+        default_deadline_s: float = DEFAULT_DEADLINE_S,
+        exit_after_drain: bool = False,
+    ):
+        self.client = client
+        self.address = address
+        self.node_id = node_id
+        self.interval_s = interval_s
+        self.sigterm_deadline_s = sigterm_deadline_s
+        self.default_deadline_s = default_deadline_s
+        self.exit_after_drain = exit_after_drain
+        self.drained = False
+        self._wake = threading.Event()
+        self._sigterm = False
+        self._stop = False
+
+    def run(self) -> int:
+        """Poll until drained-and-done, SIGTERM or :meth:`stop`; returns the exit code."""
+        logger.info("watching %s every %.1f s", self.client.url, self.interval_s)
+        failures = 0
+        while not self._stop:
+            if self._sigterm:
+                return self._drain_on_sigterm()
+            if not self.drained:
+                try:
+                    notice = self.client.notice()
+                    failures = 0
+                except NoticeError as e:
+                    failures += 1
+                    if failures in (1, 10) or failures % 100 == 0:  # don't flood the log
+                        logger.warning("cannot read the interruption notice (%d in a row): %s", failures, e)
+                    notice = None
+                if notice is not None:
+                    logger.warning("%s", notice.describe())
+                    deadline_s = notice.deadline_s(default_s=self.default_deadline_s)
+                    if self.drain_now(deadline_s, notice.describe()) and self.exit_after_drain:
+                        return 0
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+        return 0
+
+    def drain_now(self, deadline_s: float, message: str) -> bool:
+        """Drain the node (at most once); returns True once it is drained."""
+        if self.drained:
+            return True
+        try:
+            address = resolve_address(self.address)
+            node_id = self.node_id or local_node_id(address)
+            gcs.drain_node(address, node_id, reason="PREEMPTION", message=message, deadline_s=deadline_s)
+        except Exception as e:  # noqa: BLE001 - log and retry next poll; the watcher must not die
+            logger.error("could not drain the node (will retry): %s", e)
+            return False
+        self.drained = True
+        self.address, self.node_id = address, node_id
+        logger.warning("drained node %s: reason PREEMPTION, deadline in %.0f s", node_id, deadline_s)
+        return True
+
+    def wait_until_gone(self, timeout_s: float) -> bool:
+        """After a drain, wait until the GCS reports the node dead (its raylet exits once idle).
+
+        A Kubernetes preStop hook blocks pod termination while it runs, so waiting here gives
+        Ray Train the drain window to checkpoint before the pod gets SIGTERM. Returns False if
+        the node is still alive after ``timeout_s``.
+        """
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                views = {v.node_id: v for v in gcs.list_nodes(resolve_address(self.address), timeout_s=5)}
+                if self.node_id not in views or not views[self.node_id].alive:
+                    return True
+            except Exception as e:  # noqa: BLE001 - the GCS may be going away too; keep waiting
+                logger.info("cannot read the node's state yet: %s", e)
+            time.sleep(1.0)
+        return False
+
+    def _drain_on_sigterm(self) -> int:
+        # The GCS may be briefly unreachable while everything shuts down: retry for a few seconds.
+        give_up = time.monotonic() + min(10.0, self.sigterm_deadline_s)
+        while not self.drain_now(self.sigterm_deadline_s, "SIGTERM: instance/pod is shutting down"):
+            if time.monotonic() > give_up:
+                return 1
+            time.sleep(1.0)
+        return 0
+
+    def handle_sigterm(self, *_) -> None:
+        """Signal handler: drain (from the main loop) and exit."""
+        self._sigterm = True
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Make :meth:`run` return (tests, embedding)."""
+        self._stop = True
+        self._wake.set()
+
+
+def resolve_address(address: str | None) -> str:
+    """``address`` itself, else the local cluster (``RAY_ADDRESS``, then ``ray start``'s record)."""
+    if address:
+        return address
+    from ray._private.services import canonicalize_bootstrap_address_or_die
+
+    return canonicalize_bootstrap_address_or_die(None)
+
+
+def local_node_id(address: str) -> str:
+    """The alive Ray node whose IP is one of this machine's.
+
+    Raises:
+        LookupError: none or several (several raylets on one machine: pass ``--node-id``).
+    """
+    local_ips = {a.address for addrs in psutil.net_if_addrs().values() for a in addrs}
+    mine = [n for n in gcs.list_nodes(address) if n.alive and n.ip in local_ips]
+    if len(mine) == 1:
+        return mine[0].node_id
+    found = ", ".join(f"{n.name} ({n.node_id[:12]}, {n.ip})" for n in mine) or "none"
+    raise LookupError(f"expected one alive Ray node on this machine, found {found}; pass --node-id")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m cluster.spot_watcher", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--url", default=DEFAULT_URL, help="instance-action URL (default: EC2 IMDS)")
+    parser.add_argument("--interval", type=float, default=5.0, help="seconds between polls")
+    parser.add_argument("--node-id", default=None, help="hex Ray node id (default: the node on this machine)")
+    parser.add_argument("--address", default=None, help="GCS host:port (default: the local cluster)")
+    parser.add_argument("--sigterm-deadline-s", type=float, default=30.0,
+                        help="drain deadline on SIGTERM / --drain-now (grace period minus a margin)")  # fmt: skip
+    parser.add_argument("--default-deadline-s", type=float, default=DEFAULT_DEADLINE_S,
+                        help="deadline for a notice whose time cannot be read")  # fmt: skip
+    parser.add_argument("--exit-after-drain", action="store_true", help="exit after draining on a notice")
+    parser.add_argument("--drain-now", action="store_true", help="drain at once and exit (preStop hook)")
+    parser.add_argument("--wait", action="store_true",
+                        help="with --drain-now: return only once the node is gone or the deadline passed")  # fmt: skip
+    parser.add_argument("--timeout", type=float, default=2.0, help="HTTP timeout per request")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m cluster.spot_watcher``."""
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s spot_watcher: %(message)s")
+    watcher = SpotWatcher(
+        InstanceMetadataClient(args.url, timeout_s=args.timeout),
+        address=args.address,
+        node_id=args.node_id,
+        interval_s=args.interval,
+        sigterm_deadline_s=args.sigterm_deadline_s,
+        default_deadline_s=args.default_deadline_s,
+        exit_after_drain=args.exit_after_drain,
+    )
+    if args.drain_now:
+        if not watcher.drain_now(args.sigterm_deadline_s, "preStop: pod is terminating"):
+            return 1
+        if args.wait and not watcher.wait_until_gone(args.sigterm_deadline_s):
+            logger.warning("node still alive at the drain deadline; letting the pod stop")
+        return 0
+    signal.signal(signal.SIGTERM, watcher.handle_sigterm)
+    return watcher.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

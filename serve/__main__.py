@@ -1,0 +1,8 @@
+"""``python -m serve --config configs/serve/tiny.yaml [...]``: the same as ``ftune serve``."""
+
+import sys
+
+import serve.cli
+from ftune.cli import run_job
+
+sys.exit(run_job(serve.cli.main))

@@ -1,0 +1,85 @@
+"""Fault injection for the integration tier: find and kill real Ray Train worker processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+
+
+def train_worker_pids() -> list[int]:
+    """PIDs of live Ray Train worker processes (their process title names the actor class)."""
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info.get("cmdline") or [])
+        if "RayTrainWorker" in cmdline:
+            pids.append(proc.info["pid"])
+    return sorted(pids)
+
+
+def last_step(run_dir: Path) -> int:
+    """Highest step recorded in a run's metrics.jsonl so far (0 if none)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()]
+    return max(steps, default=0)
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll until ``predicate`` holds, or fail naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def kill(pid: int, sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to ``pid`` (a vanished process is fine)."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+class Background:
+    """Run a callable in a thread and collect its result or exception."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self.result = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in join()
+            self.error = e
+
+    def join(self, timeout_s: float) -> Any:
+        """Wait for the result; re-raise the callable's exception."""
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            raise TimeoutError("background run did not finish")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def curve(run_dir: Path) -> dict[int, float]:
+    """step -> loss; after a restart the re-run steps overwrite the lost ones."""
+    out: dict[int, float] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "loss" in row:
+            out[row["step"]] = row["loss"]
+    return out

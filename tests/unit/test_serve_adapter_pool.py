@@ -1,0 +1,106 @@
+"""AdapterPool: adapters share one peft model; eviction waits for the requests using an adapter."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from serve.adapter_pool import AdapterPool
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory):
+    from serve.synthetic import write_random_adapters
+
+    return write_random_adapters(tiny_model_dir, tmp_path_factory.mktemp("adapters"), {"a": 1, "b": 2})
+
+
+@pytest.fixture
+def pool(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AdapterPool(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval())
+
+
+def last_logits(pool, tokenizer, names):
+    from transformers import DynamicCache
+
+    ids = torch.tensor([tokenizer("hello there")["input_ids"]] * len(names))
+    mask = torch.ones_like(ids)
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    return pool.forward(ids, mask, positions, DynamicCache(), names)
+
+
+def test_rows_get_their_own_adapter_and_base_rows_stay_base(pool, adapters, tiny_tokenizer):
+    base_only = last_logits(pool, tiny_tokenizer, ["__base__"])
+    for name, path in adapters.items():
+        asyncio.run(pool.load(name, path))
+    mixed = last_logits(pool, tiny_tokenizer, ["a", "__base__", "b"])
+    torch.testing.assert_close(mixed[1], base_only[0], atol=1e-6, rtol=0)
+    assert not torch.allclose(mixed[0], base_only[0], atol=1e-3)
+    assert not torch.allclose(mixed[0], mixed[2], atol=1e-3)
+    torch.testing.assert_close(last_logits(pool, tiny_tokenizer, ["b"])[0], mixed[2], atol=1e-5, rtol=0)
+
+
+def test_eviction_waits_for_users_and_a_reload_revives(pool, adapters):
+    async def scenario():
+        await pool.load("a", adapters["a"])
+        await pool.load("b", adapters["b"])
+        pool.acquire("a")
+        await pool.evict("a")  # in use: stays resident, but new requests reload it through the LRU
+        assert pool.resident == ["a", "b"] and pool.loaded == ["b"]
+        await pool.release("a")  # last user gone: now it is deleted
+        assert pool.resident == ["b"]
+        await pool.evict("b")
+        assert pool.resident == [] and pool.loaded == []
+
+        await pool.load("a", adapters["a"])
+        pool.acquire("a")
+        await pool.evict("a")
+        await pool.load("a", adapters["a"])  # asked for again while still in use: kept, not reloaded
+        await pool.release("a")
+        assert pool.resident == ["a"] and pool.loaded == ["a"]
+
+    asyncio.run(scenario())
+
+
+def test_base_forward_after_every_adapter_was_unloaded(pool, adapters, tiny_tokenizer):
+    before = last_logits(pool, tiny_tokenizer, ["__base__"])
+    asyncio.run(pool.load("a", adapters["a"]))
+    asyncio.run(pool.evict("a"))
+    torch.testing.assert_close(last_logits(pool, tiny_tokenizer, ["__base__"]), before, atol=1e-6, rtol=0)
+    asyncio.run(pool.load("b", adapters["b"]))  # loading into the emptied peft model works
+    assert pool.loaded == ["b"]
+
+
+def test_acquire_of_an_adapter_that_is_not_loaded_is_a_bug(pool):
+    with pytest.raises(RuntimeError, match="not loaded"):
+        pool.acquire("ghost")
+
+
+def test_forward_matches_peft_own_mixed_batch_forward(pool, adapters, tiny_model_dir, tiny_tokenizer):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    for name, path in adapters.items():
+        asyncio.run(pool.load(name, path))
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapters["a"], adapter_name="a")
+    reference.load_adapter(adapters["b"], adapter_name="b")
+    names = ["b", "__base__", "a", "b"]
+    ids = torch.tensor([tiny_tokenizer("hello there")["input_ids"]] * len(names))
+    with torch.inference_mode():
+        expected = reference.eval()(input_ids=ids, adapter_names=names).logits[:, -1, :]
+    torch.testing.assert_close(last_logits(pool, tiny_tokenizer, names), expected, atol=1e-5, rtol=0)
+
+
+def test_concurrent_loads_of_one_adapter_all_wait_for_it(pool, adapters):
+    async def load_and_check():
+        await pool.load("a", adapters["a"])
+        return pool.resident  # usable the moment load returns, for every caller
+
+    async def scenario():
+        return await asyncio.gather(*(load_and_check() for _ in range(3)))
+
+    assert asyncio.run(scenario()) == [["a"]] * 3
