@@ -82,7 +82,7 @@ def build_llama(spec: str, out_dir: Path) -> Path:
     return path
 
 
-def job_config(model: str, steps: int, workers: int, storage: Path, wandb: str):
+def job_config(model: str, steps: int, workers: int, storage: Path, wandb: str, extra: list[str] = ()):
     """tiny.yaml with this benchmark's model, steps and workers; evaluation/checkpoint only at the end."""
     from ftune.config import TrainJobConfig
     from ftune.yaml_config import load_config
@@ -102,6 +102,7 @@ def job_config(model: str, steps: int, workers: int, storage: Path, wandb: str):
             "scaling.torch_threads=1",
             f"storage.path={storage}",
             f"tracking.wandb={wandb}",
+            *extra,
         ],
     )
 
@@ -182,7 +183,7 @@ def profiled_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed
 
-    import train.loop as loop
+    from train import loop
 
     totals: dict[str, dict[str, float]] = collections.defaultdict(lambda: {"calls": 0, "seconds": 0.0})
 
@@ -220,14 +221,17 @@ def profiled_loop(loop_config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     spy = None
     if shutil.which("py-spy"):
-        spy = subprocess.Popen(
-            ["py-spy", "record", "--pid", str(os_.getpid()), "--format", "raw", "--rate", "250", "--nonblocking",
-             "-o", f"{profile_dir}/worker{rank}.pyspy.txt"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            # The train function runs in a thread that blocks SIGINT; the child would inherit that mask.
-            preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}),
-        )
+        # The train function runs in a thread that blocks SIGINT, and py-spy would inherit the mask.
+        mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        try:
+            spy = subprocess.Popen(
+                ["py-spy", "record", "--pid", str(os_.getpid()), "--format", "raw", "--rate", "250", "--nonblocking",
+                 "-o", f"{profile_dir}/worker{rank}.pyspy.txt"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     try:
         loop.train_loop_per_worker(loop_config)
     finally:
@@ -326,19 +330,30 @@ def steady_stats(result: dict[str, Any], warmup: int) -> dict[str, Any]:
     if not window:
         raise SystemExit(f"--steps must exceed --warmup + 1 (got {last} steps, warm-up {warmup})")
     gaps = [stamp[r["step"]] - stamp[r["step"] - 1] for r in window]
-    first = stamp[1]
     return {
-        "startup_s": first - result["t_setup"],
-        "startup_from_spawn_s": first - result["t_spawn"],
+        "startup_s": stamp[1] - result["t_setup"],
+        "startup_from_spawn_s": stamp[1] - result["t_spawn"],
+        "ray_init_s": result["t_ray_ready"] - result["t_setup"] if "t_ray_ready" in result else 0.0,
         "step_s": statistics.median(r["step_time_s"] for r in window),
         "wall_step_s": statistics.fmean(gaps),
-        "wall_step_median_s": statistics.median(gaps),
         "tokens_per_s": sum(r["tokens"] for r in window) / sum(gaps),
         "final_loss": statistics.fmean(r["loss"] for r in rows[-FINAL_LOSS_STEPS:]),
         "eval_loss_before": result["eval_loss_before"],
         "eval_loss_after": result["eval_loss_after"],
-        "steps": last,
+        "load_avg": result["load_avg"],
     }
+
+
+def best_of(repeats: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each time at its lowest over the repeats (the run least disturbed by other load, as timeit does)."""
+    best = dict(repeats[0])
+    for key in ("startup_s", "startup_from_spawn_s", "step_s", "wall_step_s"):
+        best[key] = min(r[key] for r in repeats)
+    best["ray_init_s"] = min(repeats, key=lambda r: r["startup_s"])["ray_init_s"]
+    best["tokens_per_s"] = max(r["tokens_per_s"] for r in repeats)
+    best["step_s_each"] = [r["step_s"] for r in repeats]
+    best["load_avg"] = [r["load_avg"] for r in repeats]
+    return best
 
 
 def run_child(kind: str, cfg, name: str, work: Path, profile_dir: Path | None) -> dict[str, Any]:
@@ -348,22 +363,25 @@ def run_child(kind: str, cfg, name: str, work: Path, profile_dir: Path | None) -
     result, log = work / f"{name}.json", work / f"{name}.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     env.pop("FTUNE_BENCH_PROFILE_DIR", None)
+    cmd = [sys.executable, __file__, "--child", kind, "--child-job", str(job), "--child-result", str(result)]
     if profile_dir is not None:
         profile_dir.mkdir(parents=True, exist_ok=True)
         env["FTUNE_BENCH_PROFILE_DIR"] = str(profile_dir)
-    cmd = [sys.executable, __file__, "--child", kind, "--child-job", str(job), "--child-result", str(result)]
-    if profile_dir is not None and kind == "plain" and shutil.which("py-spy"):
-        spy_out = profile_dir / "plain.pyspy.txt"
-        cmd = ["py-spy", "record", "--format", "raw", "--rate", "250", "--nonblocking", "-o", str(spy_out), "--", *cmd]
-    print(f"  {name} ...", end="", flush=True)
+        if kind == "plain" and shutil.which("py-spy"):
+            spy = ["py-spy", "record", "--format", "raw", "--rate", "250", "--nonblocking", "-o", str(profile_dir / "plain.pyspy.txt")]
+            cmd = [*spy, "--", *cmd]
+    load = os.getloadavg()[0]
+    print(f"  {name} (load {load:.1f}) ...", end="", flush=True)
     with log.open("w") as out:
         spawned = time.time()
-        proc = subprocess.run([*cmd, "--spawned-at", repr(spawned)], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        proc = subprocess.run(
+            [*cmd, "--spawned-at", repr(spawned)], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, check=False
+        )
     print(f" {time.time() - spawned:.0f} s", flush=True)
     if proc.returncode:
         tail = "".join(log.read_text().splitlines(keepends=True)[-40:])
         raise SystemExit(f"{name} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
-    return json.loads(result.read_text())
+    return {**json.loads(result.read_text()), "load_avg": load}
 
 
 def warm_imports() -> None:
@@ -376,25 +394,22 @@ def warm_imports() -> None:
     )
 
 
-def ratio(x: float, base: float) -> str:
-    return f"{x / base:.2f}x"
-
-
-def report(results: dict[str, dict[str, dict[str, Any]]], args: argparse.Namespace) -> tuple[str, list[str]]:
-    """The markdown table and the goal verdicts."""
+def report(results: dict[str, dict[str, dict[str, Any]]]) -> tuple[str, list[str]]:
+    """The markdown table (ratios against the plain loop of the same model) and the goal verdicts."""
     headers = [
-        "model", "run", "start-up s", "spawn->1st step s", "step ms (median)", "x plain",
-        "wall/step ms (mean)", "x plain", "tokens/s", "final loss", "eval loss after",
+        "model", "run", "start-up s", "of it ray.init s", "step ms (median)", "x plain",
+        "wall/step ms (mean)", "x plain", "tokens/s", "x plain", "final loss", "eval loss after",
     ]
     rows, goals = [], []
     for model, runs in results.items():
         base = runs["plain"]
         for label, s in runs.items():
             rows.append([
-                model, label, f"{s['startup_s']:.1f}", f"{s['startup_from_spawn_s']:.1f}",
-                f"{s['step_s'] * 1e3:.1f}", ratio(s["step_s"], base["step_s"]),
-                f"{s['wall_step_s'] * 1e3:.1f}", ratio(s["wall_step_s"], base["wall_step_s"]),
-                f"{s['tokens_per_s']:,.0f}", f"{s['final_loss']:.4f}", f"{s['eval_loss_after']:.4f}",
+                model, label, f"{s['startup_s']:.1f}", f"{s['ray_init_s']:.1f}" if s["ray_init_s"] else "-",
+                f"{s['step_s'] * 1e3:.1f}", f"{s['step_s'] / base['step_s']:.2f}x",
+                f"{s['wall_step_s'] * 1e3:.1f}", f"{s['wall_step_s'] / base['wall_step_s']:.2f}x",
+                f"{s['tokens_per_s']:,.0f}", f"{s['tokens_per_s'] / base['tokens_per_s']:.2f}x",
+                f"{s['final_loss']:.4f}", f"{s['eval_loss_after']:.4f}",
             ])
         one = runs["ftune-1"]
         for key, what in (("step_s", "step time (median step_time_s)"), ("wall_step_s", "wall per step (time stamps)")):
@@ -403,52 +418,132 @@ def report(results: dict[str, dict[str, dict[str, Any]]], args: argparse.Namespa
         for label, s in runs.items():
             if label == "plain":
                 continue
-            goals.append(goal(f"{model}: {label} start-up to first step", f"{s['startup_s']:.1f} s", f"<= {STARTUP_GOAL_S:.0f} s", s["startup_s"] <= STARTUP_GOAL_S))
+            ok = s["startup_s"] <= STARTUP_GOAL_S
+            goals.append(goal(f"{model}: {label} start-up to first step", f"{s['startup_s']:.1f} s", f"<= {STARTUP_GOAL_S:.0f} s", ok))
             for key, what in (("final_loss", "final train loss"), ("eval_loss_after", "eval loss after")):
                 d = abs(s[key] / base[key] - 1)
                 goals.append(goal(f"{model}: {label} {what} vs plain", f"{d:.2%} off", f"<= {LOSS_GOAL:.0%}", d <= LOSS_GOAL))
     return markdown_table(headers, rows), goals
 
 
-def startup_breakdown(raw: dict[str, dict[str, Any]], profile_root: Path | None) -> list[str]:
-    """Per ftune run, where the seconds before the first step went (time stamps from the driver and rank 0)."""
-    lines = []
-    for key, r in raw.items():
-        if "t_ray_ready" not in r:
-            continue
-        first = min(row["time"] for row in r["rows"] if row["step"] == 1)
-        marks = [
-            ("ray.init", r["t_setup"], r["t_ray_ready"]),
-            ("prepare (driver: DeepSpeed config, model config, data)", r["t_prepare_start"], r["t_prepare_end"]),
-            ("build_trainer (ray.put data)", r["t_build_trainer_start"], r["t_build_trainer_end"]),
+def startup_breakdown(name: str, r: dict[str, Any], profile_dir: Path | None) -> str:
+    """Where one ftune run's seconds before the first step went (time stamps from the driver and rank 0)."""
+    first = min(row["time"] for row in r["rows"] if row["step"] == 1)
+    marks = [
+        ("ray.init", r["t_setup"], r["t_ray_ready"]),
+        ("prepare (driver: DeepSpeed config, model config, data)", r["t_prepare_start"], r["t_prepare_end"]),
+        ("build_trainer (ray.put data)", r["t_build_trainer_start"], r["t_build_trainer_end"]),
+    ]
+    timers = profile_dir / "worker0.timers.json" if profile_dir else None
+    if timers and timers.exists():
+        w = json.loads(timers.read_text())
+        line, t = w["timeline"], w["timers"]
+        marks += [
+            ("fit -> rank-0 worker process started", r["t_build_trainer_end"], line["process_started"]),
+            ("worker process -> loop entered (actor + process group set up, train.loop imported)",
+             line["process_started"], line["loop_entered"]),
+            ("loop entered -> build_engine (ray.get data, load_tokenizer)", line["loop_entered"], t["build_engine"]["first_start"]),
+            ("build_engine (model, peft, deepspeed import + initialize)", t["build_engine"]["first_start"], t["build_engine"]["first_end"]),
+            ("evaluation before training", t["evaluate_loss"]["first_start"], t["evaluate_loss"]["first_end"]),
+            ("first step", t["evaluate_loss"]["first_end"], first),
         ]
-        timers = profile_root / key.replace(" ", "-") / "worker0.timers.json" if profile_root else None
-        if timers and timers.exists():
-            w = json.loads(timers.read_text())
-            line, t = w["timeline"], w["timers"]
-            marks += [
-                ("fit -> rank-0 worker process started", r["t_build_trainer_end"], line["process_started"]),
-                ("worker process -> loop entered (actor init, process group, unpickling imports torch)",
-                 line["process_started"], line["loop_entered"]),
-                ("loop entered -> build_engine (ray.get data, tokenizer)", line["loop_entered"], t["build_engine"]["first_start"]),
-                ("build_engine (model, peft, deepspeed import + initialize)", t["build_engine"]["first_start"], t["build_engine"]["first_end"]),
-                ("evaluation before training", t["evaluate_loss"]["first_start"], t["evaluate_loss"]["first_end"]),
-                ("first step", t["evaluate_loss"]["first_end"], first),
-            ]
-        else:
-            marks += [
-                ("fit -> evaluation before training done (workers start, build engine, evaluate)",
-                 r["t_build_trainer_end"], r["t_eval_before_done"]),
-                ("first step", r["t_eval_before_done"], first),
-            ]
-        parts = [f"imports {r['t_setup'] - r['t_spawn']:.1f} s (before the clock starts)"]
-        parts += [f"{label} {end - start:.1f} s" for label, start, end in marks]
-        lines.append(f"{key} ({first - r['t_setup']:.1f} s):\n    " + "\n    ".join(parts))
-    return lines
+    else:
+        marks += [
+            ("fit -> evaluation before training done (workers start, import, build engine, evaluate)",
+             r["t_build_trainer_end"], r["t_eval_before_done"]),
+            ("first step", r["t_eval_before_done"], first),
+        ]
+    parts = [f"{label} {end - start:.1f} s" for label, start, end in marks]
+    return f"{name}: {first - r['t_setup']:.1f} s = " + " | ".join(parts)
 
 
-def summarize_profiles(root: Path) -> str:
-    return str(sorted(p.name for p in root.rglob("*")))
+# Which part of a step a source line of the step loop is, by the text of the line (first match wins).
+STEP_PARTS = (
+    ("collate(", "collate"),
+    ("engine(**batch)", "forward"),
+    ("model(**batch)", "forward"),
+    ("engine.backward", "backward"),
+    (".backward()", "backward"),
+    ("engine.step", "engine.step (ZeRO-2: grad norm + clip, AdamW, copy back)"),
+    ("clip_grad_norm_", "optimizer: clip_grad_norm_"),
+    ("optimizer.step", "optimizer: AdamW step"),
+    ("scheduler.step", "optimizer: LR schedule"),
+    ("zero_grad", "optimizer: zero_grad"),
+    ("dist.all_reduce", "per-step all_reduce (loss, tokens, clock)"),
+    ("get_preemption_info", "ray.train.get_preemption_info"),
+    ("ray.train.report", "ray.train.report"),
+    ("recorder.log", "RunRecorder.log (metrics.jsonl)"),
+    ("float(loss.detach())", "loss.item()"),
+)
+
+
+def _step_loop_lines(fn, first: str, last: str) -> tuple[str, dict[int, str], range]:
+    """(``fn``'s file, {line: source}, the lines of its step loop from ``first`` up to ``last``)."""
+    import inspect
+
+    lines, start = inspect.getsourcelines(fn)
+    src = {start + i: text.strip() for i, text in enumerate(lines)}
+    begin = next(n for n, t in src.items() if t.startswith(first))
+    end = next(n for n, t in src.items() if n > begin and t.startswith(last))
+    return str(Path(inspect.getsourcefile(fn)).resolve()), src, range(begin, end)
+
+
+def step_profile(spy_file: Path, fn, first: str, last: str) -> dict[str, float]:
+    """Share of a step loop's py-spy samples per part of the step (STEP_PARTS), from collapsed stacks.
+
+    py-spy names frames ``function (path:line)`` with the path relative to its sys.path entry.
+    """
+    file, src, loop_lines = _step_loop_lines(fn, first, last)
+    prefix = f"{fn.__name__} ("
+    counts: dict[str, int] = {}
+    for raw_line in spy_file.read_text().splitlines():
+        stack, _, n = raw_line.rpartition(" ")
+        frames = stack.split(";")
+        hits = [i for i, f in enumerate(frames) if f.startswith(prefix) and file.endswith(f[len(prefix) :].rpartition(":")[0])]
+        if not hits:
+            continue
+        line = int(frames[hits[-1]].rpartition(":")[2].rstrip(")"))
+        if line not in loop_lines:
+            continue
+        text, inner = src.get(line, ""), ";".join(frames[hits[-1] + 1 :])
+        if "_report_with_checkpoint" in inner or "run_eval" in text:
+            continue  # the final evaluation and checkpoint are not part of the steady state
+        part = next((label for key, label in STEP_PARTS if key in text), "other loop code (metrics, clocks, plan)")
+        if part == "backward" and "deepspeed/runtime/zero" in inner:
+            part = "backward: ZeRO-2 gradient hooks (bucket copy, reduce)"
+        counts[part] = counts.get(part, 0) + int(n)
+    total = sum(counts.values()) or 1
+    return {part: c / total for part, c in sorted(counts.items(), key=lambda kv: -kv[1])}
+
+
+def summarize_profiles(folders: dict[str, dict[str, tuple[Path, float]]]) -> str:
+    """Per model: ms per steady step in each part, plain loop against rank 0 of each ftune run.
+
+    ``folders[model][run]`` is (profile folder, that run's mean wall per step in seconds).
+    """
+    import train.loop
+
+    out = []
+    for spec, runs in folders.items():
+        shares: dict[str, dict[str, float]] = {}
+        for label, (folder, wall_step_s) in runs.items():
+            if label == "plain" and (folder / "plain.pyspy.txt").exists():
+                share = step_profile(folder / "plain.pyspy.txt", run_plain, "for step in range", "eval_after =")
+            elif (folder / "worker0.pyspy.txt").exists():
+                share = step_profile(
+                    folder / "worker0.pyspy.txt", train.loop.train_loop_per_worker, "while state.step", "if rank == 0 and recorder"
+                )
+            else:
+                continue
+            shares[label] = {part: f * wall_step_s * 1e3 for part, f in share.items()}
+        parts = list(dict.fromkeys(p for s in shares.values() for p in s))
+        rows = [[part, *(f"{shares[label].get(part, 0.0):.1f}" for label in shares)] for part in parts]
+        rows.append(["total (mean wall per step)", *(f"{sum(shares[label].values()):.1f}" for label in shares)])
+        out.append(
+            f"{spec}: ms per steady step by part (share of py-spy samples x mean wall per step; rank 0 for ftune)\n"
+            + markdown_table(["part", *shares], rows)
+        )
+    return "\n\n".join(out)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -456,7 +551,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--model", action="append", help="tiny or HIDDENxLAYERS (repeatable; default: tiny and 256x4)")
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per run (default 150)")
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the steady state (default 5)")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats; each time is the best of them (default 1)")
     parser.add_argument("--wandb", default="disabled", choices=["disabled", "offline"], help="ftune's tracking.wandb")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra config override for every run, e.g. deepspeed.overlap_comm=false")
     parser.add_argument("--profile", action="store_true", help="time each part of a worker step and sample it with py-spy")
     parser.add_argument("--out", type=Path, help="keep logs, metrics and results here (default: a temp dir, deleted)")
     parser.add_argument("--child", choices=["plain", "ftune"], help=argparse.SUPPRESS)
@@ -477,30 +575,43 @@ def main(argv: list[str]) -> int:
     work = Path(args.out or tempfile.mkdtemp(prefix="ftune-bench-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     print(f"machine: {machine_line()}")
-    print(f"steps {args.steps} (warm-up {args.warmup} and the last step left out), work dir {work}", flush=True)
+    print(f"command: python bench/train_overhead.py {' '.join(argv)}")
+    print(f"{args.steps} steps (warm-up {args.warmup} and the last step left out), {args.repeats} repeat(s), work dir {work}")
     ensure_tiny_model(), ensure_sample_dataset()  # built before anything is timed
     warm_imports()
     results: dict[str, dict[str, dict[str, Any]]] = {}
-    raw: dict[str, dict[str, Any]] = {}
+    breakdowns, profiles = [], {}
     try:
         for spec in models:
             model = "builtin:tiny-llama" if spec == "tiny" else str(build_llama(spec, work / "models"))
-            results[spec] = {}
-            for kind, workers in RUNS:
-                label = "plain" if kind == "plain" else f"ftune-{workers}"
-                name = f"{spec}-{label}".replace(":", "_")
-                cfg = job_config(model, args.steps, workers, work / "runs", args.wandb)
-                profile_dir = work / "profile" / name if args.profile else None
-                raw[f"{spec} {label}"] = r = run_child(kind, cfg, name, work, profile_dir)
-                results[spec][label] = steady_stats(r, args.warmup)
-        table, goals = report(results, args)
-        print(f"\n{table}\n")
-        profile_root = work / "profile" if args.profile else None
-        print("start-up breakdown:\n  " + "\n  ".join(startup_breakdown(raw, profile_root)) + "\n")
+            runs: dict[str, list[tuple[str, dict[str, Any], dict[str, Any]]]] = {}
+            for rep in range(args.repeats):
+                for kind, workers in RUNS:
+                    label = "plain" if kind == "plain" else f"ftune-{workers}"
+                    name = f"{spec}-{label}-r{rep}"
+                    cfg = job_config(model, args.steps, workers, work / "runs", args.wandb, args.set)
+                    shutil.rmtree(work / "runs" / name, ignore_errors=True)  # a run name that exists would resume
+                    profile_dir = work / "profile" / name if args.profile else None
+                    raw = run_child(kind, cfg, name, work, profile_dir)
+                    runs.setdefault(label, []).append((name, raw, steady_stats(raw, args.warmup)))
+            results[spec] = {label: best_of([stats for _, _, stats in reps]) for label, reps in runs.items()}
+            for label, reps in runs.items():
+                name, raw, _ = min(reps, key=lambda rep: rep[2]["startup_s"])
+                if label != "plain":
+                    breakdowns.append(startup_breakdown(name, raw, work / "profile" / name if args.profile else None))
+                if args.profile:
+                    profiles.setdefault(spec, {})[label] = (work / "profile" / reps[0][0], reps[0][2]["wall_step_s"])
+        table, goals = report(results)
+        print(f"\n{table}\n\nstart-up breakdown (fastest repeat):\n  " + "\n  ".join(breakdowns) + "\n")
+        if args.repeats > 1:
+            for spec, runs_ in results.items():
+                each = "; ".join(f"{label} " + "/".join(f"{x * 1e3:.0f}" for x in s["step_s_each"]) for label, s in runs_.items())
+                print(f"{spec} median step ms per repeat: {each}")
+            print()
         print("\n".join(goals))
         (work / "results.json").write_text(json.dumps({"machine": machine_line(), "results": results}, indent=1))
         if args.profile:
-            print(summarize_profiles(profile_root))
+            print("\n" + summarize_profiles(profiles))
     finally:
         if args.out is None:
             shutil.rmtree(work, ignore_errors=True)

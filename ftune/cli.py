@@ -18,6 +18,7 @@ from ftune.errors import JobFailed, UserError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("ftune.demo", "the whole product locally: tiny model, training, report"),
     "train": ("train.job", "run a distributed LoRA training job on Ray Train + DeepSpeed"),
+    "cluster": ("cluster.cli", "a local multi-node Ray cluster: up/down/status/kill-worker/drain-worker"),
     "build-tiny-model": ("ftune.tiny_model", "build the built-in tiny Llama model and sample data"),
 }
 

@@ -127,9 +127,6 @@ class LoraServer:
         from ftune.model import load_base_model, load_tokenizer, resolve_model_path, resolve_precision
 
         self.config = cfg = ServingConfig.model_validate(config)
-        if os.environ.get("FTUNE_SWITCH"):
-            import sys
-            sys.setswitchinterval(float(os.environ["FTUNE_SWITCH"]))
         torch.set_num_threads(cfg.resources.torch_threads)
         self.api_key = None
         if cfg.api_key_env:
@@ -310,18 +307,6 @@ class LoraServer:
             pad_token_id=self.tokenizer.pad_token_id,
             device=self.device,
         )
-        mode = os.environ.get("FTUNE_DECODE_MODE", "producer")
-        if mode == "hop":
-            while not decoder.done:
-                deltas = await asyncio.to_thread(decoder.step)
-                yield [StopIteration if d is None else d for d in deltas]
-            return
-        if mode == "inline":
-            while not decoder.done:
-                deltas = decoder.step()
-                yield [StopIteration if d is None else d for d in deltas]
-                await asyncio.sleep(0)
-            return
         # The decode loop runs on a worker thread and hands each step's deltas over as it goes, so the
         # next step is computed while the event loop delivers this one (not one thread hop per token).
         loop = asyncio.get_running_loop()

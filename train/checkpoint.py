@@ -187,8 +187,14 @@ def _ensure_optimizer_state(engine) -> None:
             p.grad = None
 
 
-def load_checkpoint(engine, ckpt_dir: Path, *, rank: int, world_size: int, fingerprint: str) -> TrainState:
+def load_checkpoint(
+    engine, ckpt_dir: Path, *, rank: int, world_size: int, fingerprint: str, adopt_lr: float | None = None
+) -> TrainState:
     """Restore engine, scheduler, RNG and train state from a checkpoint made at any world size.
+
+    Args:
+        adopt_lr: Continue another run's checkpoint (PBT exploit) with this peak learning rate
+            instead of the saved one; the config check is skipped.
 
     Raises:
         CorruptCheckpoint: the checkpoint is incomplete.
@@ -199,7 +205,7 @@ def load_checkpoint(engine, ckpt_dir: Path, *, rank: int, world_size: int, finge
     saved_world = verify_checkpoint(ckpt_dir)
     meta = json.loads((ckpt_dir / "train_state.json").read_text())
     state = TrainState(**meta["train_state"])
-    if state.config_fingerprint and state.config_fingerprint != fingerprint:
+    if adopt_lr is None and state.config_fingerprint and state.config_fingerprint != fingerprint:
         raise UserError(
             f"checkpoint {ckpt_dir} was made with a different model/lora/data/train config "
             f"({state.config_fingerprint} != {fingerprint}); give the job a new name to start fresh"
@@ -218,13 +224,20 @@ def load_checkpoint(engine, ckpt_dir: Path, *, rank: int, world_size: int, finge
         if "step" in opt_state:
             opt_state["step"] = step_count.clone()
     if engine.lr_scheduler is not None and meta["scheduler"]:
-        engine.lr_scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(meta["scheduler"].get("base_lrs", [0]))})
-        for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
-            group["lr"] = lr
+        scheduler = engine.lr_scheduler
+        scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(meta["scheduler"].get("base_lrs", [0]))})
+        if adopt_lr is not None:
+            scheduler.base_lrs = [adopt_lr] * len(scheduler.base_lrs)
+        for group, base, multiplier in zip(engine.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * multiplier(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in engine.optimizer.param_groups]
     engine.global_steps = meta["global_steps"]
     engine.global_samples = meta["global_samples"]
     if saved_world == world_size:
         rng_plain = json.loads((ckpt_dir / f"rng_rank{rank}.json").read_text())
         _set_rng_state(rng_plain, load_file(str(ckpt_dir / f"rng_rank{rank}.safetensors")))
-    state.restarts += 1
+    if adopt_lr is None:
+        state.restarts += 1
+    else:
+        state.config_fingerprint = fingerprint
     return state

@@ -110,8 +110,22 @@ def prepare(cfg: TrainJobConfig, name: str) -> dict[str, Any]:
     }
 
 
-def build_trainer(cfg: TrainJobConfig, loop_config: dict[str, Any], callbacks: list | None = None):
-    """The TorchTrainer for a prepared job (the dataset goes to workers through the object store)."""
+def build_trainer(
+    cfg: TrainJobConfig,
+    loop_config: dict[str, Any],
+    callbacks: list | None = None,
+    *,
+    init_checkpoint: str | None = None,
+    adopt: bool = False,
+):
+    """The TorchTrainer for a prepared job (the dataset goes to workers through the object store).
+
+    Args:
+        init_checkpoint: Checkpoint path (inside the storage filesystem) to start from when the run
+            has none of its own yet.
+        adopt: The init checkpoint comes from a run with other hyperparameters (PBT exploit): take
+            its weights and optimizer state but this config's learning rate.
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -122,6 +136,8 @@ def build_trainer(cfg: TrainJobConfig, loop_config: dict[str, Any], callbacks: l
 
     loop_config = dict(loop_config)
     loop_config["data"] = ray.put(loop_config.pop("_data"))
+    if init_checkpoint is not None:
+        loop_config["init_checkpoint"] = {"path": init_checkpoint, "adopt": adopt}
     fs, root = Storage(loop_config["storage_uri"], loop_config["endpoint_url"]).filesystem()
     run_config = RunConfig(
         name=loop_config["name"],

@@ -104,11 +104,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = engine.device
 
     state = TrainState(world_size=world, gradient_accumulation_steps=accum, config_fingerprint=loop_config["fingerprint"])
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint, adopt_lr = ray.train.get_checkpoint(), None
+    if checkpoint is None and loop_config.get("init_checkpoint"):
+        # Start from another run's checkpoint (a sweep trial continuing a better trial's weights).
+        init = loop_config["init_checkpoint"]
+        fs, _ = Storage(loop_config["storage_uri"], loop_config.get("endpoint_url")).filesystem()
+        checkpoint = ray.train.Checkpoint(init["path"], filesystem=fs)
+        adopt_lr = cfg.train.lr if init.get("adopt") else None
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             try:
-                state = load_checkpoint(engine, Path(ckpt_dir), rank=rank, world_size=world, fingerprint=loop_config["fingerprint"])
+                state = load_checkpoint(
+                    engine, Path(ckpt_dir), rank=rank, world_size=world, fingerprint=loop_config["fingerprint"], adopt_lr=adopt_lr
+                )
             except CorruptCheckpoint as e:
                 raise RuntimeError(f"latest checkpoint is unusable: {e}") from e
         if rank == 0:

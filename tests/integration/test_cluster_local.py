@@ -66,6 +66,24 @@ def test_up_kill_down(tmp_path):
         assert dead.death_reason == "UNEXPECTED_TERMINATION"
         assert cluster.node(1).state == "ALIVE"
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+
+        # A spot notice, then the cloud reclaims the node at the deadline. Work on the node keeps it
+        # from exiting on its own once drained, so only the deadline kill can take it down.
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        @ray.remote(num_cpus=0)
+        class Busy:
+            def ping(self) -> int:
+                return 1
+
+        pinned = NodeAffinitySchedulingStrategy(cluster.nodes[2].node_id, soft=False)
+        busy = Busy.options(scheduling_strategy=pinned).remote()
+        ray.get(busy.ping.remote(), timeout=60)
+        cluster.drain_worker(1, deadline_s=3, kill_at_deadline=True)
+        assert cluster.node(1).state == "DRAINING"
+        reclaimed = cluster.wait_for_state(1, "DEAD", timeout_s=30)
+        assert reclaimed.death_reason == "AUTOSCALER_DRAIN_PREEMPTED", "the GCS remembers why it went"
+        assert cluster.pids(1) == []
     finally:
         if ray.is_initialized():
             ray.shutdown()

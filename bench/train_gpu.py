@@ -1,0 +1,262 @@
+"""GPU training throughput: tokens/s, peak memory and MFU of LoRA and QLoRA on Llama-size models.
+
+Models are built from the configs of real checkpoints (Llama-3.2-1B, Llama-3-8B shapes) with random
+weights, saved in HF format and loaded back through ``ftune.model`` / ``ftune.adapters`` inside the same
+DeepSpeed ZeRO-2 engine the training job uses (``train.loop.build_engine``), on one GPU (a single-rank
+process group). bf16, sdpa attention, full 2048-token sequences, one optimizer step per micro-batch.
+
+    python bench/train_gpu.py                                 # 1b and 8b, LoRA and QLoRA
+    python bench/train_gpu.py --model 1b --method lora --micro-batch 8 --gradient-checkpointing
+
+MFU counts 4·N FLOPs per token (forward 2N + backward through the activations 2N; frozen weights get no
+weight gradient), N = the base model's matmul parameters, against the GPU's dense bf16 peak. It leaves
+out attention's sequence-length term and the adapters' own FLOPs, and does not credit gradient
+checkpointing's recomputation, so it is a conservative figure. Goal: >= 45 % MFU at >= 1B parameters.
+Without CUDA it says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.report import goal, machine_line, markdown_table  # noqa: E402
+
+MFU_GOAL = 0.45
+MFU_GOAL_MIN_PARAMS = 1e9
+
+# Dense bf16 tensor-core peaks (no sparsity), TFLOP/s; the first name found in the device name wins.
+PEAK_BF16_TFLOPS = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),  # SXM
+    ("A100", 312.0),
+)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """LlamaConfig arguments of a public checkpoint, and the micro-batch that fits an 80 GB GPU."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    micro_batch: int
+
+
+MODELS = {
+    "1b": ModelShape(2048, 8192, 16, 32, 8, 128256, True, micro_batch=4),  # meta-llama/Llama-3.2-1B
+    "8b": ModelShape(4096, 14336, 32, 32, 8, 128256, False, micro_batch=2),  # meta-llama/Meta-Llama-3-8B
+    "100m": ModelShape(768, 2048, 12, 12, 4, 32000, False, micro_batch=8),  # smoke-test size
+}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """Dense bf16 peak of a GPU by its name, or None when it is not in the table."""
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if key.lower() in device_name.lower():
+            return tflops
+    return None
+
+
+def build_llama(name: str, cache: Path) -> Path:
+    """A random-weight Llama of the given shape in HF format (bf16 safetensors), built once under ``cache``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = MODELS[name]
+    path = cache / f"llama-{name}-random"
+    if (path / "config.json").exists():
+        return path
+    config = LlamaConfig(
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        vocab_size=shape.vocab_size,
+        tie_word_embeddings=shape.tie_word_embeddings,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    tmp = path.with_name(path.name + ".partial")
+    with torch.device("cuda"), torch.random.fork_rng(devices=[torch.cuda.current_device()]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(tmp, safe_serialization=True)
+    del model
+    torch.cuda.empty_cache()
+    tmp.rename(path)
+    return path
+
+
+def init_single_rank() -> None:
+    """A one-process NCCL group, which DeepSpeed's engine needs (as Ray Train sets up for its workers)."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+
+
+def job_config(model_dir: Path, method: str, micro_batch: int, seq_len: int, gradient_checkpointing: bool, steps: int):
+    """The TrainJobConfig of one measurement: bf16, sdpa, LoRA r=16 on all linear layers, ZeRO-2, one GPU."""
+    from ftune.config import TrainJobConfig
+
+    return TrainJobConfig.model_validate(
+        {
+            "model": {"name_or_path": str(model_dir), "load_in_4bit": method == "qlora", "attn_implementation": "sdpa"},
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+            "data": {"max_seq_len": seq_len},
+            "train": {
+                "micro_batch_size": micro_batch,
+                "global_batch_size": micro_batch,
+                "max_steps": steps,
+                "precision": "bf16",
+                "gradient_checkpointing": gradient_checkpointing,
+                "warmup_ratio": 0.0,
+            },
+            "scaling": {"num_workers": 1, "use_gpu": True},
+            "tracking": {"wandb": "disabled"},
+        }
+    )
+
+
+def matmul_parameters(config) -> int:
+    """N for MFU: the weights every token is multiplied by (attention, MLP, LM head), from a LlamaConfig.
+
+    The input embedding is a lookup, not a matmul; a tied embedding counts once, as the LM head.
+    """
+    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    per_layer = h * h * 2 + h * kv * 2 + 3 * h * inter  # q, o; k, v; gate, up, down
+    return layers * per_layer + config.vocab_size * h
+
+
+def measure(cfg, *, warmup: int, steps: int) -> dict[str, Any]:
+    """Build the engine, run warm-up + timed optimizer steps on random tokens; tokens/s and peak memory."""
+    import torch
+
+    from train.loop import build_engine
+
+    torch.cuda.reset_peak_memory_stats()
+    engine, _ = build_engine(cfg, 1, warmup + steps, user_deepspeed={})
+    engine.train()
+    config = engine.module.get_base_model().config
+    n_params, vocab = matmul_parameters(config), config.vocab_size
+    mb, seq = cfg.train.micro_batch_size, cfg.data.max_seq_len
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.randint(3, vocab, (warmup + steps, mb, seq), device="cuda", generator=generator)
+    mask = torch.ones(mb, seq, dtype=torch.long, device="cuda")
+    times, losses = [], []
+    for i in range(warmup + steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = engine(input_ids=ids[i], attention_mask=mask, labels=ids[i]).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss.detach()))  # syncs, like the training loop's loss bookkeeping
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    result = {
+        "params": n_params,
+        "step_s": step_s,
+        "tokens_per_s": mb * seq / step_s,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+    }
+    del engine
+    torch.cuda.empty_cache()
+    return result
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", choices=sorted(MODELS), help="model size (repeatable; default 1b and 8b)")
+    parser.add_argument("--method", action="append", choices=["lora", "qlora"], help="repeatable; default both")
+    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
+    parser.add_argument("--micro-batch", type=int, help="sequences per step (default: per model, see MODELS)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps (default 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak of this GPU when its name is not known")
+    parser.add_argument(
+        "--cache", type=Path, help="where the random-weight models are saved (default $FTUNE_HOME/bench-models)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("CUDA is not available: bench/train_gpu.py measures GPU training throughput; skipped (nothing measured).")
+        return 0
+    from ftune.builtin import ftune_home
+
+    device = torch.cuda.get_device_name(0)
+    peak = args.peak_tflops or peak_tflops(device)
+    cache = args.cache or ftune_home() / "bench-models"
+    print(f"machine: {machine_line()}")
+    print(f"GPU: {device}, dense bf16 peak {f'{peak:.0f} TFLOP/s' if peak else 'unknown (pass --peak-tflops)'}")
+    print(f"seq len {args.seq_len}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
+          f"{args.warmup} warm-up + {args.steps} timed steps", flush=True)
+    init_single_rank()
+    rows, goals, failed = [], [], False
+    for name in args.model or ["1b", "8b"]:
+        model_dir = build_llama(name, cache)
+        micro_batch = args.micro_batch or MODELS[name].micro_batch
+        for method in args.method or ["lora", "qlora"]:
+            cfg = job_config(model_dir, method, micro_batch, args.seq_len, args.gradient_checkpointing, args.warmup + args.steps)
+            try:
+                r = measure(cfg, warmup=args.warmup, steps=args.steps)
+            except Exception as e:  # noqa: BLE001 -- one configuration failing (out of memory) must not hide the others
+                print(f"{name} {method}: failed: {type(e).__name__}: {e}", flush=True)
+                rows.append([name, method, micro_batch, "-", "-", "-", "-", f"failed: {type(e).__name__}"])
+                failed = True
+                torch.cuda.empty_cache()
+                continue
+            mfu = r["tokens_per_s"] * 4 * r["params"] / (peak * 1e12) if peak else None
+            rows.append([
+                name, method, micro_batch, f"{r['params'] / 1e9:.2f}B", f"{r['tokens_per_s']:,.0f}",
+                f"{r['peak_mem_gib']:.1f}", f"{mfu:.1%}" if mfu is not None else "n/a",
+                f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}",
+            ])
+            print(f"{name} {method}: {r['tokens_per_s']:,.0f} tok/s, {r['peak_mem_gib']:.1f} GiB"
+                  + (f", MFU {mfu:.1%}" if mfu is not None else ""), flush=True)
+            if mfu is not None and r["params"] >= MFU_GOAL_MIN_PARAMS:
+                goals.append(goal(f"{name} {method} MFU", f"{mfu:.1%}", f">= {MFU_GOAL:.0%} at >= 1B parameters", mfu >= MFU_GOAL))
+    headers = ["model", "method", "micro-batch", "N (matmul params)", "tokens/s", "peak mem GiB", "MFU (4N)", "loss"]
+    print("\n" + markdown_table(headers, rows) + "\n")
+    print("\n".join(goals))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
