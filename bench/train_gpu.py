@@ -18,10 +18,13 @@ Without CUDA it says so and exits 0.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,10 +168,9 @@ def measure(cfg, *, warmup: int, steps: int) -> dict[str, Any]:
     engine, _ = build_engine(cfg, 1, warmup + steps, user_deepspeed={})
     engine.train()
     config = engine.module.get_base_model().config
-    n_params, vocab = matmul_parameters(config), config.vocab_size
     mb, seq = cfg.train.micro_batch_size, cfg.data.max_seq_len
     generator = torch.Generator(device="cuda").manual_seed(0)
-    ids = torch.randint(3, vocab, (warmup + steps, mb, seq), device="cuda", generator=generator)
+    ids = torch.randint(3, config.vocab_size, (warmup + steps, mb, seq), device="cuda", generator=generator)
     mask = torch.ones(mb, seq, dtype=torch.long, device="cuda")
     times, losses = [], []
     for i in range(warmup + steps):
@@ -182,22 +184,33 @@ def measure(cfg, *, warmup: int, steps: int) -> dict[str, Any]:
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
-    result = {
-        "params": n_params,
+    return {
+        "device": torch.cuda.get_device_name(0),
+        "params": matmul_parameters(config),
         "step_s": step_s,
         "tokens_per_s": mb * seq / step_s,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
         "loss_first": losses[0],
         "loss_last": losses[-1],
     }
-    del engine
-    torch.cuda.empty_cache()
-    return result
+
+
+def run_one(args: argparse.Namespace) -> dict[str, Any]:
+    """One (model, method) in this process: a fresh CUDA context, so peak memory is this run's alone."""
+    from ftune.builtin import ftune_home
+
+    name, method = args.model[0], args.method[0]
+    init_single_rank()
+    model_dir = build_llama(name, args.cache or ftune_home() / "bench-models")
+    micro_batch = args.micro_batch or MODELS[name].micro_batch
+    steps = args.warmup + args.steps
+    cfg = job_config(model_dir, method, micro_batch, args.seq_len, args.gradient_checkpointing, steps)
+    return {"micro_batch": micro_batch, **measure(cfg, warmup=args.warmup, steps=args.steps)}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", choices=sorted(MODELS), help="model size (repeatable; default 1b and 8b)")
+    parser.add_argument("--model", action="append", choices=sorted(MODELS), help="repeatable; default 1b and 8b")
     parser.add_argument("--method", action="append", choices=["lora", "qlora"], help="repeatable; default both")
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
     parser.add_argument("--micro-batch", type=int, help="sequences per step (default: per model, see MODELS)")
@@ -205,10 +218,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak of this GPU when its name is not known")
-    parser.add_argument(
-        "--cache", type=Path, help="where the random-weight models are saved (default $FTUNE_HOME/bench-models)"
-    )
+    parser.add_argument("--cache", type=Path, help="random-weight models are saved here (default $FTUNE_HOME/bench-models)")
+    parser.add_argument("--child-result", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def child_args(args: argparse.Namespace, name: str, method: str, result: Path) -> list[str]:
+    """The command line that measures one (model, method) in a child process."""
+    cmd = [sys.executable, __file__, "--model", name, "--method", method, "--seq-len", str(args.seq_len)]
+    cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--child-result", str(result)]
+    if args.micro_batch:
+        cmd += ["--micro-batch", str(args.micro_batch)]
+    if args.gradient_checkpointing:
+        cmd.append("--gradient-checkpointing")
+    if args.cache:
+        cmd += ["--cache", str(args.cache)]
+    return cmd
 
 
 def main(argv: list[str]) -> int:
@@ -218,40 +243,41 @@ def main(argv: list[str]) -> int:
     if not torch.cuda.is_available():
         print("CUDA is not available: bench/train_gpu.py measures GPU training throughput; skipped (nothing measured).")
         return 0
-    from ftune.builtin import ftune_home
-
-    device = torch.cuda.get_device_name(0)
-    peak = args.peak_tflops or peak_tflops(device)
-    cache = args.cache or ftune_home() / "bench-models"
+    if args.child_result:
+        args.child_result.write_text(json.dumps(run_one(args)))
+        return 0
     print(f"machine: {machine_line()}")
-    print(f"GPU: {device}, dense bf16 peak {f'{peak:.0f} TFLOP/s' if peak else 'unknown (pass --peak-tflops)'}")
-    print(f"seq len {args.seq_len}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
-          f"{args.warmup} warm-up + {args.steps} timed steps", flush=True)
-    init_single_rank()
+    print(f"command: python bench/train_gpu.py {' '.join(argv)}")
+    print(
+        f"seq len {args.seq_len}, bf16, sdpa, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
+        f"{args.warmup} warm-up + {args.steps} timed steps, one process per configuration",
+        flush=True,
+    )
     rows, goals, failed = [], [], False
-    for name in args.model or ["1b", "8b"]:
-        model_dir = build_llama(name, cache)
-        micro_batch = args.micro_batch or MODELS[name].micro_batch
-        for method in args.method or ["lora", "qlora"]:
-            cfg = job_config(model_dir, method, micro_batch, args.seq_len, args.gradient_checkpointing, args.warmup + args.steps)
-            try:
-                r = measure(cfg, warmup=args.warmup, steps=args.steps)
-            except Exception as e:  # noqa: BLE001 -- one configuration failing (out of memory) must not hide the others
-                print(f"{name} {method}: failed: {type(e).__name__}: {e}", flush=True)
-                rows.append([name, method, micro_batch, "-", "-", "-", "-", f"failed: {type(e).__name__}"])
-                failed = True
-                torch.cuda.empty_cache()
-                continue
-            mfu = r["tokens_per_s"] * 4 * r["params"] / (peak * 1e12) if peak else None
-            rows.append([
-                name, method, micro_batch, f"{r['params'] / 1e9:.2f}B", f"{r['tokens_per_s']:,.0f}",
-                f"{r['peak_mem_gib']:.1f}", f"{mfu:.1%}" if mfu is not None else "n/a",
-                f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}",
-            ])
-            print(f"{name} {method}: {r['tokens_per_s']:,.0f} tok/s, {r['peak_mem_gib']:.1f} GiB"
-                  + (f", MFU {mfu:.1%}" if mfu is not None else ""), flush=True)
-            if mfu is not None and r["params"] >= MFU_GOAL_MIN_PARAMS:
-                goals.append(goal(f"{name} {method} MFU", f"{mfu:.1%}", f">= {MFU_GOAL:.0%} at >= 1B parameters", mfu >= MFU_GOAL))
+    with tempfile.TemporaryDirectory(prefix="ftune-gpu-bench-") as tmp:
+        for name in args.model or ["1b", "8b"]:
+            for method in args.method or ["lora", "qlora"]:
+                result, log = Path(tmp, f"{name}-{method}.json"), Path(tmp, f"{name}-{method}.log")
+                with log.open("w") as out:
+                    proc = subprocess.run(child_args(args, name, method, result), stdout=out, stderr=subprocess.STDOUT, check=False)
+                if proc.returncode or not result.exists():
+                    tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+                    print(f"{name} {method}: failed (exit {proc.returncode}):\n{tail}", flush=True)
+                    rows.append([name, method, "-", "-", "-", "-", "-", "failed"])
+                    failed = True
+                    continue
+                r = json.loads(result.read_text())
+                peak = args.peak_tflops or peak_tflops(r["device"])
+                mfu = r["tokens_per_s"] * 4 * r["params"] / (peak * 1e12) if peak else None
+                rows.append([
+                    name, method, r["micro_batch"], f"{r['params'] / 1e9:.2f}B", f"{r['tokens_per_s']:,.0f}",
+                    f"{r['peak_mem_gib']:.1f}", f"{mfu:.1%}" if mfu is not None else "n/a (pass --peak-tflops)",
+                    f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}",
+                ])
+                print(f"{name} {method} on {r['device']} (bf16 peak {peak or '?'} TFLOP/s): {r['tokens_per_s']:,.0f} tok/s, "
+                      f"{r['peak_mem_gib']:.1f} GiB" + (f", MFU {mfu:.1%}" if mfu is not None else ""), flush=True)
+                if mfu is not None and r["params"] >= MFU_GOAL_MIN_PARAMS:
+                    goals.append(goal(f"{name} {method} MFU", f"{mfu:.1%}", f">= {MFU_GOAL:.0%} at >= 1B", mfu >= MFU_GOAL))
     headers = ["model", "method", "micro-batch", "N (matmul params)", "tokens/s", "peak mem GiB", "MFU (4N)", "loss"]
     print("\n" + markdown_table(headers, rows) + "\n")
     print("\n".join(goals))

@@ -26,7 +26,7 @@ def ftune_home() -> Path:
     return Path(os.environ.get("FTUNE_HOME", "~/.cache/ftune")).expanduser()
 
 
-def _tiny_model_is_current(path: Path, seed: int) -> bool:
+def _tiny_model_is_current(path: Path, seed: int, pretrain_steps: int) -> bool:
     from ftune.tiny_model import ARCHITECTURE, FORMAT_VERSION, MARKER_FILE
 
     try:
@@ -39,6 +39,7 @@ def _tiny_model_is_current(path: Path, seed: int) -> bool:
         and marker.get("architecture") == json.loads(json.dumps(ARCHITECTURE))
         and marker.get("seed") == seed
         and marker.get("data_rows") == SAMPLE_ROWS
+        and marker.get("pretraining", {}).get("steps") == pretrain_steps
     )
 
 
@@ -72,7 +73,9 @@ def _publish_dir(build: Callable[[Path], object], final: Path, *, is_current: Ca
         shutil.rmtree(old, ignore_errors=True)
 
 
-def ensure_tiny_model(out_dir: Path | None = None, *, seed: int = 0, force: bool = False) -> Path:
+def ensure_tiny_model(
+    out_dir: Path | None = None, *, seed: int = 0, force: bool = False, pretrain_steps: int | None = None
+) -> Path:
     """Returns the tiny model's directory, building it first if it is missing or out of date.
 
     Args:
@@ -80,6 +83,7 @@ def ensure_tiny_model(out_dir: Path | None = None, *, seed: int = 0, force: bool
         seed: Build seed; an existing model built with another seed (or an older build format)
             is rebuilt.
         force: Rebuild even if an up-to-date model is there.
+        pretrain_steps: Pretraining steps; None for the built-in default.
 
     Returns:
         The model directory, loadable with ``AutoModelForCausalLM.from_pretrained``.
@@ -88,10 +92,11 @@ def ensure_tiny_model(out_dir: Path | None = None, *, seed: int = 0, force: bool
         FileExistsError: If ``out_dir`` is a non-empty directory that is not a tiny-model build
             (it is never overwritten, since it may hold the user's files).
     """
-    from ftune.tiny_model import MARKER_FILE, build_tiny_model
+    from ftune.tiny_model import MARKER_FILE, PRETRAIN, build_tiny_model
 
+    steps = PRETRAIN["steps"] if pretrain_steps is None else pretrain_steps
     final = Path(out_dir) if out_dir is not None else ftune_home() / "models" / "tiny-llama"
-    if not force and _tiny_model_is_current(final, seed):
+    if not force and _tiny_model_is_current(final, seed, steps):
         return final
     if final.is_dir() and any(final.iterdir()) and not (final / MARKER_FILE).exists():
         raise FileExistsError(
@@ -99,9 +104,9 @@ def ensure_tiny_model(out_dir: Path | None = None, *, seed: int = 0, force: bool
             "delete it or choose another directory."
         )
     _publish_dir(
-        lambda tmp: build_tiny_model(tmp, seed=seed),
+        lambda tmp: build_tiny_model(tmp, seed=seed, pretrain_steps=steps),
         final,
-        is_current=lambda path: not force and _tiny_model_is_current(path, seed),
+        is_current=lambda path: not force and _tiny_model_is_current(path, seed, steps),
     )
     return final
 

@@ -61,8 +61,8 @@ ARCHITECTURE = {
 }
 """LlamaConfig arguments of the tiny model (vocabulary size and special ids come from the tokenizer)."""
 
-PRETRAIN = {"steps": 600, "batch_size": 32, "lr": 3e-3, "warmup": 30, "data_seed": 1}
-"""Full-parameter pretraining of the tiny base (about 20 s on 2 CPU cores)."""
+PRETRAIN = {"steps": 400, "batch_size": 32, "lr": 3e-3, "warmup": 30, "data_seed": 1}
+"""Full-parameter pretraining of the tiny base (about 30 s on 2 idle CPU cores)."""
 
 MARKER_FILE = "ftune_tiny.json"
 """Written last into a built directory; its presence means the build finished."""
@@ -140,7 +140,7 @@ def pretraining_text(row: dict[str, str]) -> str:
     return f"{prompt} = {row['output']}"
 
 
-def pretrain(model, tokenizer, rows: list[dict[str, str]]) -> float:
+def pretrain(model, tokenizer, rows: list[dict[str, str]], steps: int = PRETRAIN["steps"]) -> float:
     """Full-parameter next-token training on ``rows`` as plain text; returns the final loss.
 
     Deterministic under the caller's torch seed (fixed batch order, no dropout).
@@ -148,7 +148,7 @@ def pretrain(model, tokenizer, rows: list[dict[str, str]]) -> float:
     import torch
 
     encoded = [tokenizer(pretraining_text(r))["input_ids"] + [tokenizer.eos_token_id] for r in rows]
-    steps, batch_size = PRETRAIN["steps"], PRETRAIN["batch_size"]
+    batch_size = PRETRAIN["batch_size"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["lr"], weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / PRETRAIN["warmup"]) * max(0.05, 1 - s / steps)
@@ -176,7 +176,9 @@ def pretrain(model, tokenizer, rows: list[dict[str, str]]) -> float:
     return float(loss)
 
 
-def build_tiny_model(out_dir: Path, *, seed: int = 0, data_rows: int = SAMPLE_ROWS) -> Path:
+def build_tiny_model(
+    out_dir: Path, *, seed: int = 0, data_rows: int = SAMPLE_ROWS, pretrain_steps: int = PRETRAIN["steps"]
+) -> Path:
     """Trains the tokenizer, initialises the tiny Llama and saves both to ``out_dir``.
 
     The same ``seed`` and ``data_rows`` give identical files. The global torch RNG is left as it was.
@@ -185,6 +187,7 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0, data_rows: int = SAMPLE_RO
         out_dir: Directory to write into (created if missing); existing files are overwritten.
         seed: Seed of the weight initialisation.
         data_rows: Rows of the built-in sample dataset (always its own seed) to train the tokenizer on.
+        pretrain_steps: Full-parameter pretraining steps (tests of the build itself use a few).
 
     Returns:
         ``out_dir``.
@@ -206,7 +209,7 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0, data_rows: int = SAMPLE_RO
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config).to(torch.float32)
-        pretrain(model, tokenizer, generate_rows(data_rows, seed=PRETRAIN["data_seed"]))
+        pretrain(model, tokenizer, generate_rows(data_rows, seed=PRETRAIN["data_seed"]), steps=pretrain_steps)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     bars_were_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a one-shard progress bar is noise in test and CLI output
@@ -224,7 +227,7 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0, data_rows: int = SAMPLE_RO
         "vocab_size": len(tokenizer),
         "num_parameters": model.num_parameters(),
         "architecture": ARCHITECTURE,
-        "pretraining": PRETRAIN,
+        "pretraining": {**PRETRAIN, "steps": pretrain_steps},
     }
     (out_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return out_dir
@@ -247,11 +250,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="weight-initialisation seed (default 0)")
     parser.add_argument(
+        "--pretrain-steps", type=int, default=None, help=f"pretraining steps (default {PRETRAIN['steps']})"
+    )
+    parser.add_argument(
         "--force", action="store_true", help="rebuild even if the directory already holds the model"
     )
     args = parser.parse_args(argv)
     try:
-        path = ensure_tiny_model(args.out, seed=args.seed, force=args.force)
+        path = ensure_tiny_model(args.out, seed=args.seed, force=args.force, pretrain_steps=args.pretrain_steps)
     except FileExistsError as e:
         raise UserError(str(e)) from e
     marker = json.loads((path / MARKER_FILE).read_text(encoding="utf-8"))

@@ -147,19 +147,21 @@ class AdapterPool:
         ``adapter_names`` are listed once per load/unload instead, and get the names by the same
         forward pre-hook peft uses. Every adapter named here is loaded (the pool's callers acquire it).
         """
-        kwargs = dict(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        kwargs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "past_key_values": cache,
+            "use_cache": True,
+            "logits_to_keep": 1,
+        }
         with self._model_lock:
             handles = []
             if self._peft is not None and self._peft.peft_config:
                 hook = partial(_add_adapter_names, adapter_names=list(adapter_names))
-                handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in self._adapter_layers]
+                handles = [
+                    layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in self._adapter_layers
+                ]
             try:
                 with torch.inference_mode():
                     # With no adapter loaded, peft's wrapped layers (if any) have no active adapter either.

@@ -18,7 +18,6 @@ import hmac
 import logging
 import os
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -30,7 +29,6 @@ from serve.adapter_pool import AdapterPool
 from serve.config import ServingConfig, deployment_options, validate_serving_args
 from serve.generation import BatchDecoder, Delta, GenerationRequest, SamplingParams
 from serve.openai_api import (
-    SSE_DONE,
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -43,9 +41,10 @@ from serve.openai_api import (
     new_id,
     parse_request,
     sse_event,
+    sse_stream,
     usage_chunk,
 )
-from serve.registry import AdapterRegistry
+from serve.registry import AdapterRegistry, require_safetensors
 
 log = logging.getLogger("ray.serve")
 api = FastAPI(title="ftune", description="OpenAI-compatible serving of LoRA adapters on one base model")
@@ -60,7 +59,9 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     return JSONResponse(
-        error_body(f"{request.method} {request.url.path}: {exc.detail}", type="invalid_request_error", code=code),
+        error_body(
+            f"{request.method} {request.url.path}: {exc.detail}", type="invalid_request_error", code=code
+        ),
         status_code=exc.status_code,
     )
 
@@ -71,22 +72,11 @@ async def _server_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body(f"internal error: {exc}", type="server_error"), status_code=500)
 
 
-def cache_dir(config: ServingConfig) -> str:
-    """Where s3:// adapters are downloaded to."""
+def _registry(config: ServingConfig) -> AdapterRegistry:
     from ftune.builtin import ftune_home
 
-    return config.storage.cache_dir or str(ftune_home() / "adapter-cache")
-
-
-def _registry(config: ServingConfig) -> AdapterRegistry:
-    return AdapterRegistry(config.adapters, cache_dir=cache_dir(config), endpoint_url=config.storage.endpoint_url)
-
-
-def _require_safetensors(model_path: str) -> None:
-    """Refuse a local model directory that only has pickled (.bin) weights."""
-    path = Path(model_path)
-    if path.is_dir() and not any(path.glob("*.safetensors")):
-        raise RuntimeError(f"{path} has no *.safetensors weights; only safetensors are loaded (re-save the model)")
+    cache = config.storage.cache_dir or str(ftune_home() / "adapter-cache")
+    return AdapterRegistry(config.adapters, cache_dir=cache, endpoint_url=config.storage.endpoint_url)
 
 
 class _LoadedAdapter:
@@ -104,18 +94,9 @@ class _LoadedAdapter:
 
 
 def _sse(events: AsyncIterator[bytes]) -> StreamingResponse:
-    async def framed() -> AsyncIterator[bytes]:
-        try:
-            async for event in events:
-                yield event
-        except ApiError as e:
-            yield sse_event(e.body())
-        except Exception as e:  # headers are sent: report in-stream, as OpenAI does
-            log.exception("stream failed")
-            yield sse_event(error_body(f"internal error: {e}", type="server_error"))
-        yield SSE_DONE
-
-    return StreamingResponse(framed(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(
+        sse_stream(events, log), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
 
 
 class LoraServer:
@@ -139,25 +120,30 @@ class LoraServer:
         use_gpu = cfg.resources.num_gpus > 0 and torch.cuda.is_available()
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.tokenizer = load_tokenizer(cfg.model, padding_side="left")
-        _require_safetensors(resolve_model_path(cfg.model))
+        require_safetensors(resolve_model_path(cfg.model))
         base = load_base_model(cfg.model, dtype=resolve_precision(cfg.precision, use_gpu), for_training=False)
         if not cfg.model.load_in_4bit:  # a 4-bit model is already placed by its device_map
             base.to(self.device)
         base.eval()
-        self.context_tokens = cfg.limits.max_context_tokens or getattr(
-            base.config, "max_position_embeddings", None
-        ) or self.tokenizer.model_max_length
+        self.context_tokens = (
+            cfg.limits.max_context_tokens
+            or getattr(base.config, "max_position_embeddings", None)
+            or self.tokenizer.model_max_length
+        )
         eos = base.generation_config.eos_token_id
         self.eos_ids = {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
         self.pool = AdapterPool(base)
         self.batch_stats = {"batches": 0, "requests": 0, "largest": 0, "most_adapters": 0}
         self.registry = _registry(cfg)
+
         # Both decorators take their settings at decoration time, and the config is only known here.
         # The loader is a plain function: Serve keeps its LRU state as an attribute of it.
         async def load_adapter(name: str) -> _LoadedAdapter:
             return await self._load_adapter(name)
 
-        self._adapter = serve.multiplexed(max_num_models_per_replica=cfg.max_adapters_per_replica)(load_adapter)
+        self._adapter = serve.multiplexed(max_num_models_per_replica=cfg.max_adapters_per_replica)(
+            load_adapter
+        )
         self._decode_batch = serve.batch(
             max_batch_size=cfg.batching.max_batch_size,
             batch_wait_timeout_s=cfg.batching.batch_wait_timeout_s,
@@ -201,7 +187,9 @@ class LoraServer:
                 messages, add_generation_prompt=True, tokenize=True, return_dict=True
             )["input_ids"]
         except Exception as e:  # the template rejects the conversation (e.g. roles out of order)
-            raise ApiError(400, f"the model's chat template rejected the messages: {e}", param="messages") from e
+            raise ApiError(
+                400, f"the model's chat template rejected the messages: {e}", param="messages"
+            ) from e
         gen = await self._prepare(body, prompt_ids, body.token_limit)
         rid = new_id("chatcmpl")
         if body.stream:
@@ -215,7 +203,9 @@ class LoraServer:
         if self.api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self.api_key.encode()
+        ):
             raise ApiError(
                 401,
                 "missing or invalid API key; send it as 'Authorization: Bearer <key>'",
@@ -226,7 +216,9 @@ class LoraServer:
     async def _read_body(self, request: Request) -> bytes:
         body = await request.body()
         if len(body) > self.config.limits.max_request_bytes:
-            raise ApiError(413, f"request body is {len(body)} bytes; the limit is {self.config.limits.max_request_bytes}")
+            raise ApiError(
+                413, f"request body is {len(body)} bytes; the limit is {self.config.limits.max_request_bytes}"
+            )
         return body
 
     async def _prepare(self, body: Any, prompt_ids: list[int], max_tokens: int | None) -> GenerationRequest:
@@ -246,7 +238,9 @@ class LoraServer:
             )
         if max_tokens is not None and max_tokens > limits.max_tokens:
             raise ApiError(
-                400, f"max_tokens is {max_tokens}; this server allows at most {limits.max_tokens}", param="max_tokens"
+                400,
+                f"max_tokens is {max_tokens}; this server allows at most {limits.max_tokens}",
+                param="max_tokens",
             )
         room = self.context_tokens - len(prompt_ids)
         wanted = max_tokens if max_tokens is not None else min(limits.default_max_tokens, max(room, 1))
@@ -261,10 +255,16 @@ class LoraServer:
             )
         stops = body.stop_sequences
         if len(stops) > limits.max_stop_sequences:
-            raise ApiError(400, f"at most {limits.max_stop_sequences} stop sequences are allowed", param="stop")
+            raise ApiError(
+                400, f"at most {limits.max_stop_sequences} stop sequences are allowed", param="stop"
+            )
         if adapter is not None:
-            await self._adapter(adapter)  # load now, so a load failure is an error status, not a broken stream
-        params = SamplingParams(wanted, body.temperature, body.top_p, body.seed, tuple(stops))
+            await self._adapter(
+                adapter
+            )  # load now, so a load failure is an error status, not a broken stream
+        params = SamplingParams(
+            wanted, body.temperature, body.top_p, body.seed, tuple(stops), body.ignore_eos
+        )
         return GenerationRequest(tuple(prompt_ids), params, adapter)
 
     # ---- adapters and generation --------------------------------------------------------------
@@ -275,7 +275,12 @@ class LoraServer:
             local = await asyncio.to_thread(self.registry.local_dir, name)
             await self.pool.load(name, local)
         except Exception as e:
-            raise ApiError(503, f"adapter '{name}' could not be loaded: {e}", type="server_error", code="adapter_unavailable") from e
+            raise ApiError(
+                503,
+                f"adapter '{name}' could not be loaded: {e}",
+                type="server_error",
+                code="adapter_unavailable",
+            ) from e
         return _LoadedAdapter(name, self.pool)
 
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
@@ -316,7 +321,7 @@ class LoraServer:
             try:
                 while not decoder.done:
                     loop.call_soon_threadsafe(steps.put_nowait, decoder.step())
-            except BaseException as e:  # re-raised on the event loop, failing this batch's requests
+            except BaseException as e:  # noqa: BLE001 -- re-raised on the event loop, failing this batch's requests
                 loop.call_soon_threadsafe(steps.put_nowait, e)
             loop.call_soon_threadsafe(steps.put_nowait, None)
 

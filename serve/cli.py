@@ -20,7 +20,13 @@ from typing import Any
 
 from ftune.errors import UserError
 from ftune.yaml_config import apply_overrides
-from serve.config import IMPORT_PATH, ServingConfig, read_yaml_with_lines, validate_serve_file, validate_serving_args
+from serve.config import (
+    IMPORT_PATH,
+    ServingConfig,
+    read_yaml_with_lines,
+    validate_serve_file,
+    validate_serving_args,
+)
 from serve.deploy import APP_NAME, deploy, shutdown
 from serve.registry import AdapterRegistry, common_base_model
 from serve.sweep import adapters_from_sweep
@@ -40,20 +46,34 @@ class ServePlan:
 def build_parser() -> argparse.ArgumentParser:
     """The ``ftune serve`` argument parser."""
     parser = argparse.ArgumentParser(
-        prog="ftune serve", description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="ftune serve",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", help="Ray Serve config file whose application imports serve.app:build_app")
-    parser.add_argument("--app", help="which application of --config to serve, if it has several")
-    parser.add_argument("--sweep", help="sweep directory (leaderboard.json, best/adapter/) to serve the best of")
-    parser.add_argument("--top-k", type=int, default=1, help="with --sweep: serve the K best trials (default 1)")
     parser.add_argument(
-        "--adapter", action="append", default=[], metavar="NAME=DIR", help="serve the adapter in DIR (or s3://...) as model NAME"
+        "--config", help="Ray Serve config file whose application imports serve.app:build_app"
+    )
+    parser.add_argument("--app", help="which application of --config to serve, if it has several")
+    parser.add_argument(
+        "--sweep", help="sweep directory (leaderboard.json, best/adapter/) to serve the best of"
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=1, help="with --sweep: serve the K best trials (default 1)"
+    )
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="serve the adapter in DIR (or s3://...) as model NAME",
     )
     parser.add_argument("--base", help="base model (hub id, directory or builtin:tiny-llama)")
     parser.add_argument("--host", help="HTTP host (default: the config's http_options, else 127.0.0.1)")
     parser.add_argument("--port", type=int, help="HTTP port (default: the config's http_options, else 8000)")
     parser.add_argument("--api-key-env", help="require 'Authorization: Bearer $VAR' from clients")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="ServingConfig overrides, e.g. limits.max_tokens=64")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="ServingConfig overrides, e.g. limits.max_tokens=64"
+    )
     return parser
 
 
@@ -62,7 +82,9 @@ def _parse_adapter_flags(flags: list[str]) -> dict[str, str]:
     for flag in flags:
         name, sep, source = flag.partition("=")
         if not sep or not name or not source:
-            raise UserError(f"--adapter {flag!r}: expected NAME=DIR, e.g. --adapter support=runs/support/adapter")
+            raise UserError(
+                f"--adapter {flag!r}: expected NAME=DIR, e.g. --adapter support=runs/support/adapter"
+            )
         if name in out:
             raise UserError(f"--adapter {name!r} is given twice")
         out[name] = source
@@ -72,11 +94,15 @@ def _parse_adapter_flags(flags: list[str]) -> dict[str, str]:
 def _pick_application(data: dict[str, Any], name: str | None, source: str) -> int:
     apps = data.get("applications")
     if not isinstance(apps, list) or not apps or not all(isinstance(a, dict) for a in apps):
-        raise UserError(f"{source}: not a Ray Serve config file: it needs an 'applications:' list (see configs/serve/tiny.yaml)")
+        raise UserError(
+            f"{source}: not a Ray Serve config file: it needs an 'applications:' list (see configs/serve/tiny.yaml)"
+        )
     names = [str(a.get("name", "default")) for a in apps]
     if name is None:
         if len(apps) > 1:
-            raise UserError(f"{source} has {len(apps)} applications ({', '.join(names)}); pick one with --app NAME")
+            raise UserError(
+                f"{source} has {len(apps)} applications ({', '.join(names)}); pick one with --app NAME"
+            )
         return 0
     if name not in names:
         raise UserError(f"{source} has no application named {name!r}; it has {', '.join(names)}")
@@ -98,7 +124,11 @@ def plan_from_args(argv: list[str]) -> ServePlan:
         data, lines = read_yaml_with_lines(args.config)
         source = args.config
     else:
-        data, lines, source = {"applications": [{"name": APP_NAME, "import_path": IMPORT_PATH}]}, {}, "command line"
+        data, lines, source = (
+            {"applications": [{"name": APP_NAME, "import_path": IMPORT_PATH}]},
+            {},
+            "command line",
+        )
     index = _pick_application(data, args.app, source)
     app_args = data["applications"][index].setdefault("args", {})
     if not isinstance(app_args, dict):
@@ -123,7 +153,11 @@ def plan_from_args(argv: list[str]) -> ServePlan:
         file_config = validate_serve_file(data, source=source, lines=lines, origins=origins)
         app = file_config.applications[index]
         config, host, port, app_name, route_prefix = (
-            app.args, file_config.http_options.host, file_config.http_options.port, app.name, app.route_prefix
+            app.args,
+            file_config.http_options.host,
+            file_config.http_options.port,
+            app.name,
+            app.route_prefix,
         )
     else:
         config = validate_serving_args(app_args, source=source, overrides=args.overrides)
@@ -132,7 +166,9 @@ def plan_from_args(argv: list[str]) -> ServePlan:
         registry = AdapterRegistry(config.adapters, cache_dir=".", endpoint_url=config.storage.endpoint_url)
         base = common_base_model(registry.inspect())
         if base is None:
-            raise UserError("the adapters do not name one common base model in their adapter_config.json; pass --base")
+            raise UserError(
+                "the adapters do not name one common base model in their adapter_config.json; pass --base"
+            )
         config.model.name_or_path = base
     if config.api_key_env and not os.environ.get(config.api_key_env) and not os.environ.get("RAY_ADDRESS"):
         raise UserError(f"api_key_env is {config.api_key_env!r} but that environment variable is not set")
@@ -142,7 +178,9 @@ def plan_from_args(argv: list[str]) -> ServePlan:
 def main(argv: list[str]) -> int:
     """Deploy and block until Ctrl-C."""
     plan = plan_from_args(argv)
-    url = deploy(plan.config, host=plan.host, port=plan.port, app_name=plan.app_name, route_prefix=plan.route_prefix)
+    url = deploy(
+        plan.config, host=plan.host, port=plan.port, app_name=plan.app_name, route_prefix=plan.route_prefix
+    )
     models = ", ".join(plan.config.model_ids)
     key = f" (Authorization: Bearer ${plan.config.api_key_env})" if plan.config.api_key_env else ""
     print(f"serving {models} at {url}{key}; Ctrl-C to stop", flush=True)

@@ -127,44 +127,30 @@ class ServingConfig(Section):
     def problems(self) -> list[tuple[str, str]]:
         """Cross-field checks, as (dotted key, message) pairs."""
         out = []
-        for name in self.adapters:
+        naming = "adapter names are OpenAI model ids: 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        for name, source in self.adapters.items():
             if not ADAPTER_NAME.match(name) or name in RESERVED_NAMES:
-                out.append(
-                    (
-                        f"adapters.{name}",
-                        "adapter names are OpenAI model ids: 1-64 letters, digits, '.', '_' or '-', "
-                        "starting with a letter or digit",
-                    )
-                )
+                out.append((f"adapters.{name}", naming))
             if name == self.base_model_id:
                 out.append((f"adapters.{name}", f"clashes with base_model_id {name!r}; rename the adapter"))
-        for name, source in self.adapters.items():
             if not source.strip():
-                out.append((f"adapters.{name}", "empty path; give an adapter directory or s3://bucket/prefix"))
-        if self.limits.default_max_tokens > self.limits.max_tokens:
-            out.append(
-                (
-                    "limits.default_max_tokens",
-                    f"{self.limits.default_max_tokens} is above limits.max_tokens ({self.limits.max_tokens})",
+                out.append(
+                    (f"adapters.{name}", "empty path; give an adapter directory or s3://bucket/prefix")
                 )
-            )
+        limits, scaling = self.limits, self.autoscaling
+        if limits.default_max_tokens > limits.max_tokens:
+            message = f"{limits.default_max_tokens} is above limits.max_tokens ({limits.max_tokens})"
+            out.append(("limits.default_max_tokens", message))
         concurrent = self.batching.max_batch_size * self.batching.max_concurrent_batches
-        if self.limits.max_ongoing_requests < concurrent:
-            out.append(
-                (
-                    "limits.max_ongoing_requests",
-                    f"{self.limits.max_ongoing_requests} cannot fill a batch: it must be at least "
-                    f"batching.max_batch_size x max_concurrent_batches = {concurrent}",
-                )
+        if limits.max_ongoing_requests < concurrent:
+            message = (
+                f"{limits.max_ongoing_requests} cannot fill a batch: it must be at least "
+                f"batching.max_batch_size x max_concurrent_batches = {concurrent}"
             )
-        if self.autoscaling.min_replicas > self.autoscaling.max_replicas:
-            out.append(
-                (
-                    "autoscaling.min_replicas",
-                    f"{self.autoscaling.min_replicas} is above autoscaling.max_replicas "
-                    f"({self.autoscaling.max_replicas})",
-                )
-            )
+            out.append(("limits.max_ongoing_requests", message))
+        if scaling.min_replicas > scaling.max_replicas:
+            message = f"{scaling.min_replicas} is above autoscaling.max_replicas ({scaling.max_replicas})"
+            out.append(("autoscaling.min_replicas", message))
         return out
 
     @property
@@ -192,7 +178,9 @@ def validate_serving_args(
         ConfigError: naming each bad key with its location, value and fix.
     """
     if not isinstance(args, dict):
-        raise ConfigError(f"{source}: args must be a mapping of ServingConfig fields, got {type(args).__name__}")
+        raise ConfigError(
+            f"{source}: args must be a mapping of ServingConfig fields, got {type(args).__name__}"
+        )
     data = _deep_copy(args)
     origins = apply_overrides(data, list(overrides or []))
     try:
@@ -288,14 +276,20 @@ class ServeFileConfig(Section):
 
     def problems(self) -> list[tuple[str, str]]:
         """Every application's cross-field problems, keyed from the top of the file."""
-        out = [(f"applications.{i}.args.{key}", msg) for i, app in enumerate(self.applications) for key, msg in app.args.problems()]
+        out = [
+            (f"applications.{i}.args.{key}", msg)
+            for i, app in enumerate(self.applications)
+            for key, msg in app.args.problems()
+        ]
         names = [app.name for app in self.applications]
         prefixes = [app.route_prefix for app in self.applications]
         for i, app in enumerate(self.applications):
             if names.index(app.name) != i:
                 out.append((f"applications.{i}.name", f"{app.name!r} is used by another application"))
             if prefixes.index(app.route_prefix) != i:
-                out.append((f"applications.{i}.route_prefix", f"{app.route_prefix!r} is used by another application"))
+                out.append(
+                    (f"applications.{i}.route_prefix", f"{app.route_prefix!r} is used by another application")
+                )
         return out
 
     def application(self, name: str | None = None) -> tuple[int, ServeApplicationConfig]:
@@ -307,7 +301,9 @@ class ServeFileConfig(Section):
         names = [app.name for app in self.applications]
         if name is None:
             if len(names) > 1:
-                raise ConfigError(f"the config has {len(names)} applications ({', '.join(names)}); pick one with --app NAME")
+                raise ConfigError(
+                    f"the config has {len(names)} applications ({', '.join(names)}); pick one with --app NAME"
+                )
             return 0, self.applications[0]
         if name not in names:
             raise ConfigError(f"no application named {name!r}; the config has {', '.join(names)}")
@@ -332,14 +328,20 @@ def read_yaml_with_lines(path: str | Path) -> tuple[dict[str, Any], dict[str, in
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from e
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: not a Ray Serve config file: it needs an 'applications:' list (see configs/serve/tiny.yaml)")
+        raise ConfigError(
+            f"{path}: not a Ray Serve config file: it needs an 'applications:' list (see configs/serve/tiny.yaml)"
+        )
     lines: dict[str, int] = {}
     _key_lines(root, "", lines)
     return data, lines
 
 
 def validate_serve_file(
-    data: dict[str, Any], *, source: str, lines: dict[str, int] | None = None, origins: dict[str, str] | None = None
+    data: dict[str, Any],
+    *,
+    source: str,
+    lines: dict[str, int] | None = None,
+    origins: dict[str, str] | None = None,
 ) -> ServeFileConfig:
     """Validate a Serve config file's contents, reporting every problem with its line.
 
@@ -367,7 +369,11 @@ def _describe(cls: type[pydantic.BaseModel], err: dict) -> tuple[str, str]:
     alias = KNOWN_ALIASES.get(str(loc[-1]))
     guess = [alias] if alias in known else difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
     where = ".".join(str(p) for p in loc[:-1])
-    hint = f"did you mean '{where + '.' if where else ''}{guess[0]}'?" if guess else f"known keys here: {', '.join(known)}"
+    hint = (
+        f"did you mean '{where + '.' if where else ''}{guess[0]}'?"
+        if guess
+        else f"known keys here: {', '.join(known)}"
+    )
     return ".".join(str(p) for p in loc), f"unknown key. {hint}"
 
 
@@ -377,7 +383,10 @@ def _model_at(cls: type[pydantic.BaseModel], loc: tuple) -> type[pydantic.BaseMo
     for part in loc:
         if isinstance(part, int):
             continue  # the list's item type was unwrapped with the list field
-        if not (isinstance(model, type) and issubclass(model, pydantic.BaseModel)) or str(part) not in model.model_fields:
+        if (
+            not (isinstance(model, type) and issubclass(model, pydantic.BaseModel))
+            or str(part) not in model.model_fields
+        ):
             return None
         model = model.model_fields[str(part)].annotation
         for arg in typing.get_args(model) or ():

@@ -1,9 +1,9 @@
 """Deploy a ServingConfig on Ray Serve from Python without blocking: ``deploy()`` and ``shutdown()``.
 
-    from serve.deploy import deploy, shutdown
-    base_url = deploy(config)                      # http://127.0.0.1:8000/v1
-    OpenAI(base_url=base_url, api_key="...").chat.completions.create(model="base", ...)
-    shutdown()
+from serve.deploy import deploy, shutdown
+base_url = deploy(config)                      # http://127.0.0.1:8000/v1
+OpenAI(base_url=base_url, api_key="...").chat.completions.create(model="base", ...)
+shutdown()
 """
 
 from __future__ import annotations

@@ -26,15 +26,28 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 def build_parser() -> argparse.ArgumentParser:
     """The ``ftune export`` argument parser."""
     parser = argparse.ArgumentParser(prog="ftune export", description=__doc__.splitlines()[0])
-    parser.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + adapter_model.safetensors)")
-    parser.add_argument("--merge", required=True, metavar="OUT", help="directory to write the merged model to")
+    parser.add_argument(
+        "--adapter", required=True, help="adapter directory (adapter_config.json + adapter_model.safetensors)"
+    )
+    parser.add_argument(
+        "--merge", required=True, metavar="OUT", help="directory to write the merged model to"
+    )
     parser.add_argument("--base", help="base model; default: base_model_name_or_path of adapter_config.json")
-    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the merged weights")
+    parser.add_argument(
+        "--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the merged weights"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     return parser
 
 
-def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, base: str | None = None, precision: str = "fp32", overwrite: bool = False) -> Path:
+def merge_adapter(
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    base: str | None = None,
+    precision: str = "fp32",
+    overwrite: bool = False,
+) -> Path:
     """Merge the adapter into its base model and save the result (written to a temp dir, then renamed).
 
     Args:
@@ -64,8 +77,12 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, base: str | N
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     model_cfg = ModelConfig(name_or_path=base)
     tokenizer_source = adapter_dir if all((adapter_dir / f).is_file() for f in TOKENIZER_FILES) else None
-    tokenizer = load_tokenizer(model_cfg if tokenizer_source is None else ModelConfig(name_or_path=str(tokenizer_source)))
-    merged = load_adapter(load_base_model(model_cfg, dtype=dtype, for_training=False), adapter_dir).merge_and_unload()
+    tokenizer = load_tokenizer(
+        model_cfg if tokenizer_source is None else ModelConfig(name_or_path=str(tokenizer_source))
+    )
+    merged = load_adapter(
+        load_base_model(model_cfg, dtype=dtype, for_training=False), adapter_dir
+    ).merge_and_unload()
     merged.config.use_cache = True
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -87,6 +104,8 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, base: str | N
 def main(argv: list[str]) -> int:
     """Entry point of ``ftune export``."""
     args = build_parser().parse_args(argv)
-    out = merge_adapter(args.adapter, args.merge, base=args.base, precision=args.precision, overwrite=args.overwrite)
+    out = merge_adapter(
+        args.adapter, args.merge, base=args.base, precision=args.precision, overwrite=args.overwrite
+    )
     print(f"merged model written to {out}")
     return 0

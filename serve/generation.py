@@ -37,6 +37,8 @@ class SamplingParams:
     """Seed of this request's sampler; the same seed gives the same tokens."""
     stop: tuple[str, ...] = ()
     """Strings that end the completion; they are not part of the returned text."""
+    ignore_eos: bool = False
+    """Keep going past the end-of-sequence token, for exactly max_tokens (benchmarks; as in vLLM)."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ class TextStream:
         if token_id is not None:
             self._ids.append(token_id)
         text = self._tokenizer.decode(self._prefix + self._ids, skip_special_tokens=True)
-        text = text[len(self._prefix_text) :] if text.startswith(self._prefix_text) else text
+        text = text.removeprefix(self._prefix_text)
         if text.endswith("\ufffd") and not final:
             return ""
         new, self._emitted = text[self._emitted :], max(self._emitted, len(text))
@@ -174,7 +176,9 @@ class BatchDecoder:
         for req in requests:
             gen = torch.Generator()
             gen.manual_seed(req.params.seed if req.params.seed is not None else secrets.randbits(63))
-            self._rows.append(_Row(req, TextStream(tokenizer, req.prompt_ids), StopMatcher(req.params.stop), gen))
+            self._rows.append(
+                _Row(req, TextStream(tokenizer, req.prompt_ids), StopMatcher(req.params.stop), gen)
+            )
         self._active = list(range(len(self._rows)))  # row index of each batch position
         self._cache = None
         self._mask: torch.Tensor | None = None
@@ -233,7 +237,7 @@ class BatchDecoder:
         row.generated += 1
         row.last_token = token
         finish = None
-        if token in self._eos:
+        if token in self._eos and not params.ignore_eos:
             finish = "stop"
             new_text = row.text.add(None, final=True)
         else:

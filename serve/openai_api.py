@@ -8,8 +8,10 @@ body ``{"error": {"message", "type", "param", "code"}}``.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import pydantic
@@ -43,7 +45,9 @@ class ApiError(Exception):
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
 
 
-def error_body(message: str, *, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, *, type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     """OpenAI's error body."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
@@ -68,6 +72,7 @@ class _Request(pydantic.BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
 
     @pydantic.field_validator("n")
     @classmethod
@@ -137,9 +142,9 @@ class ChatCompletionRequest(_Request):
 
     @pydantic.model_validator(mode="after")
     def _one_token_limit(self) -> ChatCompletionRequest:
-        if self.max_tokens is not None and self.max_completion_tokens is not None:
-            if self.max_tokens != self.max_completion_tokens:
-                raise ValueError("max_tokens and max_completion_tokens differ; set only one")
+        both = self.max_tokens is not None and self.max_completion_tokens is not None
+        if both and self.max_tokens != self.max_completion_tokens:
+            raise ValueError("max_tokens and max_completion_tokens differ; set only one")
         return self
 
     @property
@@ -161,16 +166,24 @@ def parse_request(cls: type[pydantic.BaseModel], body: bytes) -> Any:
         loc = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p))
         kind = err["type"]
         if kind == "json_invalid":
-            raise ApiError(400, f"request body is not valid JSON: {err['msg']}", code="invalid_json") from None
+            raise ApiError(
+                400, f"request body is not valid JSON: {err['msg']}", code="invalid_json"
+            ) from None
         if kind == "missing":
-            raise ApiError(400, f"missing required parameter: '{loc}'", param=loc, code="missing_required_parameter") from None
+            raise ApiError(
+                400, f"missing required parameter: '{loc}'", param=loc, code="missing_required_parameter"
+            ) from None
         if kind == "extra_forbidden":
-            raise ApiError(400, f"unrecognized request argument supplied: {loc}", param=loc, code="unknown_parameter") from None
+            raise ApiError(
+                400, f"unrecognized request argument supplied: {loc}", param=loc, code="unknown_parameter"
+            ) from None
         message = err["msg"].removeprefix("Value error, ")
         if not loc:
             raise ApiError(400, f"invalid request: {message}", code="invalid_value") from None
         shown = json.dumps(err.get("input"))[:80]
-        raise ApiError(400, f"invalid '{loc}': {message} (got {shown})", param=loc, code="invalid_value") from None
+        raise ApiError(
+            400, f"invalid '{loc}': {message} (got {shown})", param=loc, code="invalid_value"
+        ) from None
 
 
 def _is_union_tag(part: Any) -> bool:
@@ -249,7 +262,9 @@ def chat_chunk(id: str, model: str, delta: dict[str, str], finish_reason: str | 
     }
 
 
-def usage_chunk(id: str, model: str, object: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def usage_chunk(
+    id: str, model: str, object: str, prompt_tokens: int, completion_tokens: int
+) -> dict[str, Any]:
     """The last chunk of a stream with ``include_usage``: no choices, only usage."""
     return {
         "id": id,
@@ -273,3 +288,16 @@ def models_body(model_ids: list[str], owner: str = "ftune") -> dict[str, Any]:
 def sse_event(data: dict[str, Any]) -> bytes:
     """One server-sent event: ``data: <json>`` and a blank line."""
     return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def sse_stream(events: AsyncIterator[bytes], log: logging.Logger) -> AsyncIterator[bytes]:
+    """``events`` then ``data: [DONE]``; an error after the headers were sent becomes an error event."""
+    try:
+        async for event in events:
+            yield event
+    except ApiError as e:
+        yield sse_event(e.body())
+    except Exception as e:
+        log.exception("stream failed")
+        yield sse_event(error_body(f"internal error: {e}", type="server_error"))
+    yield SSE_DONE

@@ -58,7 +58,9 @@ def read_local_adapter(path: Path) -> tuple[list[str], dict[str, Any] | None]:
     if missing:
         hint = ""
         if WEIGHTS_FILE in missing and (path / "adapter_model.bin").is_file():
-            hint = " (only adapter_model.bin is there: pickled weights are not loaded; re-save with safetensors)"
+            hint = (
+                " (only adapter_model.bin is there: pickled weights are not loaded; re-save with safetensors)"
+            )
         return [f"{path} lacks {', '.join(missing)}{hint}"], None
     try:
         config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
@@ -71,6 +73,19 @@ def check_local_adapter(path: Path) -> tuple[list[str], dict[str, Any] | None]:
     """Why a local adapter directory cannot be served (empty if it can), and its adapter_config.json."""
     problems, config = read_local_adapter(path)
     return (problems or adapter_config_problems(config or {})), config
+
+
+def require_safetensors(model_path: str) -> None:
+    """Refuse a local model directory that only has pickled (.bin) weights.
+
+    Raises:
+        RuntimeError: the directory holds no ``*.safetensors`` file.
+    """
+    path = Path(model_path)
+    if path.is_dir() and not any(path.glob("*.safetensors")):
+        raise RuntimeError(
+            f"{path} has no *.safetensors weights; only safetensors are loaded (re-save the model)"
+        )
 
 
 def _s3_client(endpoint_url: str | None):
@@ -155,7 +170,8 @@ class AdapterRegistry:
 
     def __init__(self, sources: dict[str, str], *, cache_dir: str | Path, endpoint_url: str | None = None):
         self._sources = {
-            name: src if is_s3(src) else str(Path(src).expanduser().resolve()) for name, src in sources.items()
+            name: src if is_s3(src) else str(Path(src).expanduser().resolve())
+            for name, src in sources.items()
         }
         self._cache_dir = Path(cache_dir).expanduser()
         self._endpoint_url = endpoint_url

@@ -64,7 +64,9 @@ def adapters_from_sweep(sweep_dir: str | Path, top_k: int = 1) -> dict[str, str]
     except ValueError as e:
         raise UserError(f"{board} is not valid JSON: {e}") from e
     if not isinstance(rows, list) or not all(isinstance(r, dict) and "trial" in r for r in rows):
-        raise UserError(f"{board} must be a list of rows, each with trial, eval_loss, status and adapter_path")
+        raise UserError(
+            f"{board} must be a list of rows, each with trial, eval_loss, status and adapter_path"
+        )
     chosen: dict[str, str] = {}
     skipped = []
     for row in rows:

@@ -44,7 +44,9 @@ def write_random_adapters(
     for name, seed in seeds.items():
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = add_adapter(copy.deepcopy(base), LoraConfig(r=r, alpha=2.0 * r, dropout=0.0, use_dora=use_dora))
+            model = add_adapter(
+                copy.deepcopy(base), LoraConfig(r=r, alpha=2.0 * r, dropout=0.0, use_dora=use_dora)
+            )
             with torch.no_grad():
                 for param_name, param in model.named_parameters():
                     if "lora_B" in param_name:

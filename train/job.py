@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -79,9 +80,17 @@ def prepare(cfg: TrainJobConfig, name: str) -> dict[str, Any]:
     """Everything checked before Ray starts: DeepSpeed config, model, data. Returns the loop config."""
     from ftune.builtin import ftune_home
     from ftune.data import prepare_data
-    from ftune.model import load_tokenizer
+    from ftune.model import load_tokenizer, resolve_model_path
     from ftune.storage import Storage
 
+    from ftune.builtin import resolve_builtin
+
+    # Workers get concrete paths: builtin models and data are built here, once, never by a worker.
+    cfg = cfg.model_copy(deep=True)
+    cfg.model.name_or_path = resolve_model_path(cfg.model)
+    cfg.data.path = resolve_builtin(cfg.data.path)
+    if cfg.data.validation_path:
+        cfg.data.validation_path = resolve_builtin(cfg.data.validation_path)
     user_ds = load_user_config(cfg.deepspeed.config_file)
     for world in sorted({cfg.scaling.min_workers, cfg.scaling.max_workers}):
         build_deepspeed_config(cfg, world, torch.float32, user=user_ds)
@@ -194,10 +203,12 @@ def run_training(cfg: TrainJobConfig, *, name: str | None = None, callbacks: lis
 
 
 def _root_cause(error: BaseException) -> str:
+    """The innermost 'SomeError: message' of a (worker) failure, with the lines that follow it."""
     while error.__cause__ is not None:
         error = error.__cause__
-    text = str(error).strip().splitlines()
-    return text[-1] if text else type(error).__name__
+    lines = str(error).strip().splitlines()
+    starts = [i for i, line in enumerate(lines) if re.match(r"^\s*[\w.]+(Error|Exception|Failed)\b[^:]*: ", line)]
+    return "\n".join(lines[starts[-1] :]).strip() if starts else (lines[-1] if lines else type(error).__name__)
 
 
 def print_summary(summary: dict[str, Any]) -> None:

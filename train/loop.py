@@ -165,7 +165,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     engine.train()
     start_time = time.perf_counter()
     steps_timed, time_timed = 0, 0.0
-    jit_saved = False
+    preempted = None  # PreemptionInfo once a notice arrived
     pending: list[dict[str, Any]] = []  # step rows not yet sent with ray.train.report
     last_report = last_preemption_check = float("-inf")
     while state.step < steps:
@@ -199,13 +199,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "total_steps": steps,
             "world_size": world,
         }
-        preemption = None
-        if clock - last_preemption_check >= cfg.train.preemption_check_interval_s:
+        if preempted is None and clock - last_preemption_check >= cfg.train.preemption_check_interval_s:
             last_preemption_check = clock
-            preemption = ray.train.get_preemption_info()
+            preempted = ray.train.get_preemption_info()
+            if preempted is not None and rank == 0:
+                deadline = (preempted.deadline_ms or 0) / 1000 - time.time()
+                print(
+                    f"[ftune] preemption notice for node(s) {preempted.preempted_node_ids} (ranks "
+                    f"{preempted.preempted_ranks}), {deadline:.0f} s left: checkpointing every step until it goes",
+                    flush=True,
+                )
         last = state.step == steps
         do_eval = last or state.step % cfg.train.eval_every == 0
-        jit = preemption is not None and not jit_saved
+        # After a notice the node may go at any moment: a just-in-time checkpoint after every step
+        # means at most the step in flight is lost.
+        jit = preempted is not None
         do_ckpt = last or jit or state.step % cfg.train.checkpoint_every == 0
         if do_eval:
             state.last_eval = run_eval()
@@ -218,7 +226,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             report = {**metrics, "eval_loss": state.last_eval.get("eval_loss"), "steps": pending}
             pending = []
             if do_ckpt:
-                jit_saved = jit_saved or jit
                 _report_with_checkpoint(engine, state, report, rank, jit=jit)
             else:
                 ray.train.report(report)

@@ -1,6 +1,6 @@
 """GPU smoke test: LoRA and QLoRA train a ~100M Llama for a few steps in the training job's DeepSpeed engine.
 
-bf16, sdpa attention, ZeRO-2 on a single-rank NCCL group, built by ``train.loop.build_engine`` from a
+bf16 (where supported), sdpa attention, ZeRO-2 on a single-rank NCCL group, built by ``train.loop.build_engine`` from a
 model saved with save_pretrained, as a worker of the training job does. Skipped without CUDA.
 """
 
@@ -85,7 +85,8 @@ def test_lora_and_qlora_train_on_gpu(llama_100m, single_rank_group, method):
     )
     torch.cuda.reset_peak_memory_stats()
     engine, ds_config = build_engine(cfg, 1, STEPS, user_deepspeed={})
-    assert ds_config["bf16"]["enabled"] and ds_config["zero_optimization"]["stage"] == 2
+    assert ds_config["bf16"]["enabled"] is torch.cuda.is_bf16_supported()  # precision auto
+    assert ds_config["zero_optimization"]["stage"] == 2
     base = engine.module.get_base_model()
     assert getattr(base, "is_loaded_in_4bit", False) is (method == "qlora")
     frozen = {n: p.detach().clone() for n, p in engine.module.named_parameters() if not p.requires_grad}
@@ -105,7 +106,7 @@ def test_lora_and_qlora_train_on_gpu(llama_100m, single_rank_group, method):
         losses.append(float(loss.detach()))
 
     assert all(math.isfinite(x) for x in losses), losses
-    assert losses[-1] < losses[0] - 1.0, losses
+    assert losses[-1] < losses[0] / 2, losses
     for name, param in engine.module.named_parameters():
         if name in frozen:
             assert torch.equal(param.detach(), frozen[name]), f"frozen {name} changed"

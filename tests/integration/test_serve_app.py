@@ -33,7 +33,9 @@ def free_port() -> int:
 def adapters(tiny_model_dir, tmp_path_factory):
     from serve.synthetic import write_random_adapters
 
-    return write_random_adapters(tiny_model_dir, tmp_path_factory.mktemp("adapters"), {"a": 11, "b": 22, "c": 33})
+    return write_random_adapters(
+        tiny_model_dir, tmp_path_factory.mktemp("adapters"), {"a": 11, "b": 22, "c": 33}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -122,13 +124,17 @@ def complete(client, model, prompt=PROMPT, **kwargs):
 @pytest.fixture(scope="module")
 def greedy(client):
     """Each model's greedy completion of PROMPT, asked one at a time."""
-    return {model: complete(client, model).choices[0].text for model in ("base", "trial-t1", "trial-t2", "remote")}
+    return {
+        model: complete(client, model).choices[0].text for model in ("base", "trial-t1", "trial-t2", "remote")
+    }
 
 
 def post(server, path, body, key=API_KEY, raw=False):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     data = body if raw else json.dumps(body)
-    return requests.post(server + path, data=data, headers={**headers, "Content-Type": "application/json"}, timeout=60)
+    return requests.post(
+        server + path, data=data, headers={**headers, "Content-Type": "application/json"}, timeout=60
+    )
 
 
 def test_models_lists_base_sweep_trials_and_s3_adapter(client):
@@ -141,7 +147,9 @@ def test_each_adapter_has_its_own_deterministic_output(client, greedy):
         again = complete(client, model)
         assert again.choices[0].text == text
         assert again.choices[0].finish_reason == "length"
-        assert again.usage.completion_tokens == 12 and again.usage.total_tokens == again.usage.prompt_tokens + 12
+        assert (
+            again.usage.completion_tokens == 12 and again.usage.total_tokens == again.usage.prompt_tokens + 12
+        )
 
 
 def test_http_output_equals_in_process_decoding(greedy, adapters, tiny_model_dir, tiny_tokenizer):
@@ -152,7 +160,9 @@ def test_http_output_equals_in_process_decoding(greedy, adapters, tiny_model_dir
 
     pool = AdapterPool(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval())
     asyncio.run(pool.load("a", adapters["a"]))
-    request = GenerationRequest(tuple(tiny_tokenizer(PROMPT)["input_ids"]), SamplingParams(max_tokens=12), "a")
+    request = GenerationRequest(
+        tuple(tiny_tokenizer(PROMPT)["input_ids"]), SamplingParams(max_tokens=12), "a"
+    )
     decoder = BatchDecoder([request], pool.forward, tiny_tokenizer, eos_token_ids=[1], pad_token_id=2)
     text = ""
     while not decoder.done:
@@ -197,7 +207,9 @@ def test_concurrent_requests_for_different_adapters_share_batches(client, greedy
 def test_chat_completion_uses_the_chat_template(client, tiny_tokenizer):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}]
     reply = client.chat.completions.create(model="trial-t2", messages=messages, max_tokens=8, temperature=0)
-    prompt_ids = tiny_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    prompt_ids = tiny_tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True
+    )
     assert reply.usage.prompt_tokens == len(prompt_ids["input_ids"])
     assert reply.choices[0].message.role == "assistant"
     assert reply.choices[0].message.content
@@ -216,7 +228,11 @@ def test_streaming_completion_equals_the_plain_one(client, greedy):
 def test_streaming_chat_chunks(client):
     messages = [{"role": "user", "content": "Count to three."}]
     plain = client.chat.completions.create(model="remote", messages=messages, max_tokens=10, temperature=0)
-    chunks = list(client.chat.completions.create(model="remote", messages=messages, max_tokens=10, temperature=0, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model="remote", messages=messages, max_tokens=10, temperature=0, stream=True
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == plain.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == "length"
@@ -226,7 +242,11 @@ def test_streaming_chat_chunks(client):
 def test_raw_sse_framing_ends_with_done(server):
     body = {"model": "base", "prompt": "Hi", "max_tokens": 3, "temperature": 0, "stream": True}
     response = requests.post(
-        server + "/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, stream=True, timeout=60
+        server + "/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        stream=True,
+        timeout=60,
     )
     assert response.headers["content-type"].startswith("text/event-stream")
     events = response.text.split("\n\n")
@@ -260,15 +280,37 @@ def test_seeded_sampling_repeats(client):
         ("/completions", {"model": "base", "prompt": "hi", "n": 3}, 400, "n"),
         ("/completions", {"model": "base", "prompt": "hi", "max_tokens": 65}, 400, "max_tokens"),
         ("/completions", {"model": "base", "prompt": "word " * 200}, 400, "prompt"),
-        ("/completions", {"model": "base", "prompt": "hi", "max_tokens": 64, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        (
+            "/completions",
+            {"model": "base", "prompt": "hi", "max_tokens": 64, "stop": ["a", "b", "c", "d", "e"]},
+            400,
+            "stop",
+        ),
         ("/completions", {"model": "/etc/passwd", "prompt": "hi"}, 404, "model"),
         ("/completions", {"model": "../trial-t1", "prompt": "hi"}, 404, "model"),
-        ("/chat/completions", {"model": "trial-t1", "messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role"),
-        ("/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
-        ("/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "x " * 200}]}, 400, "messages"),
+        (
+            "/chat/completions",
+            {"model": "trial-t1", "messages": [{"role": "robot", "content": "x"}]},
+            400,
+            "messages.0.role",
+        ),
+        (
+            "/chat/completions",
+            {"model": "nope", "messages": [{"role": "user", "content": "x"}]},
+            404,
+            "model",
+        ),
+        (
+            "/chat/completions",
+            {"model": "base", "messages": [{"role": "user", "content": "x " * 200}]},
+            400,
+            "messages",
+        ),
     ],
 )
-def test_bad_requests_get_4xx_with_an_openai_error_and_the_server_keeps_serving(server, client, greedy, path, body, status, param):
+def test_bad_requests_get_4xx_with_an_openai_error_and_the_server_keeps_serving(
+    server, client, greedy, path, body, status, param
+):
     response = post(server, path, body, raw=isinstance(body, bytes))
     assert response.status_code == status, response.text
     error = response.json()["error"]

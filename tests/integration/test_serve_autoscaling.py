@@ -82,7 +82,7 @@ def test_load_scales_up_to_max_and_idleness_scales_back_down(base_url):
             try:
                 client.completions.create(model="base", prompt="Keep talking.", max_tokens=32, temperature=0)
                 served[0] += 1
-            except Exception as e:  # recorded, and fails the test below
+            except Exception as e:  # noqa: BLE001 -- recorded, and fails the test below
                 failures.append(repr(e))
 
     workers = [threading.Thread(target=load) for _ in range(4)]  # 4 ongoing vs a target of 1 per replica

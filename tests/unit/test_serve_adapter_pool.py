@@ -86,7 +86,9 @@ def test_forward_matches_peft_own_mixed_batch_forward(pool, adapters, tiny_model
 
     for name, path in adapters.items():
         asyncio.run(pool.load(name, path))
-    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapters["a"], adapter_name="a")
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapters["a"], adapter_name="a"
+    )
     reference.load_adapter(adapters["b"], adapter_name="b")
     names = ["b", "__base__", "a", "b"]
     ids = torch.tensor([tiny_tokenizer("hello there")["input_ids"]] * len(names))

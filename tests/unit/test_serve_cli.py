@@ -21,7 +21,9 @@ def adapters(tiny_model_dir, tmp_path_factory):
 
 
 def test_config_file_plus_adapter_and_overrides(adapters):
-    plan = plan_from_args(["--config", TINY, "--adapter", f"mine={adapters['a']}", "--port", "8123", "limits.max_tokens=128"])
+    plan = plan_from_args(
+        ["--config", TINY, "--adapter", f"mine={adapters['a']}", "--port", "8123", "limits.max_tokens=128"]
+    )
     assert plan.config.adapters == {"mine": str(adapters["a"])}
     assert plan.config.limits.max_tokens == 128
     assert (plan.host, plan.port, plan.app_name, plan.route_prefix) == ("127.0.0.1", 8123, "ftune", "/")
@@ -53,7 +55,11 @@ def test_sweep_top_k(adapters, tmp_path):
         (["--adapter", "a=/x", "--adapter", "a=/y"], UserError, "given twice"),
         (["--adapter", "a=/does/not/exist"], ConfigError, "adapters.a: /does/not/exist is not a directory"),
         (["--config", TINY, "--top-k", "2"], UserError, "--top-k only applies with --sweep"),
-        (["--config", TINY, "limits.max_tokenz=3"], ConfigError, "did you mean 'applications.0.args.limits.max_tokens'"),
+        (
+            ["--config", TINY, "limits.max_tokenz=3"],
+            ConfigError,
+            "did you mean 'applications.0.args.limits.max_tokens'",
+        ),
         (["--config", TINY, "--app", "other"], UserError, "no application named 'other'"),
         (["--config", "missing.yaml"], ConfigError, "config file not found"),
     ],

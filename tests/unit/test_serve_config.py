@@ -93,7 +93,12 @@ def test_deployment_options_are_accepted_by_serve():
     from ray.serve.config import AutoscalingConfig
 
     config = ServingConfig(
-        autoscaling={"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2, "upscale_delay_s": 1},
+        autoscaling={
+            "min_replicas": 1,
+            "max_replicas": 3,
+            "target_ongoing_requests": 2,
+            "upscale_delay_s": 1,
+        },
         limits={"max_queued_requests": 5, "max_ongoing_requests": 8},
     )
     options = deployment_options(config)

@@ -27,7 +27,9 @@ def test_merged_model_matches_adapter_on_base(adapter, tiny_model_dir, tiny_toke
     assert json.loads((out / "ftune_export.json").read_text())["base"] == str(tiny_model_dir)
 
     ids = torch.tensor([tiny_tokenizer("Merge me, then compare the logits.")["input_ids"]])
-    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter).eval()
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter
+    ).eval()
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     with torch.inference_mode():

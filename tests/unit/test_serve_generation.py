@@ -114,7 +114,9 @@ def decode(requests, model=None):
 
 
 def req(prompt, max_tokens=20, stop=(), adapter=None):
-    return GenerationRequest(tuple(ALPHABET.index(c) for c in prompt), SamplingParams(max_tokens, stop=stop), adapter)
+    return GenerationRequest(
+        tuple(ALPHABET.index(c) for c in prompt), SamplingParams(max_tokens, stop=stop), adapter
+    )
 
 
 def test_finish_reasons_eos_length_and_stop_in_one_batch():
@@ -165,7 +167,11 @@ def pool(tiny_model_dir, adapters):
 
 def run_decoder(pool, tokenizer, requests):
     decoder = BatchDecoder(
-        requests, pool.forward, tokenizer, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id
+        requests,
+        pool.forward,
+        tokenizer,
+        eos_token_ids=[tokenizer.eos_token_id],
+        pad_token_id=tokenizer.pad_token_id,
     )
     ids = [[] for _ in requests]
     while not decoder.done:
@@ -184,7 +190,9 @@ def test_mixed_adapter_batch_equals_each_request_alone(pool, tiny_tokenizer):
     mixed = run_decoder(pool, tiny_tokenizer, requests)
     alone = [run_decoder(pool, tiny_tokenizer, [r])[0] for r in requests]
     assert mixed == alone
-    same_prompt = [GenerationRequest(requests[0].prompt_ids, requests[0].params, a) for a in ("one", "two", None)]
+    same_prompt = [
+        GenerationRequest(requests[0].prompt_ids, requests[0].params, a) for a in ("one", "two", None)
+    ]
     outputs = run_decoder(pool, tiny_tokenizer, same_prompt)
     assert len(set(outputs)) == 3, "each adapter (and the base) must give its own greedy text"
 
@@ -196,10 +204,15 @@ def test_base_rows_match_transformers_generate(pool, tiny_model_dir, tiny_tokeni
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     with torch.inference_mode():
         out = reference.generate(
-            torch.tensor([prompt]), max_new_tokens=10, do_sample=False, pad_token_id=tiny_tokenizer.pad_token_id
+            torch.tensor([prompt]),
+            max_new_tokens=10,
+            do_sample=False,
+            pad_token_id=tiny_tokenizer.pad_token_id,
         )
     expected = tiny_tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True)
-    ours = run_decoder(pool, tiny_tokenizer, [GenerationRequest(tuple(prompt), SamplingParams(max_tokens=10), None)])
+    ours = run_decoder(
+        pool, tiny_tokenizer, [GenerationRequest(tuple(prompt), SamplingParams(max_tokens=10), None)]
+    )
     assert ours == [expected]
 
 
@@ -211,3 +224,9 @@ def test_seeded_sampling_is_reproducible_in_different_batches(pool, tiny_tokeniz
     in_batch = run_decoder(pool, tiny_tokenizer, [other, seeded])
     assert in_batch[1] == first
     assert in_batch[0] != first
+
+
+def test_ignore_eos_generates_exactly_max_tokens():
+    request = GenerationRequest((0,), SamplingParams(max_tokens=10, ignore_eos=True))
+    texts, finals, _ = decode([request])
+    assert texts == ["bcdefgh"] and finals == [("length", 10)]

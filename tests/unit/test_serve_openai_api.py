@@ -66,7 +66,10 @@ def test_bad_completion_requests_are_400_with_the_parameter(body, param, fragmen
         ('{"model": "a", "messages": [{"role": "tool", "content": "x"}]}', "messages.0.role"),
         ('{"model": "a", "messages": [{"role": "user"}]}', "messages.0.content"),
         ('{"model": "a", "messages": "hello"}', "messages"),
-        ('{"model": "a", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "max_completion_tokens": 3}', None),
+        (
+            '{"model": "a", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "max_completion_tokens": 3}',
+            None,
+        ),
     ],
 )
 def test_bad_chat_requests_are_400(body, param):
@@ -79,7 +82,12 @@ def test_chat_content_parts_and_token_limit():
         json.dumps(
             {
                 "model": "a",
-                "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+                    }
+                ],
                 "max_completion_tokens": 7,
                 "stream": True,
                 "stream_options": {"include_usage": True},
@@ -110,5 +118,10 @@ def test_completion_body_usage_adds_up():
 def test_error_body_shape():
     error = ApiError(404, "nope", param="model", code="model_not_found")
     assert error.body() == {
-        "error": {"message": "nope", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
+        "error": {
+            "message": "nope",
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "model_not_found",
+        }
     }

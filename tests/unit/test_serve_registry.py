@@ -91,12 +91,16 @@ def test_s3_adapter_is_downloaded_once_and_refetched_when_changed(adapters, tmp_
     reg = registry({"remote": "s3://models/adapters/a"}, tmp_path, endpoint=s3)
     assert reg.inspect()["remote"]["peft_type"] == "LORA"
     first = reg.local_dir("remote")
-    assert (first / "adapter_model.safetensors").read_bytes() == (adapters["a"] / "adapter_model.safetensors").read_bytes()
+    assert (first / "adapter_model.safetensors").read_bytes() == (
+        adapters["a"] / "adapter_model.safetensors"
+    ).read_bytes()
     assert reg.local_dir("remote") == first  # cached
     upload(s3, adapters["b"], "models", "adapters/a")  # a new adapter under the same prefix
     second = reg.local_dir("remote")
     assert second != first
-    assert (second / "adapter_model.safetensors").read_bytes() == (adapters["b"] / "adapter_model.safetensors").read_bytes()
+    assert (second / "adapter_model.safetensors").read_bytes() == (
+        adapters["b"] / "adapter_model.safetensors"
+    ).read_bytes()
 
 
 def test_s3_endpoint_from_aws_endpoint_url(adapters, tmp_path, s3, monkeypatch):
@@ -128,7 +132,13 @@ def test_top_k_picks_the_best_servable_trials_in_order(adapters, tmp_path):
         adapters,
         [
             {"trial": "t1", "eval_loss": 0.5, "status": "ERROR", "adapter_path": str(adapters["a"])},
-            {"trial": "t2", "eval_loss": 0.6, "status": "TERMINATED", "adapter_path": "trials/t2/adapter", "_from": "a"},
+            {
+                "trial": "t2",
+                "eval_loss": 0.6,
+                "status": "TERMINATED",
+                "adapter_path": "trials/t2/adapter",
+                "_from": "a",
+            },
             {"trial": "t3", "eval_loss": 0.7, "status": "TERMINATED", "adapter_path": None},
             {"trial": "t/4", "eval_loss": 0.8, "status": "pruned", "adapter_path": str(adapters["b"])},
         ],
@@ -164,3 +174,13 @@ def test_not_a_sweep_directory(tmp_path):
 def test_adapter_names_are_safe_model_ids():
     assert adapter_name("abc_00001") == "trial-abc_00001"
     assert adapter_name("../../etc") == "trial-etc"
+
+
+def test_model_directories_without_safetensors_are_refused(tmp_path, tiny_model_dir):
+    from serve.registry import require_safetensors
+
+    require_safetensors(str(tiny_model_dir))
+    require_safetensors("some-org/some-hub-model")  # not a local directory: from_pretrained decides
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(RuntimeError, match="only safetensors"):
+        require_safetensors(str(tmp_path))

@@ -15,10 +15,12 @@ from ftune.builtin import ensure_sample_dataset, ensure_tiny_model, resolve_buil
 from ftune.sample_data import generate_rows, jsonl_text, to_chat
 from ftune.tiny_model import ARCHITECTURE, MARKER_FILE, build_tiny_model
 
+FAST = 3  # pretraining steps: these tests check the build mechanics, not how well the model learns
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0, pretrain_steps=FAST)
 
 
 @pytest.fixture(scope="module")
@@ -141,13 +143,13 @@ def test_chat_template_rejects_unknown_roles(tokenizer):
 
 
 def test_same_seed_gives_identical_files_and_other_seed_other_weights(model_dir, tmp_path):
-    again = build_tiny_model(tmp_path / "again", seed=0)
+    again = build_tiny_model(tmp_path / "again", seed=0, pretrain_steps=FAST)
     first, second = _tensors(model_dir), _tensors(again)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[name], second[name]) for name in first)
     for name in ("tokenizer.json", "tokenizer_config.json", "config.json", MARKER_FILE):
         assert (model_dir / name).read_bytes() == (again / name).read_bytes(), name
-    other_dir = build_tiny_model(tmp_path / "other", seed=1)
+    other_dir = build_tiny_model(tmp_path / "other", seed=1, pretrain_steps=FAST)
     other = _tensors(other_dir)
     name = "model.embed_tokens.weight"
     assert other[name].shape == first[name].shape and not torch.equal(other[name], first[name])
@@ -159,7 +161,7 @@ def test_build_leaves_the_global_torch_rng_alone(tmp_path):
     torch.manual_seed(7)
     expected = torch.rand(3)
     torch.manual_seed(7)
-    build_tiny_model(tmp_path / "m", data_rows=200)
+    build_tiny_model(tmp_path / "m", data_rows=200, pretrain_steps=FAST)
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -172,7 +174,7 @@ def test_marker_records_the_build(model_dir):
 
 
 def test_ensure_builds_once_under_ftune_home(home, monkeypatch):
-    path = ensure_tiny_model()
+    path = ensure_tiny_model(pretrain_steps=FAST)
     assert path == home / "models" / "tiny-llama"
     assert (path / "model.safetensors").is_file() and (path / MARKER_FILE).is_file()
     assert [p.name for p in path.parent.iterdir()] == ["tiny-llama"]  # no temp dirs left behind
@@ -181,23 +183,23 @@ def test_ensure_builds_once_under_ftune_home(home, monkeypatch):
         raise AssertionError("rebuilt an up-to-date model")
 
     monkeypatch.setattr(tiny_model, "build_tiny_model", fail)
-    assert ensure_tiny_model() == path
+    assert ensure_tiny_model(pretrain_steps=FAST) == path
 
 
 def test_ensure_rebuilds_for_another_seed_and_when_forced(home):
-    path = ensure_tiny_model(seed=0)
+    path = ensure_tiny_model(seed=0, pretrain_steps=FAST)
     before = _tensors(path)["lm_head.weight"]
-    ensure_tiny_model(seed=1)
+    ensure_tiny_model(seed=1, pretrain_steps=FAST)
     assert json.loads((path / MARKER_FILE).read_text())["seed"] == 1
     assert not torch.equal(_tensors(path)["lm_head.weight"], before)
     (path / "stray.txt").write_text("from the old build")
-    ensure_tiny_model(seed=1, force=True)
+    ensure_tiny_model(seed=1, force=True, pretrain_steps=FAST)
     assert not (path / "stray.txt").exists()
     # A cache from an older build format is rebuilt, not reused.
     marker = json.loads((path / MARKER_FILE).read_text())
     (path / MARKER_FILE).write_text(json.dumps({**marker, "format_version": tiny_model.FORMAT_VERSION - 1}))
     (path / "stray.txt").write_text("from the old build")
-    ensure_tiny_model(seed=1)
+    ensure_tiny_model(seed=1, pretrain_steps=FAST)
     assert not (path / "stray.txt").exists()
     assert json.loads((path / MARKER_FILE).read_text())["format_version"] == tiny_model.FORMAT_VERSION
     assert sorted(p.name for p in path.parent.iterdir()) == ["tiny-llama"]
@@ -213,7 +215,7 @@ def test_ensure_keeps_the_copy_of_a_process_that_finished_first(home, monkeypatc
         (final / "winner.txt").write_text("competitor")
 
     monkeypatch.setattr(tiny_model, "build_tiny_model", build_while_another_process_publishes)
-    assert ensure_tiny_model() == final
+    assert ensure_tiny_model(pretrain_steps=FAST) == final
     assert (final / "winner.txt").read_text() == "competitor"
     assert [p.name for p in final.parent.iterdir()] == ["tiny-llama"]
 
@@ -223,7 +225,7 @@ def test_ensure_refuses_to_overwrite_a_foreign_directory(tmp_path):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not a tiny-model build"):
-        ensure_tiny_model(foreign)
+        ensure_tiny_model(foreign, pretrain_steps=FAST)
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
@@ -237,12 +239,12 @@ def test_ensure_sample_dataset_writes_and_repairs_the_file(home):
     assert [p.name for p in path.parent.iterdir()] == ["train.jsonl"]
 
 
-def test_resolve_builtin(home):
+def test_resolve_builtin(ftune_home, tiny_model_dir, sample_data_path):
     model = resolve_builtin("builtin:tiny-llama")
-    assert model == str(home / "models" / "tiny-llama")
+    assert model == str(ftune_home / "models" / "tiny-llama") == str(tiny_model_dir)
     assert AutoTokenizer.from_pretrained(model).bos_token == "<|begin_of_text|>"
     data = resolve_builtin("builtin:sample-instructions")
-    assert data == str(home / "data" / "sample" / "train.jsonl")
+    assert data == str(ftune_home / "data" / "sample" / "train.jsonl") == str(sample_data_path)
     assert len(Path(data).read_text().splitlines()) == builtin.SAMPLE_ROWS
     for name in ("meta-llama/Llama-3.2-1B", "/data/train.jsonl", "tiny-llama", ""):
         assert resolve_builtin(name) == name
@@ -256,7 +258,7 @@ def test_resolve_builtin_rejects_unknown_names_and_lists_the_known_ones(home):
 
 
 def test_cli_builds_and_reports(tmp_path, home, capsys):
-    tiny_model.main(["--out", str(tmp_path / "cli"), "--seed", "2"])
+    tiny_model.main(["--out", str(tmp_path / "cli"), "--seed", "2", "--pretrain-steps", str(FAST)])
     out = capsys.readouterr().out
     marker = json.loads((tmp_path / "cli" / MARKER_FILE).read_text())
     assert marker["seed"] == 2

@@ -1,0 +1,446 @@
+"""Spend accounting and budget enforcement: one ledger per sweep, kept current by a Tune callback.
+
+``SpendLedger`` (persisted as ``spend.json``) is the only place spend is computed: a trial costs
+its hourly rate x the wall time it held resources (Tune RUNNING: start-up, training, restarts after
+preemption), summed over segments across pauses, PBT exploits and sweep resumes. Around it:
+
+- ``SpendTracker`` (tune.Callback) syncs the ledger with Tune's trials every loop step and result;
+- ``BudgetGate`` (Searcher wrapper) lets a new trial start only if its projected cost still fits;
+- ``BudgetStopper`` (tune.Stopper) stops every running trial once spend or time reaches the budget.
+
+They run in the sweep driver and find the ledger by sweep directory (``SpendLedger.of``), since Tune
+pickles searchers, schedulers and callbacks into its experiment state and restores copies on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ray import tune
+from ray.tune.search import Searcher
+
+from tune.config import BudgetConfig
+
+SPEND_FILE = "spend.json"
+FINISHED_STATUSES = ("completed", "pruned", "stopped_budget", "error")
+"""Leaderboard statuses of a trial that will not run again."""
+
+
+@dataclass
+class TrialSpend:
+    """What one trial did and cost."""
+
+    trial_id: str
+    """Tune trial id (also the name of its first training run)."""
+    number: int
+    """1-based order in which the sweep started it."""
+    rate_usd_per_h: float
+    """Dollars per hour while it holds resources."""
+    segments: list[list[float]] = field(default_factory=list)
+    """[start, end] wall-clock spans it held resources (end advances while it runs)."""
+    status: str = "pending"
+    """pending, running, paused, interrupted, completed, pruned, stopped_budget or error."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """Its Tune config (sampled parameters; PBT updates it on exploit)."""
+    step: int = 0
+    """Last optimizer step reported."""
+    total_steps: int = 0
+    """Steps of a full run."""
+    metric: float | None = None
+    """Last reported objective value."""
+    eval_loss: float | None = None
+    """Last reported eval loss."""
+    run: str = ""
+    """Current training run (its directory under the sweep's trials/)."""
+    runs: list[str] = field(default_factory=list)
+    """Every training run of the trial, in order (PBT exploits start new ones)."""
+    checkpoint_path: str | None = None
+    """Last checkpoint the run reported."""
+    pruned_at: int | None = None
+    """Step at which early stopping ended it."""
+    error: str | None = None
+    """Why it failed."""
+
+    @property
+    def running(self) -> bool:
+        """Whether it holds resources now."""
+        return self.status == "running"
+
+    def cost(self) -> float:
+        """Dollars spent so far."""
+        return self.rate_usd_per_h * sum(end - start for start, end in self.segments) / 3600.0
+
+    def wall_s(self) -> float:
+        """Seconds it held resources."""
+        return sum(end - start for start, end in self.segments)
+
+
+class SpendLedger:
+    """Spend of one sweep: per-trial costs, the budget, and spend over time (``spend.json``)."""
+
+    _open: ClassVar[dict[str, SpendLedger]] = {}
+
+    def __init__(self, sweep_dir: str | Path, budget: BudgetConfig, *, rate_usd_per_h: float,
+                 estimate_trial_s: float, report_interval_s: float):
+        self.path = Path(sweep_dir) / SPEND_FILE
+        self.budget = budget
+        self.rate_usd_per_h = rate_usd_per_h
+        self.estimate_trial_s = estimate_trial_s
+        self.report_interval_s = report_interval_s
+        self.trials: dict[str, TrialSpend] = {}
+        self.history: list[list[float]] = []  # [elapsed_s, spend_usd]
+        self.elapsed_before_s = 0.0
+        self.session_start = time.time()
+        self.stop: dict[str, Any] | None = None
+        self._last_save = 0.0
+
+    @classmethod
+    def open(cls, sweep_dir: str | Path, budget: BudgetConfig, **kwargs: Any) -> SpendLedger:
+        """The sweep's ledger, continued from its spend.json when resuming; registered for ``of``."""
+        ledger = cls(sweep_dir, budget, **kwargs)
+        if ledger.path.is_file():
+            ledger._load(json.loads(ledger.path.read_text()))
+        cls._open[str(Path(sweep_dir).resolve())] = ledger
+        return ledger
+
+    @classmethod
+    def of(cls, sweep_dir: str | Path) -> SpendLedger:
+        """The ledger opened for ``sweep_dir`` in this process."""
+        try:
+            return cls._open[str(Path(sweep_dir).resolve())]
+        except KeyError:
+            raise RuntimeError(f"no spend ledger open for {sweep_dir}; sweeps run through tune.sweep") from None
+
+    def _load(self, data: dict[str, Any]) -> None:
+        self.history = data.get("history", [])
+        self.elapsed_before_s = float(data.get("elapsed_s", 0.0))
+        for row in data.get("trials", []):
+            row = {k: v for k, v in row.items() if k in TrialSpend.__dataclass_fields__}
+            trial = TrialSpend(**row)
+            if trial.status in ("running", "pending", "paused"):
+                trial.status = "interrupted"  # the driver died; the last saved end of each segment stands
+            self.trials[trial.trial_id] = trial
+
+    # -- figures -----------------------------------------------------------------------------
+
+    def elapsed(self, now: float | None = None) -> float:
+        """Seconds the sweep has run, earlier sessions included."""
+        return self.elapsed_before_s + ((now or time.time()) - self.session_start)
+
+    def spend(self) -> float:
+        """Dollars spent by every trial so far (open segments counted up to the last sync)."""
+        return sum(t.cost() for t in self.trials.values())
+
+    def active(self) -> list[TrialSpend]:
+        """Trials started and not finished (pending, running or paused)."""
+        return [t for t in self.trials.values() if t.status in ("pending", "running", "paused")]
+
+    def projected_trial_usd(self) -> float:
+        """Cost of one full trial: the mean of completed trials, else the configured estimate."""
+        done = [t.cost() for t in self.trials.values() if t.status == "completed"]
+        return sum(done) / len(done) if done else self.rate_usd_per_h * self.estimate_trial_s / 3600.0
+
+    def projected_trial_s(self) -> float:
+        """Wall seconds of one full trial: measured like ``projected_trial_usd``."""
+        done = [t.wall_s() for t in self.trials.values() if t.status == "completed"]
+        return sum(done) / len(done) if done else self.estimate_trial_s
+
+    def interval_cost(self) -> float:
+        """What the running trials spend in one reporting interval (the allowed overshoot)."""
+        return sum(t.rate_usd_per_h for t in self.trials.values() if t.running) * self.report_interval_s / 3600.0
+
+    # -- decisions ---------------------------------------------------------------------------
+
+    def admit(self, trial_id: str, now: float | None = None) -> str:
+        """Whether a new trial may start: ``start``, ``wait`` (maybe after running ones end) or ``finished``."""
+        now = now or time.time()
+        b, active = self.budget, self.active()
+        if self.stop is not None:
+            return "finished"
+        if b.max_trials is not None and len(self.trials) >= b.max_trials:
+            return "finished"
+        if b.time_s is not None and self.elapsed(now) + self.projected_trial_s() > b.time_s:
+            return "finished"
+        if b.usd is not None:
+            projected = self.projected_trial_usd()
+            committed = self.spend() + sum(max(0.0, projected - t.cost()) for t in active)
+            if committed + projected > b.usd:
+                return "wait" if active else "finished"
+        self.trials[trial_id] = TrialSpend(
+            trial_id, len(self.trials) + 1, self.rate_usd_per_h, status="pending", run=trial_id, runs=[trial_id]
+        )
+        return "start"
+
+    def withdraw(self, trial_id: str) -> None:
+        """Forget an admitted trial the searcher did not create after all."""
+        trial = self.trials.get(trial_id)
+        if trial is not None and not trial.segments:
+            del self.trials[trial_id]
+
+    def should_stop(self, now: float | None = None) -> str | None:
+        """Why the sweep must stop now (dollar or time budget reached), or None."""
+        now = now or time.time()
+        b = self.budget
+        if b.usd is not None and self.spend() >= b.usd:
+            return f"budget reached: spent ${self.spend():.4f} of ${b.usd:.4f}"
+        if b.time_s is not None and self.elapsed(now) >= b.time_s:
+            return f"time budget reached: {self.elapsed(now):.0f} s of {b.time_s:.0f} s"
+        return None
+
+    def mark_stopped(self, reason: str, now: float) -> None:
+        """Record a budget stop; the trials running now end as stopped_budget."""
+        running = [t.trial_id for t in self.active()]
+        self.stop = {"reason": reason, "at_elapsed_s": self.elapsed(now), "spend_usd": self.spend(),
+                     "interval_cost_usd": self.interval_cost(), "stopped_trials": running}
+        for trial_id in running:
+            self.trials[trial_id].status = "stopped_budget"
+
+    # -- syncing with Tune -------------------------------------------------------------------
+
+    def sync(self, trials: list, now: float | None = None) -> bool:
+        """Bring every trial's segments and status in line with Tune's; True if a status changed."""
+        now = now or time.time()
+        changed = False
+        for trial in trials:
+            entry = self.trials.get(trial.trial_id)
+            if entry is None:  # created before this ledger knew (e.g. restored from an older state)
+                entry = self.trials[trial.trial_id] = TrialSpend(
+                    trial.trial_id, len(self.trials) + 1, self.rate_usd_per_h, run=trial.trial_id, runs=[trial.trial_id]
+                )
+            entry.config = {k: v for k, v in trial.config.items() if not str(k).startswith("_")}
+            tune_running = trial.status == "RUNNING"
+            if tune_running:
+                if not entry.running:
+                    if entry.status in FINISHED_STATUSES:
+                        continue
+                    entry.segments.append([now, now])
+                    entry.status, changed = "running", True
+                entry.segments[-1][1] = now
+                continue
+            if entry.running:
+                entry.segments[-1][1] = now
+            status = self._final_status(entry, trial)
+            if status != entry.status:
+                entry.status, changed = status, True
+                if status == "pruned":
+                    entry.pruned_at = entry.step
+                if status == "error":
+                    entry.error = _error_text(trial)
+        if changed or now - self._last_save >= 1.0:
+            self._record(now)
+        return changed
+
+    def _final_status(self, entry: TrialSpend, trial) -> str:
+        if trial.status == "ERROR":
+            return "error"
+        if trial.status == "PAUSED":
+            return "paused"
+        if trial.status == "PENDING":
+            return entry.status if entry.status in ("stopped_budget", "interrupted") else "pending"
+        # TERMINATED
+        if entry.status == "stopped_budget":
+            return entry.status
+        if entry.total_steps and entry.step >= entry.total_steps:
+            return "completed"
+        return "pruned" if entry.segments else "stopped_budget"
+
+    def on_result(self, trial_id: str, result: dict[str, Any], metric: str) -> None:
+        """Record a trial's latest reported metrics."""
+        entry = self.trials[trial_id]
+        entry.step = int(result.get("step", entry.step))
+        entry.total_steps = int(result.get("total_steps", entry.total_steps))
+        if result.get("eval_loss") is not None and math.isfinite(result["eval_loss"]):
+            entry.eval_loss = float(result["eval_loss"])
+        if result.get(metric) is not None and math.isfinite(result[metric]):
+            entry.metric = float(result[metric])
+        if result.get("checkpoint_path"):
+            entry.checkpoint_path = str(result["checkpoint_path"])
+
+    def set_run(self, trial_id: str, run: str) -> None:
+        """A trial continues in a new training run (PBT exploit)."""
+        entry = self.trials[trial_id]
+        entry.run = run
+        if run not in entry.runs:
+            entry.runs.append(run)
+
+    # -- persistence -------------------------------------------------------------------------
+
+    def _record(self, now: float) -> None:
+        self.history.append([round(self.elapsed(now), 3), self.spend()])
+        self.save(now)
+
+    def save(self, now: float | None = None) -> None:
+        """Write spend.json atomically."""
+        now = now or time.time()
+        self._last_save = now
+        data = self.to_json(now)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+        tmp.replace(self.path)
+
+    def to_json(self, now: float | None = None) -> dict[str, Any]:
+        """The ledger as written to spend.json."""
+        now = now or time.time()
+        trials = sorted(self.trials.values(), key=lambda t: t.number)
+        return {
+            "currency": "USD",
+            "budget_usd": self.budget.usd,
+            "budget_time_s": self.budget.time_s,
+            "max_trials": self.budget.max_trials,
+            "spent_usd": self.spend(),
+            "elapsed_s": self.elapsed(now),
+            "trials_started": len(self.trials),
+            "rate_usd_per_h": self.rate_usd_per_h,
+            "projected_trial_usd": self.projected_trial_usd(),
+            "report_interval_s": self.report_interval_s,
+            "stop": self.stop,
+            "trials": [{**asdict(t), "cost_usd": t.cost(), "wall_s": t.wall_s()} for t in trials],
+            "history": self.history[-5000:],
+        }
+
+
+def _error_text(trial) -> str | None:
+    path = getattr(trial, "error_file", None) or getattr(getattr(trial, "run_metadata", None), "error_filename", None)
+    try:
+        text = Path(path).read_text().strip().splitlines() if path else []
+    except OSError:
+        text = []
+    return text[-1] if text else "failed (see the trial's error.txt under tune/)"
+
+
+class SpendTracker(tune.Callback):
+    """Keeps the ledger in step with Tune: segments every loop step, metrics on every result."""
+
+    def __init__(self, sweep_dir: str, metric: str):
+        self.sweep_dir = sweep_dir
+        self.metric = metric
+
+    @property
+    def ledger(self) -> SpendLedger:
+        """The sweep's ledger."""
+        return SpendLedger.of(self.sweep_dir)
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        """Advance running trials' segments."""
+        self.ledger.sync(trials)
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        """Close the segments of trials Tune just stopped or paused."""
+        self.ledger.sync(trials)
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info: Any) -> None:
+        """Record the trial's metrics."""
+        self.ledger.sync(trials)
+        self.ledger.on_result(trial.trial_id, result, self.metric)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        """Record the final status."""
+        self.ledger.sync(trials)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        """Record the failure."""
+        self.ledger.sync(trials)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        """Final sync and save."""
+        self.ledger.sync(trials)
+        self.ledger._record(time.time())
+
+
+class BudgetStopper(tune.Stopper):
+    """Stops the whole sweep when spend or elapsed time reaches the budget."""
+
+    def __init__(self, sweep_dir: str):
+        self.sweep_dir = sweep_dir
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        """Single trials are never stopped here (ASHA and the budget decide)."""
+        return False
+
+    def stop_all(self) -> bool:
+        """True once the budget is spent (checked every Tune loop step)."""
+        ledger = SpendLedger.of(self.sweep_dir)
+        if ledger.stop is not None:
+            return True
+        now = time.time()
+        for trial in ledger.active():  # count the time since the last sync
+            if trial.running:
+                trial.segments[-1][1] = now
+        reason = ledger.should_stop(now)
+        if reason is None:
+            return False
+        ledger.mark_stopped(reason, now)
+        ledger._record(now)
+        return True
+
+
+class BudgetGate(Searcher):
+    """Wraps a Searcher: a new trial is suggested only if its projected cost fits the budget left."""
+
+    def __init__(self, searcher: Searcher, sweep_dir: str):
+        self.searcher = searcher
+        self.sweep_dir = sweep_dir
+        super().__init__(metric=searcher.metric, mode=searcher.mode)
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        """Delegated to the wrapped searcher."""
+        return self.searcher.set_search_properties(metric, mode, config, **spec)
+
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        """Concurrency is left to the ConcurrencyLimiter around this gate."""
+        return False
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        """The wrapped searcher's suggestion if the trial fits; None to wait; FINISHED when nothing more fits."""
+        ledger = SpendLedger.of(self.sweep_dir)
+        decision = ledger.admit(trial_id)
+        if decision == "wait":
+            return None
+        if decision == "finished":
+            return Searcher.FINISHED
+        suggestion = self.searcher.suggest(trial_id)
+        if suggestion is None or suggestion == Searcher.FINISHED:
+            ledger.withdraw(trial_id)
+        return suggestion
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        """Delegated."""
+        self.searcher.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        """Delegated."""
+        self.searcher.on_trial_complete(trial_id, result=result, error=error)
+
+    def add_evaluated_point(self, *args: Any, **kwargs: Any) -> None:
+        """Delegated."""
+        self.searcher.add_evaluated_point(*args, **kwargs)
+
+    def get_state(self) -> dict:
+        """Nothing of its own: the ledger persists itself."""
+        return {"sweep_dir": self.sweep_dir}
+
+    def set_state(self, state: dict) -> None:
+        """Restore the sweep directory."""
+        self.sweep_dir = state["sweep_dir"]
+
+    def save(self, checkpoint_path: str) -> None:
+        """Delegated."""
+        self.searcher.save(checkpoint_path)
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Delegated."""
+        self.searcher.restore(checkpoint_path)
+
+    def on_pause(self, trial_id: str) -> None:
+        """Delegated."""
+        self.searcher.on_pause(trial_id)
+
+    def on_unpause(self, trial_id: str) -> None:
+        """Delegated."""
+        self.searcher.on_unpause(trial_id)

@@ -1,0 +1,116 @@
+"""The sweep's results: ``leaderboard.json`` / ``leaderboard.csv`` (best first) and ``best/adapter/``.
+
+Rows come from the spend ledger (one per trial: status, steps, cost, settings) and the trials' run
+directories (adapters). A finished run's adapter is ``<run>/adapter``; a pruned or budget-stopped
+run has none, so its row points at the adapter inside its latest checkpoint. ``serve.sweep`` reads
+``trial``, ``eval_loss``, ``status`` and ``adapter_path`` of these rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from ftune.storage import Storage
+from tune.space import SearchSpace, format_value
+
+LEADERBOARD_JSON = "leaderboard.json"
+LEADERBOARD_CSV = "leaderboard.csv"
+BEST_ADAPTER = Path("best") / "adapter"
+
+
+def adapter_of(storage: Storage, run: str) -> str | None:
+    """The run's exported adapter, else the adapter of its latest checkpoint, else None."""
+    if storage.exists(run, "adapter", "adapter_config.json"):
+        return storage.uri_of(run, "adapter")
+    fs, _ = storage.filesystem()
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(storage.path(run), recursive=False))
+    except (FileNotFoundError, OSError):
+        return None
+    checkpoints = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    for name in reversed(checkpoints):
+        if storage.exists(run, name, "adapter", "adapter_config.json"):
+            return storage.uri_of(run, name, "adapter")
+    return None
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def leaderboard(spend: dict[str, Any], trials: Storage, space: SearchSpace, base_r: int, metric: str, mode: str) -> list[dict]:
+    """One row per trial of a ledger (``spend.json`` contents), best first; failed and unscored trials last."""
+    rows = []
+    for t in spend["trials"]:
+        value = _finite(t.get("metric"))
+        row = {
+            "trial": t["trial_id"],
+            "number": t["number"],
+            "status": t["status"],
+            "eval_loss": _finite(t.get("eval_loss")),
+            "steps": t["step"],
+            "total_steps": t["total_steps"],
+            "cost_usd": round(t["cost_usd"], 6),
+            "wall_s": round(t["wall_s"], 1),
+            "pruned_at": t.get("pruned_at"),
+            "config": space.job_overrides(t["config"], base_r) if t["config"] else {},
+            "params": t["config"],
+            "run": t["run"],
+            "runs": t["runs"],
+            "run_dir": trials.uri_of(t["run"]),
+            "adapter_path": adapter_of(trials, t["run"]),
+            "error": t.get("error"),
+        }
+        if metric != "eval_loss":
+            row[metric] = value
+        rows.append(row)
+    sign = 1.0 if mode == "min" else -1.0
+
+    def order(row: dict) -> tuple:
+        value = row.get(metric) if metric != "eval_loss" else row["eval_loss"]
+        failed = row["status"] == "error"
+        return (failed, value is None, sign * value if value is not None else 0.0, row["cost_usd"])
+
+    rows.sort(key=order)
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    return rows
+
+
+def write_leaderboard(sweep_dir: Path, rows: list[dict]) -> None:
+    """Write leaderboard.json (rows as they are) and leaderboard.csv (settings as columns)."""
+    (sweep_dir / LEADERBOARD_JSON).write_text(json.dumps(rows, indent=2, default=str))
+    keys = sorted({k for row in rows for k in row["config"]})
+    fields = ["rank", "trial", "status", "eval_loss", "steps", "cost_usd", "wall_s", "pruned_at", *keys, "adapter_path"]
+    with (sweep_dir / LEADERBOARD_CSV).open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, **{k: format_value(v) for k, v in row["config"].items()}})
+
+
+def export_best(sweep_dir: Path, trials: Storage, rows: list[dict]) -> dict | None:
+    """Copy the best scored trial's adapter to ``best/adapter/`` (PEFT format); returns its row."""
+    best = next((r for r in rows if r["status"] != "error" and r["adapter_path"] and r["eval_loss"] is not None), None)
+    target = sweep_dir / BEST_ADAPTER
+    if target.exists():
+        shutil.rmtree(target)
+    if best is None:
+        return None
+    source = best["adapter_path"]
+    if trials.is_remote:
+        fs, _ = trials.filesystem()
+        target.mkdir(parents=True)
+        pafs.copy_files(source.removeprefix("s3://"), str(target), source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+    else:
+        shutil.copytree(source, target)
+    (target.parent / "trial.json").write_text(json.dumps(best, indent=2, default=str))
+    return best

@@ -1,0 +1,126 @@
+"""Tune schedulers for trials that are whole Ray Train runs: ASHA and PBT, adapted.
+
+``FinalStepASHA`` never stops a trial on its last step (it is about to write its adapter).
+
+``CheckpointPBT`` is population-based training whose exploit really continues the donor's Ray Train
+checkpoint. Tune's PBT exploits through Tune checkpoints, but a sweep trial's state lives in its Train run's
+checkpoints (Tune only sees their paths, as the ``checkpoint_path`` metric of TuneReportCallback).
+So on exploit this scheduler copies the donor's latest Train checkpoint into
+``<sweep storage>/pbt/<trial>-xNN/checkpoint`` (shared storage: the workers read it) and hands the
+exploiting trial a pointer checkpoint
+(``exploit.json``); the trial restarts its TorchTrainer in run ``<trial>-xNN`` with
+``init_checkpoint=<copy>, adopt=True``: the donor's weights, optimizer state and step, and the
+trial's own perturbed learning rate and alpha. Every exploit is appended to the sweep directory's
+``pbt_exploits.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining, TrialScheduler
+
+from ftune.storage import Storage
+from tune.budget import SpendLedger
+from tune.trial import EXPLOIT_FILE, Exploit
+
+log = logging.getLogger("ftune.tune")
+PBT_DIR = "pbt"
+EXPLOITS_FILE = "pbt_exploits.jsonl"
+
+
+class FinalStepASHA(ASHAScheduler):
+    """ASHA on the optimizer step that lets a trial reaching its last step finish (and export its adapter)."""
+
+    def __init__(self, *, total_steps: int, **kwargs: Any):
+        super().__init__(time_attr="step", max_t=total_steps, stop_last_trials=False, brackets=1, **kwargs)
+        self.total_steps = total_steps
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        """ASHA's decision, except on the final step."""
+        if result.get("step", 0) >= self.total_steps:
+            return TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
+
+
+class CheckpointPBT(PopulationBasedTraining):
+    """PopulationBasedTraining over sweep trials (time attribute: the optimizer step)."""
+
+    def __init__(self, *, sweep_dir: str, storage: Storage, total_steps: int, population_fits: bool, **kwargs: Any):
+        super().__init__(time_attr="step", require_attrs=False, log_config=False, **kwargs)
+        self.sweep_dir = sweep_dir
+        self.storage = storage
+        self.total_steps = total_steps
+        self.population_fits = population_fits
+        self.latest: dict[str, tuple[str, int]] = {}  # trial id -> (Train checkpoint path, step)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        """Track the trial's latest Train checkpoint; perturb at interval steps, never at the last one."""
+        if result.get("checkpoint_path"):
+            self.latest[trial.trial_id] = (str(result["checkpoint_path"]), int(result["step"]))
+        if result.get("step", 0) >= self.total_steps:
+            return TrialScheduler.CONTINUE  # it finishes on its own (and writes its adapter)
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if decision == TrialScheduler.PAUSE and self.population_fits and trial.status != "PAUSED":
+            # PBT pauses a trial to give waiting ones a turn; with the whole population running at
+            # once the only waiting trial is one being restarted after an exploit: no need to pause.
+            return TrialScheduler.CONTINUE
+        return decision
+
+    def _checkpoint_or_exploit(self, trial, tune_controller, upper_quantile: list, lower_quantile: list) -> None:
+        state = self._trial_state[trial]
+        state.last_checkpoint = None
+        if trial in upper_quantile and trial.trial_id in self.latest:
+            state.last_checkpoint = "train-checkpoint"  # a donor; the real pointer is made per exploit
+            self._num_checkpoints += 1
+        if trial not in lower_quantile:
+            return
+        donors = [t for t in upper_quantile if t.trial_id in self.latest]
+        if not donors:
+            log.info("[pbt] no donor has a checkpoint yet; trial %s continues unchanged", trial.trial_id)
+            return
+        donor = random.choice(donors)
+        self._trial_state[donor].last_checkpoint = self._pointer(trial, donor)
+        self._exploit(tune_controller, trial, donor)
+
+    def _exploit(self, tune_controller, trial, trial_to_clone) -> None:
+        before = dict(trial.config)
+        super()._exploit(tune_controller, trial, trial_to_clone)
+        pointer = self._trial_state[trial_to_clone].last_checkpoint
+        exploit = Exploit.read(pointer)
+        row = {"time": time.time(), **(exploit.__dict__ if exploit else {}),
+               "config_before": before, "config_after": dict(trial.config)}
+        with (Path(self.sweep_dir) / EXPLOITS_FILE).open("a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+        from tune.progress import say
+
+        changed = ", ".join(f"{k} {before.get(k)!r} -> {v!r}" for k, v in trial.config.items() if before.get(k) != v)
+        say(f"PBT: trial {trial.trial_id} continues {trial_to_clone.trial_id}'s checkpoint at step "
+            f"{exploit.donor_step if exploit else '?'} ({changed or 'same settings'})")
+
+    def _pointer(self, trial, donor) -> tune.Checkpoint:
+        """Copy the donor's latest Train checkpoint and write the exploit pointer for ``trial``."""
+        source, step = self.latest[donor.trial_id]
+        storage = self.storage
+        fs, _ = storage.filesystem()
+        n = 1
+        while storage.exists(PBT_DIR, f"{trial.trial_id}-x{n:02d}"):
+            n += 1
+        run = f"{trial.trial_id}-x{n:02d}"
+        target = storage.path(PBT_DIR, run)
+        fs.create_dir(f"{target}/checkpoint", recursive=True)
+        pafs.copy_files(source, f"{target}/checkpoint", source_filesystem=fs, destination_filesystem=fs)
+        ledger = SpendLedger.of(self.sweep_dir)
+        donor_run = ledger.trials[donor.trial_id].run if donor.trial_id in ledger.trials else donor.trial_id
+        exploit = Exploit(trial.trial_id, donor.trial_id, donor_run, step, run, f"{target}/checkpoint")
+        storage.write_text(exploit.to_json(), PBT_DIR, run, EXPLOIT_FILE)
+        ledger.set_run(trial.trial_id, run)
+        self.latest.pop(trial.trial_id, None)  # its old run's checkpoints are no longer its state
+        return tune.Checkpoint(target, filesystem=fs)

@@ -1,0 +1,157 @@
+"""One sweep trial: a Tune function trainable that runs a whole Ray Train job (TorchTrainer + DeepSpeed).
+
+The driver prepares and checks the data once (``train.job.prepare``) and gives every trial the plan
+and the dataset. A trial applies its sampled parameters to the job, names its training run after
+its Tune trial id (under ``<sweep>/trials/``) and runs ``train.job.build_trainer`` with Ray Tune's
+``TuneReportCallback``: every Train report becomes a Tune result that ASHA, PBT and the budget act
+on, while the run keeps DeepSpeed, its checkpoints and Train's fault tolerance. Restarting a trial
+(sweep resume) re-enters the same run, which Train resumes from its latest checkpoint.
+
+A PBT exploit restarts the trial with a pointer checkpoint (``exploit.json``) naming a copy of the
+donor's Train checkpoint: the trial continues it in a new run with ``init_checkpoint``, ``adopt=True``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ftune.config import TrainJobConfig
+from ftune.storage import Storage
+from tune.space import SearchSpace
+
+EXPLOIT_FILE = "exploit.json"
+TRIALS_DIR = "trials"
+"""Sub-directory of the sweep holding every trial's training runs."""
+PER_RUN_KEYS = ("job", "name", "fingerprint", "local_run_dir", "adapter_uri", "_data")
+"""Entries of ``prepare``'s loop config that differ per run (the rest is shared by every trial)."""
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """Everything a trial needs besides its sampled parameters and the data (pickled into each trial)."""
+
+    sweep_name: str
+    """Sweep name (the wandb group of every trial)."""
+    job: dict[str, Any]
+    """Base training job (JSON form): storage under the sweep's trials/, tracking grouped by sweep."""
+    loop_template: dict[str, Any]
+    """``train.job.prepare``'s loop config without the per-run entries (``PER_RUN_KEYS``)."""
+    space: SearchSpace
+    """The search space (decodes a trial's Tune config into job values)."""
+    total_steps: int
+    """Optimizer steps of a full trial."""
+    controller_poll_s: float
+    """How often each trial's Train controller collects reports (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S)."""
+
+    @property
+    def base_r(self) -> int:
+        """The base job's LoRA rank (alpha ratios use it when r is not searched)."""
+        return int(self.job["lora"]["r"])
+
+    def job_for(self, config: dict[str, Any], run: str) -> TrainJobConfig:
+        """The training job of a trial with Tune config ``config``, running as ``run``."""
+        data = copy.deepcopy(self.job)
+        for key, value in self.space.job_overrides(config, self.base_r).items():
+            section, name = key.split(".")
+            data[section][name] = value
+        data["name"] = run
+        return TrainJobConfig.model_validate(data)
+
+    def loop_config(self, cfg: TrainJobConfig, data: dict[str, Any]) -> dict[str, Any]:
+        """The loop config ``train.job.prepare`` would build for ``cfg``, reusing the prepared data.
+
+        Mirrors the per-run entries of ``prepare`` (see the sweep README for the change requested there).
+        """
+        from ftune.builtin import ftune_home
+
+        storage = Storage.from_config(cfg.storage)
+        name = cfg.name or ""
+        local_run_dir = ftune_home() / "staging" / name if storage.is_remote else Path(storage.uri) / name
+        return {
+            **self.loop_template,
+            "job": cfg.model_dump(mode="json"),
+            "name": name,
+            "fingerprint": cfg.fingerprint(),
+            "local_run_dir": str(local_run_dir),
+            "adapter_uri": storage.uri_of(name, "adapter"),
+            "_data": data,
+        }
+
+
+@dataclass(frozen=True)
+class Exploit:
+    """A PBT exploit: which trial continues whose checkpoint, in which new run."""
+
+    trial: str
+    """The exploiting (worse) trial."""
+    donor: str
+    """The trial whose checkpoint it continues."""
+    donor_run: str
+    """The donor's training run."""
+    donor_step: int
+    """Step of the copied checkpoint."""
+    run: str
+    """The new training run of the exploiting trial."""
+    checkpoint: str
+    """Path of the copied checkpoint (inside the storage filesystem)."""
+
+    @classmethod
+    def read(cls, checkpoint) -> Exploit | None:
+        """The exploit a Tune checkpoint points at, or None (not a PBT pointer)."""
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as local:
+            path = Path(local) / EXPLOIT_FILE
+            return cls(**json.loads(path.read_text())) if path.is_file() else None
+
+    def to_json(self) -> str:
+        """exploit.json's text."""
+        return json.dumps(asdict(self), indent=2)
+
+
+def finished_summary(storage: Storage, run: str, total_steps: int) -> dict[str, Any] | None:
+    """The summary of ``run`` if it already trained all its steps (a resumed sweep must not redo it)."""
+    if not storage.exists(run, "summary.json"):
+        return None
+    summary = json.loads(storage.read_text(run, "summary.json"))
+    return summary if summary.get("steps", 0) >= total_steps else None
+
+
+def run_trial(config: dict[str, Any], plan: TrialPlan | None = None, data: dict[str, Any] | None = None) -> None:
+    """The Tune function trainable: one full distributed training run of the trial's settings."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from train.job import build_trainer
+
+    assert plan is not None and data is not None, "run_trial is wrapped with tune.with_parameters(plan=, data=)"
+    # Train's controller collects worker reports on this period; the loop reports more often in sweeps.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(plan.controller_poll_s))
+    trial_id = tune.get_context().get_trial_id()
+    exploit = Exploit.read(tune.get_checkpoint())
+    run = exploit.run if exploit else trial_id
+    cfg = plan.job_for(config, run)
+    storage = Storage.from_config(cfg.storage)
+
+    summary = finished_summary(storage, run, plan.total_steps)
+    if summary is not None:
+        final = {"step": summary["steps"], "total_steps": plan.total_steps}
+        for metric in ("eval_loss", "eval_perplexity", "exact_match"):
+            if summary.get(f"{metric}_after") is not None:
+                final[metric] = summary[f"{metric}_after"]
+        tune.report(final)
+        return
+
+    trainer = build_trainer(
+        cfg,
+        plan.loop_config(cfg, data),
+        [TuneReportCallback()],
+        init_checkpoint=exploit.checkpoint if exploit else None,
+        adopt=exploit is not None,
+    )
+    trainer.fit()
