@@ -76,7 +76,7 @@ def peak_tflops(device_name: str) -> float | None:
 
 
 def build_llama(name: str, cache: Path) -> Path:
-    """A random-weight Llama of the given shape in HF format (bf16 safetensors), built once under ``cache``."""
+    """A random-weight Llama of this shape, saved as bf16 safetensors under ``cache`` (built once)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -119,18 +119,26 @@ def init_single_rank() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
+    )
     torch.cuda.set_device(0)
     dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
 
 
-def job_config(model_dir: Path, method: str, micro_batch: int, seq_len: int, gradient_checkpointing: bool, steps: int):
+def job_config(
+    model_dir: Path, method: str, micro_batch: int, seq_len: int, gradient_checkpointing: bool, steps: int
+):
     """The TrainJobConfig of one measurement: bf16, sdpa, LoRA r=16 on all linear layers, ZeRO-2, one GPU."""
     from ftune.config import TrainJobConfig
 
     return TrainJobConfig.model_validate(
         {
-            "model": {"name_or_path": str(model_dir), "load_in_4bit": method == "qlora", "attn_implementation": "sdpa"},
+            "model": {
+                "name_or_path": str(model_dir),
+                "load_in_4bit": method == "qlora",
+                "attn_implementation": "sdpa",
+            },
             "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
             "data": {"max_seq_len": seq_len},
             "train": {
@@ -210,15 +218,25 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", choices=sorted(MODELS), help="repeatable; default 1b and 8b")
-    parser.add_argument("--method", action="append", choices=["lora", "qlora"], help="repeatable; default both")
+    parser.add_argument(
+        "--model", action="append", choices=sorted(MODELS), help="repeatable; default 1b and 8b"
+    )
+    parser.add_argument(
+        "--method", action="append", choices=["lora", "qlora"], help="repeatable; default both"
+    )
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
     parser.add_argument("--micro-batch", type=int, help="sequences per step (default: per model, see MODELS)")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations in backward"
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
-    parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak of this GPU when its name is not known")
-    parser.add_argument("--cache", type=Path, help="random-weight models are saved here (default $FTUNE_HOME/bench-models)")
+    parser.add_argument(
+        "--peak-tflops", type=float, help="dense bf16 peak of this GPU when its name is not known"
+    )
+    parser.add_argument(
+        "--cache", type=Path, help="random-weight models are saved here (default $FTUNE_HOME/bench-models)"
+    )
     parser.add_argument("--child-result", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -241,7 +259,10 @@ def main(argv: list[str]) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("CUDA is not available: bench/train_gpu.py measures GPU training throughput; skipped (nothing measured).")
+        print(
+            "CUDA is not available: bench/train_gpu.py measures GPU training throughput; "
+            "skipped (nothing measured)."
+        )
         return 0
     if args.child_result:
         args.child_result.write_text(json.dumps(run_one(args)))
@@ -249,7 +270,8 @@ def main(argv: list[str]) -> int:
     print(f"machine: {machine_line()}")
     print(f"command: python bench/train_gpu.py {' '.join(argv)}")
     print(
-        f"seq len {args.seq_len}, bf16, sdpa, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
+        f"seq len {args.seq_len}, bf16, sdpa, "
+        f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
         f"{args.warmup} warm-up + {args.steps} timed steps, one process per configuration",
         flush=True,
     )
@@ -259,7 +281,12 @@ def main(argv: list[str]) -> int:
             for method in args.method or ["lora", "qlora"]:
                 result, log = Path(tmp, f"{name}-{method}.json"), Path(tmp, f"{name}-{method}.log")
                 with log.open("w") as out:
-                    proc = subprocess.run(child_args(args, name, method, result), stdout=out, stderr=subprocess.STDOUT, check=False)
+                    proc = subprocess.run(
+                        child_args(args, name, method, result),
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        check=False,
+                    )
                 if proc.returncode or not result.exists():
                     tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
                     print(f"{name} {method}: failed (exit {proc.returncode}):\n{tail}", flush=True)
@@ -269,16 +296,43 @@ def main(argv: list[str]) -> int:
                 r = json.loads(result.read_text())
                 peak = args.peak_tflops or peak_tflops(r["device"])
                 mfu = r["tokens_per_s"] * 4 * r["params"] / (peak * 1e12) if peak else None
-                rows.append([
-                    name, method, r["micro_batch"], f"{r['params'] / 1e9:.2f}B", f"{r['tokens_per_s']:,.0f}",
-                    f"{r['peak_mem_gib']:.1f}", f"{mfu:.1%}" if mfu is not None else "n/a (pass --peak-tflops)",
-                    f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}",
-                ])
-                print(f"{name} {method} on {r['device']} (bf16 peak {peak or '?'} TFLOP/s): {r['tokens_per_s']:,.0f} tok/s, "
-                      f"{r['peak_mem_gib']:.1f} GiB" + (f", MFU {mfu:.1%}" if mfu is not None else ""), flush=True)
+                rows.append(
+                    [
+                        name,
+                        method,
+                        r["micro_batch"],
+                        f"{r['params'] / 1e9:.2f}B",
+                        f"{r['tokens_per_s']:,.0f}",
+                        f"{r['peak_mem_gib']:.1f}",
+                        f"{mfu:.1%}" if mfu is not None else "n/a (pass --peak-tflops)",
+                        f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}",
+                    ]
+                )
+                print(
+                    f"{name} {method} on {r['device']} (bf16 peak {peak or '?'} TFLOP/s): "
+                    f"{r['tokens_per_s']:,.0f} tok/s, "
+                    f"{r['peak_mem_gib']:.1f} GiB" + (f", MFU {mfu:.1%}" if mfu is not None else ""),
+                    flush=True,
+                )
                 if mfu is not None and r["params"] >= MFU_GOAL_MIN_PARAMS:
-                    goals.append(goal(f"{name} {method} MFU", f"{mfu:.1%}", f">= {MFU_GOAL:.0%} at >= 1B", mfu >= MFU_GOAL))
-    headers = ["model", "method", "micro-batch", "N (matmul params)", "tokens/s", "peak mem GiB", "MFU (4N)", "loss"]
+                    goals.append(
+                        goal(
+                            f"{name} {method} MFU",
+                            f"{mfu:.1%}",
+                            f">= {MFU_GOAL:.0%} at >= 1B",
+                            mfu >= MFU_GOAL,
+                        )
+                    )
+    headers = [
+        "model",
+        "method",
+        "micro-batch",
+        "N (matmul params)",
+        "tokens/s",
+        "peak mem GiB",
+        "MFU (4N)",
+        "loss",
+    ]
     print("\n" + markdown_table(headers, rows) + "\n")
     print("\n".join(goals))
     return 1 if failed else 0

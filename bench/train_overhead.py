@@ -48,7 +48,7 @@ FINAL_LOSS_STEPS = 10
 
 # --------------------------------------------------------------------------------------------- setup
 def build_llama(spec: str, out_dir: Path) -> Path:
-    """A random Llama of shape ``HIDDENxLAYERS`` (e.g. 256x4) with the tiny model's tokenizer, in HF format."""
+    """A random Llama of shape ``HIDDENxLAYERS`` (e.g. 256x4) with the tiny model's tokenizer (HF format)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -158,7 +158,13 @@ def run_plain(cfg) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         step_time = time.perf_counter() - t0
         rows.append(
-            {"step": step + 1, "loss": loss_sum / len(micro_batches), "step_time_s": step_time, "tokens": tokens, "time": time.time()}
+            {
+                "step": step + 1,
+                "loss": loss_sum / len(micro_batches),
+                "step_time_s": step_time,
+                "tokens": tokens,
+                "time": time.time(),
+            }
         )
     eval_after = evaluate_loss(model, val_batches, device)["eval_loss"]
     return {"t_setup": t_setup, "rows": rows, "eval_loss_before": eval_before, "eval_loss_after": eval_after}
@@ -209,7 +215,13 @@ def profiled_loop(loop_config: dict[str, Any]) -> None:
     timed(engine, "forward", "engine.forward")
     timed(engine, "backward", "engine.backward")
     timed(engine, "step", "engine.step")
-    for collective in ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast", "barrier"):
+    for collective in (
+        "all_reduce",
+        "reduce_scatter_tensor",
+        "all_gather_into_tensor",
+        "broadcast",
+        "barrier",
+    ):
         timed(torch.distributed, collective, f"torch.distributed.{collective}")
     timed(ray.train, "report", "ray.train.report")
     timed(ray.train, "get_preemption_info", "ray.train.get_preemption_info")
@@ -225,8 +237,19 @@ def profiled_loop(loop_config: dict[str, Any]) -> None:
         mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         try:
             spy = subprocess.Popen(
-                ["py-spy", "record", "--pid", str(os_.getpid()), "--format", "raw", "--rate", "250", "--nonblocking",
-                 "-o", f"{profile_dir}/worker{rank}.pyspy.txt"],
+                [
+                    "py-spy",
+                    "record",
+                    "--pid",
+                    str(os_.getpid()),
+                    "--format",
+                    "raw",
+                    "--rate",
+                    "250",
+                    "--nonblocking",
+                    "-o",
+                    f"{profile_dir}/worker{rank}.pyspy.txt",
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
@@ -312,14 +335,16 @@ def child_main(args: argparse.Namespace) -> None:
     if args.child == "plain":
         result = run_plain(cfg)
     else:
-        result = run_ftune(cfg, name=Path(args.child_result).stem, profile=bool(os.environ.get("FTUNE_BENCH_PROFILE_DIR")))
+        result = run_ftune(
+            cfg, name=Path(args.child_result).stem, profile=bool(os.environ.get("FTUNE_BENCH_PROFILE_DIR"))
+        )
     result["t_spawn"] = args.spawned_at
     Path(args.child_result).write_text(json.dumps(result))
 
 
 # ----------------------------------------------------------------------------------- parent: stats
 def steady_stats(result: dict[str, Any], warmup: int) -> dict[str, Any]:
-    """Start-up, steady step time (median of step_time_s, and wall per step from the time stamps), tokens/s, losses.
+    """Start-up, steady step time (median step_time_s; mean wall per step from time stamps), tokens/s, losses.
 
     The steady window is steps warmup+1 .. last-1: the last step's row is written after the final evaluation.
     """
@@ -368,14 +393,29 @@ def run_child(kind: str, cfg, name: str, work: Path, profile_dir: Path | None) -
         profile_dir.mkdir(parents=True, exist_ok=True)
         env["FTUNE_BENCH_PROFILE_DIR"] = str(profile_dir)
         if kind == "plain" and shutil.which("py-spy"):
-            spy = ["py-spy", "record", "--format", "raw", "--rate", "250", "--nonblocking", "-o", str(profile_dir / "plain.pyspy.txt")]
+            spy = [
+                "py-spy",
+                "record",
+                "--format",
+                "raw",
+                "--rate",
+                "250",
+                "--nonblocking",
+                "-o",
+                str(profile_dir / "plain.pyspy.txt"),
+            ]
             cmd = [*spy, "--", *cmd]
     load = os.getloadavg()[0]
     print(f"  {name} (load {load:.1f}) ...", end="", flush=True)
     with log.open("w") as out:
         spawned = time.time()
         proc = subprocess.run(
-            [*cmd, "--spawned-at", repr(spawned)], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, check=False
+            [*cmd, "--spawned-at", repr(spawned)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+            check=False,
         )
     print(f" {time.time() - spawned:.0f} s", flush=True)
     if proc.returncode:
@@ -397,32 +437,75 @@ def warm_imports() -> None:
 def report(results: dict[str, dict[str, dict[str, Any]]]) -> tuple[str, list[str]]:
     """The markdown table (ratios against the plain loop of the same model) and the goal verdicts."""
     headers = [
-        "model", "run", "start-up s", "of it ray.init s", "step ms (median)", "x plain",
-        "wall/step ms (mean)", "x plain", "tokens/s", "x plain", "final loss", "eval loss after",
+        "model",
+        "run",
+        "start-up s",
+        "of it ray.init s",
+        "step ms (median)",
+        "x plain",
+        "wall/step ms (mean)",
+        "x plain",
+        "tokens/s",
+        "x plain",
+        "final loss",
+        "eval loss after",
     ]
     rows, goals = [], []
     for model, runs in results.items():
         base = runs["plain"]
         for label, s in runs.items():
-            rows.append([
-                model, label, f"{s['startup_s']:.1f}", f"{s['ray_init_s']:.1f}" if s["ray_init_s"] else "-",
-                f"{s['step_s'] * 1e3:.1f}", f"{s['step_s'] / base['step_s']:.2f}x",
-                f"{s['wall_step_s'] * 1e3:.1f}", f"{s['wall_step_s'] / base['wall_step_s']:.2f}x",
-                f"{s['tokens_per_s']:,.0f}", f"{s['tokens_per_s'] / base['tokens_per_s']:.2f}x",
-                f"{s['final_loss']:.4f}", f"{s['eval_loss_after']:.4f}",
-            ])
+            rows.append(
+                [
+                    model,
+                    label,
+                    f"{s['startup_s']:.1f}",
+                    f"{s['ray_init_s']:.1f}" if s["ray_init_s"] else "-",
+                    f"{s['step_s'] * 1e3:.1f}",
+                    f"{s['step_s'] / base['step_s']:.2f}x",
+                    f"{s['wall_step_s'] * 1e3:.1f}",
+                    f"{s['wall_step_s'] / base['wall_step_s']:.2f}x",
+                    f"{s['tokens_per_s']:,.0f}",
+                    f"{s['tokens_per_s'] / base['tokens_per_s']:.2f}x",
+                    f"{s['final_loss']:.4f}",
+                    f"{s['eval_loss_after']:.4f}",
+                ]
+            )
         one = runs["ftune-1"]
-        for key, what in (("step_s", "step time (median step_time_s)"), ("wall_step_s", "wall per step (time stamps)")):
+        for key, what in (
+            ("step_s", "step time (median step_time_s)"),
+            ("wall_step_s", "wall per step (time stamps)"),
+        ):
             r = one[key] / base[key]
-            goals.append(goal(f"{model}: ftune-1 / plain {what}", f"{r:.2f}x", f"<= {STEP_TIME_GOAL:.2f}x", r <= STEP_TIME_GOAL))
+            goals.append(
+                goal(
+                    f"{model}: ftune-1 / plain {what}",
+                    f"{r:.2f}x",
+                    f"<= {STEP_TIME_GOAL:.2f}x",
+                    r <= STEP_TIME_GOAL,
+                )
+            )
         for label, s in runs.items():
             if label == "plain":
                 continue
             ok = s["startup_s"] <= STARTUP_GOAL_S
-            goals.append(goal(f"{model}: {label} start-up to first step", f"{s['startup_s']:.1f} s", f"<= {STARTUP_GOAL_S:.0f} s", ok))
+            goals.append(
+                goal(
+                    f"{model}: {label} start-up to first step",
+                    f"{s['startup_s']:.1f} s",
+                    f"<= {STARTUP_GOAL_S:.0f} s",
+                    ok,
+                )
+            )
             for key, what in (("final_loss", "final train loss"), ("eval_loss_after", "eval loss after")):
                 d = abs(s[key] / base[key] - 1)
-                goals.append(goal(f"{model}: {label} {what} vs plain", f"{d:.2%} off", f"<= {LOSS_GOAL:.0%}", d <= LOSS_GOAL))
+                goals.append(
+                    goal(
+                        f"{model}: {label} {what} vs plain",
+                        f"{d:.2%} off",
+                        f"<= {LOSS_GOAL:.0%}",
+                        d <= LOSS_GOAL,
+                    )
+                )
     return markdown_table(headers, rows), goals
 
 
@@ -440,17 +523,35 @@ def startup_breakdown(name: str, r: dict[str, Any], profile_dir: Path | None) ->
         line, t = w["timeline"], w["timers"]
         marks += [
             ("fit -> rank-0 worker process started", r["t_build_trainer_end"], line["process_started"]),
-            ("worker process -> loop entered (actor + process group set up, train.loop imported)",
-             line["process_started"], line["loop_entered"]),
-            ("loop entered -> build_engine (ray.get data, load_tokenizer)", line["loop_entered"], t["build_engine"]["first_start"]),
-            ("build_engine (model, peft, deepspeed import + initialize)", t["build_engine"]["first_start"], t["build_engine"]["first_end"]),
-            ("evaluation before training", t["evaluate_loss"]["first_start"], t["evaluate_loss"]["first_end"]),
+            (
+                "worker process -> loop entered (actor + process group set up, train.loop imported)",
+                line["process_started"],
+                line["loop_entered"],
+            ),
+            (
+                "loop entered -> build_engine (ray.get data, load_tokenizer)",
+                line["loop_entered"],
+                t["build_engine"]["first_start"],
+            ),
+            (
+                "build_engine (model, peft, deepspeed import + initialize)",
+                t["build_engine"]["first_start"],
+                t["build_engine"]["first_end"],
+            ),
+            (
+                "evaluation before training",
+                t["evaluate_loss"]["first_start"],
+                t["evaluate_loss"]["first_end"],
+            ),
             ("first step", t["evaluate_loss"]["first_end"], first),
         ]
     else:
         marks += [
-            ("fit -> evaluation before training done (workers start, import, build engine, evaluate)",
-             r["t_build_trainer_end"], r["t_eval_before_done"]),
+            (
+                "fit -> evaluation before training done (workers start, import, build engine, evaluate)",
+                r["t_build_trainer_end"],
+                r["t_eval_before_done"],
+            ),
             ("first step", r["t_eval_before_done"], first),
         ]
     parts = [f"{label} {end - start:.1f} s" for label, start, end in marks]
@@ -499,7 +600,11 @@ def step_profile(spy_file: Path, fn, first: str, last: str) -> dict[str, float]:
     for raw_line in spy_file.read_text().splitlines():
         stack, _, n = raw_line.rpartition(" ")
         frames = stack.split(";")
-        hits = [i for i, f in enumerate(frames) if f.startswith(prefix) and file.endswith(f[len(prefix) :].rpartition(":")[0])]
+        hits = [
+            i
+            for i, f in enumerate(frames)
+            if f.startswith(prefix) and file.endswith(f[len(prefix) :].rpartition(":")[0])
+        ]
         if not hits:
             continue
         line = int(frames[hits[-1]].rpartition(":")[2].rstrip(")"))
@@ -508,7 +613,9 @@ def step_profile(spy_file: Path, fn, first: str, last: str) -> dict[str, float]:
         text, inner = src.get(line, ""), ";".join(frames[hits[-1] + 1 :])
         if "_report_with_checkpoint" in inner or "run_eval" in text:
             continue  # the final evaluation and checkpoint are not part of the steady state
-        part = next((label for key, label in STEP_PARTS if key in text), "other loop code (metrics, clocks, plan)")
+        part = next(
+            (label for key, label in STEP_PARTS if key in text), "other loop code (metrics, clocks, plan)"
+        )
         if part == "backward" and "deepspeed/runtime/zero" in inner:
             part = "backward: ZeRO-2 gradient hooks (bucket copy, reduce)"
         counts[part] = counts.get(part, 0) + int(n)
@@ -528,19 +635,27 @@ def summarize_profiles(folders: dict[str, dict[str, tuple[Path, float]]]) -> str
         shares: dict[str, dict[str, float]] = {}
         for label, (folder, wall_step_s) in runs.items():
             if label == "plain" and (folder / "plain.pyspy.txt").exists():
-                share = step_profile(folder / "plain.pyspy.txt", run_plain, "for step in range", "eval_after =")
+                share = step_profile(
+                    folder / "plain.pyspy.txt", run_plain, "for step in range", "eval_after ="
+                )
             elif (folder / "worker0.pyspy.txt").exists():
                 share = step_profile(
-                    folder / "worker0.pyspy.txt", train.loop.train_loop_per_worker, "while state.step", "if rank == 0 and recorder"
+                    folder / "worker0.pyspy.txt",
+                    train.loop.train_loop_per_worker,
+                    "while state.step",
+                    "if rank == 0 and recorder",
                 )
             else:
                 continue
             shares[label] = {part: f * wall_step_s * 1e3 for part, f in share.items()}
         parts = list(dict.fromkeys(p for s in shares.values() for p in s))
         rows = [[part, *(f"{shares[label].get(part, 0.0):.1f}" for label in shares)] for part in parts]
-        rows.append(["total (mean wall per step)", *(f"{sum(shares[label].values()):.1f}" for label in shares)])
+        rows.append(
+            ["total (mean wall per step)", *(f"{sum(shares[label].values()):.1f}" for label in shares)]
+        )
         out.append(
-            f"{spec}: ms per steady step by part (share of py-spy samples x mean wall per step; rank 0 for ftune)\n"
+            f"{spec}: ms per steady step by part "
+            "(share of py-spy samples x mean wall per step; rank 0 for ftune)\n"
             + markdown_table(["part", *shares], rows)
         )
     return "\n\n".join(out)
@@ -548,15 +663,35 @@ def summarize_profiles(folders: dict[str, dict[str, tuple[Path, float]]]) -> str
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", help="tiny or HIDDENxLAYERS (repeatable; default: tiny and 256x4)")
+    parser.add_argument(
+        "--model", action="append", help="tiny or HIDDENxLAYERS (repeatable; default: tiny and 256x4)"
+    )
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per run (default 150)")
-    parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the steady state (default 5)")
-    parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats; each time is the best of them (default 1)")
-    parser.add_argument("--wandb", default="disabled", choices=["disabled", "offline"], help="ftune's tracking.wandb")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra config override for every run, e.g. deepspeed.overlap_comm=false")
-    parser.add_argument("--profile", action="store_true", help="time each part of a worker step and sample it with py-spy")
-    parser.add_argument("--out", type=Path, help="keep logs, metrics and results here (default: a temp dir, deleted)")
+    parser.add_argument(
+        "--warmup", type=int, default=5, help="first steps left out of the steady state (default 5)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="interleaved repeats; each time is the best of them (default 1)",
+    )
+    parser.add_argument(
+        "--wandb", default="disabled", choices=["disabled", "offline"], help="ftune's tracking.wandb"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config override for every run, e.g. deepspeed.overlap_comm=false",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="time each part of a worker step and sample it with py-spy"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="keep logs, metrics and results here (default: a temp dir, deleted)"
+    )
     parser.add_argument("--child", choices=["plain", "ftune"], help=argparse.SUPPRESS)
     parser.add_argument("--child-job", help=argparse.SUPPRESS)
     parser.add_argument("--child-result", help=argparse.SUPPRESS)
@@ -576,7 +711,10 @@ def main(argv: list[str]) -> int:
     work.mkdir(parents=True, exist_ok=True)
     print(f"machine: {machine_line()}")
     print(f"command: python bench/train_overhead.py {' '.join(argv)}")
-    print(f"{args.steps} steps (warm-up {args.warmup} and the last step left out), {args.repeats} repeat(s), work dir {work}")
+    print(
+        f"{args.steps} steps (warm-up {args.warmup} and the last step left out), "
+        f"{args.repeats} repeat(s), work dir {work}"
+    )
     ensure_tiny_model(), ensure_sample_dataset()  # built before anything is timed
     warm_imports()
     results: dict[str, dict[str, dict[str, Any]]] = {}
@@ -590,7 +728,9 @@ def main(argv: list[str]) -> int:
                     label = "plain" if kind == "plain" else f"ftune-{workers}"
                     name = f"{spec}-{label}-r{rep}"
                     cfg = job_config(model, args.steps, workers, work / "runs", args.wandb, args.set)
-                    shutil.rmtree(work / "runs" / name, ignore_errors=True)  # a run name that exists would resume
+                    shutil.rmtree(
+                        work / "runs" / name, ignore_errors=True
+                    )  # a run name that exists would resume
                     profile_dir = work / "profile" / name if args.profile else None
                     raw = run_child(kind, cfg, name, work, profile_dir)
                     runs.setdefault(label, []).append((name, raw, steady_stats(raw, args.warmup)))
@@ -598,18 +738,28 @@ def main(argv: list[str]) -> int:
             for label, reps in runs.items():
                 name, raw, _ = min(reps, key=lambda rep: rep[2]["startup_s"])
                 if label != "plain":
-                    breakdowns.append(startup_breakdown(name, raw, work / "profile" / name if args.profile else None))
+                    breakdowns.append(
+                        startup_breakdown(name, raw, work / "profile" / name if args.profile else None)
+                    )
                 if args.profile:
-                    profiles.setdefault(spec, {})[label] = (work / "profile" / reps[0][0], reps[0][2]["wall_step_s"])
+                    profiles.setdefault(spec, {})[label] = (
+                        work / "profile" / reps[0][0],
+                        reps[0][2]["wall_step_s"],
+                    )
         table, goals = report(results)
         print(f"\n{table}\n\nstart-up breakdown (fastest repeat):\n  " + "\n  ".join(breakdowns) + "\n")
         if args.repeats > 1:
             for spec, runs_ in results.items():
-                each = "; ".join(f"{label} " + "/".join(f"{x * 1e3:.0f}" for x in s["step_s_each"]) for label, s in runs_.items())
+                each = "; ".join(
+                    f"{label} " + "/".join(f"{x * 1e3:.0f}" for x in s["step_s_each"])
+                    for label, s in runs_.items()
+                )
                 print(f"{spec} median step ms per repeat: {each}")
             print()
         print("\n".join(goals))
-        (work / "results.json").write_text(json.dumps({"machine": machine_line(), "results": results}, indent=1))
+        (work / "results.json").write_text(
+            json.dumps({"machine": machine_line(), "results": results}, indent=1)
+        )
         if args.profile:
             print("\n" + summarize_profiles(profiles))
     finally:

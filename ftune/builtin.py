@@ -34,6 +34,8 @@ def _tiny_model_is_current(path: Path, seed: int, pretrain_steps: int) -> bool:
     except (OSError, ValueError):
         return False
     # A cache built by an older ftune (other sizes or format) is rebuilt rather than silently used.
+    if not all((path / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json")):
+        return False
     return (
         marker.get("format_version") == FORMAT_VERSION
         and marker.get("architecture") == json.loads(json.dumps(ARCHITECTURE))

@@ -178,6 +178,7 @@ def _ensure_optimizer_state(engine) -> None:
     inner = engine.optimizer.optimizer
     if any(inner.state.values()):
         return
+    # (DeepSpeed links each parameter's view of the state lazily, in its own step.)
     for group in inner.param_groups:
         for p in group["params"]:
             p.grad = torch.zeros_like(p)
@@ -185,6 +186,9 @@ def _ensure_optimizer_state(engine) -> None:
     for group in inner.param_groups:
         for p in group["params"]:
             p.grad = None
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        link()
 
 
 def load_checkpoint(

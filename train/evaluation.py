@@ -72,6 +72,7 @@ def exact_match(model, tokenizer, examples, device: torch.device, batch_size: in
             attention_mask=mask.to(device),
             max_new_tokens=max_new,
             do_sample=False,
+            use_cache=True,  # training loads the model with the KV cache off
             pad_token_id=pad_id,
             eos_token_id=tokenizer.eos_token_id,
         )

@@ -128,6 +128,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                    if changed else ""),
                 flush=True,
             )
+        if state.world_size != world:  # per-rank RNG streams do not map onto a new world size
+            seed_everything(cfg.train.seed + 1000 * rank + state.step)
         state.world_size, state.gradient_accumulation_steps = world, accum
     else:
         seed_everything(cfg.train.seed + 1000 * rank)  # per-rank dropout streams

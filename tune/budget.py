@@ -98,6 +98,7 @@ class SpendLedger:
         self.elapsed_before_s = 0.0
         self.session_start = time.time()
         self.stop: dict[str, Any] | None = None
+        self.exhausted = False  # no further trial fits (set where no searcher can say FINISHED)
         self._last_save = 0.0
 
     @classmethod
@@ -191,6 +192,8 @@ class SpendLedger:
             return f"budget reached: spent ${self.spend():.4f} of ${b.usd:.4f}"
         if b.time_s is not None and self.elapsed(now) >= b.time_s:
             return f"time budget reached: {self.elapsed(now):.0f} s of {b.time_s:.0f} s"
+        if self.exhausted and not self.active():
+            return f"no further trial fits the budget (spent ${self.spend():.4f})"
         return None
 
     def mark_stopped(self, reason: str, now: float) -> None:

@@ -188,6 +188,27 @@ class SweepConfig(Section):
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     """Dollar, time and trial-count limits."""
 
+    @pydantic.field_validator("space", mode="before")
+    @classmethod
+    def _flatten_space(cls, value: Any) -> Any:
+        """Accept nested keys too ({lora: {r: ...}}), which is what a `space.lora.r=...` override makes."""
+        if not isinstance(value, dict):
+            return value
+        flat: dict[str, Any] = {}
+
+        def walk(prefix: str, node: dict) -> None:
+            for key, child in node.items():
+                dotted = f"{prefix}{key}"
+                nested = isinstance(child, dict) and child and not set(child) & set(DISTRIBUTIONS) and all(
+                    isinstance(v, dict) for v in child.values())
+                if nested:
+                    walk(dotted + ".", child)
+                else:
+                    flat[dotted] = child
+
+        walk("", value)
+        return flat
+
     def problems(self) -> list[tuple[str, str]]:
         """Everything checked across sections: the base job, the space, the search and the pricing."""
         from tune.pricing import pricing_problems

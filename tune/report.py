@@ -102,19 +102,22 @@ def _figures(rows: list[dict], spend: dict[str, Any], trials: Storage) -> dict[s
 
     keys = sorted({k for r in scored for k in r["config"]})
     if keys:
-        fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2), squeeze=False)
-        for ax, key in zip(axes[0], keys):
+        from matplotlib.ticker import NullFormatter
+
+        fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.4), squeeze=False, sharey=True)
+        for i, (ax, key) in enumerate(zip(axes[0], keys)):
             points = [(r["config"][key], r["eval_loss"], r["status"]) for r in scored if key in r["config"]]
             numeric = all(isinstance(p[0], (int, float)) and not isinstance(p[0], bool) for p in points)
             labels = sorted({format_value(p[0]) for p in points})
             for value, loss, status in points:
                 x = value if numeric else labels.index(format_value(value))
                 ax.scatter(x, loss, color=STATUS_COLORS.get(status, "#2ca02c"))
-            if key == "train.lr":
+            if numeric and key in ("train.lr", "lora.r", "lora.alpha"):
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())
             if not numeric:
                 ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=7)
-            ax.set(xlabel=key, ylabel="eval loss")
+            ax.set(xlabel=key, ylabel="eval loss" if i == 0 else None)
         fig.suptitle("Settings vs objective")
         figs["Settings vs objective"] = _png(fig)
     return figs

@@ -74,6 +74,20 @@ class CheckpointPBT(PopulationBasedTraining):
             return TrialScheduler.CONTINUE
         return decision
 
+    def choose_trial_to_run(self, tune_controller):
+        """Paused trials first by training time; a population member starts only if the budget admits it."""
+        ledger = SpendLedger.of(self.sweep_dir)
+        waiting = [t for t in tune_controller.get_trials() if t.status in ("PENDING", "PAUSED")]
+        for trial in sorted(waiting, key=lambda t: self._trial_state[t].last_train_time):
+            if trial.status == "PAUSED" or trial.trial_id in ledger.trials:
+                return trial
+            decision = ledger.admit(trial.trial_id)
+            if decision == "start":
+                return trial
+            ledger.exhausted = decision == "finished"
+            return None
+        return None
+
     def _checkpoint_or_exploit(self, trial, tune_controller, upper_quantile: list, lower_quantile: list) -> None:
         state = self._trial_state[trial]
         state.last_checkpoint = None

@@ -106,14 +106,20 @@ def space_problems(cfg: SweepConfig, job: TrainJobConfig | None) -> list[tuple[s
     return out
 
 
+def pbt_mutated(cfg: SweepConfig) -> list[str]:
+    """The job keys PBT perturbs: search.pbt.mutate, else train.lr and lora.alpha where they are searched."""
+    if cfg.search.pbt.mutate is not None:
+        return list(cfg.search.pbt.mutate)
+    searched = [k for k in ("train.lr", "lora.alpha") if k in cfg.space]
+    return [k for k in searched if not (cfg.space[k].kind == "ratio" and not isinstance(cfg.space[k].ratio, list))]
+
+
 def _pbt_problems(cfg: SweepConfig) -> list[tuple[str, str]]:
     where = "search.pbt.mutate"
-    mutate = cfg.search.pbt.mutate
-    if mutate is None:
-        mutate = [k for k in ("train.lr", "lora.alpha") if k in cfg.space]
-        if not mutate:
-            return [("search.algorithm", "pbt needs train.lr and/or lora.alpha in the space to perturb; "
-                                         "add e.g. train.lr: {loguniform: [1.0e-4, 1.0e-2]}")]
+    mutate = pbt_mutated(cfg)
+    if not mutate:
+        return [("search.algorithm", "pbt needs train.lr and/or lora.alpha (as choice, a range or a list of ratios) "
+                                     "in the space to perturb; add e.g. train.lr: {loguniform: [1.0e-4, 1.0e-2]}")]
     out = []
     for key in mutate:
         if key == "lora.r":
@@ -208,6 +214,20 @@ class SearchSpace:
                 out[d.key] = CategoricalDistribution(list(d.values))
             else:
                 out[d.key] = FloatDistribution(d.low, d.high, log=d.kind == "loguniform")
+        return out
+
+    def tune_space(self) -> dict[str, Any]:
+        """The space as Ray Tune domains (PBT's initial population, which Tune samples itself)."""
+        from ray import tune
+
+        out: dict[str, Any] = {}
+        for d in self.dims:
+            if d.kind == "choice":
+                out[d.key] = tune.choice(list(d.values))
+            elif d.kind == "loguniform":
+                out[d.key] = tune.loguniform(d.low, d.high)
+            else:
+                out[d.key] = tune.uniform(d.low, d.high)
         return out
 
     def grid(self, points: int) -> dict[str, list[Any]]:

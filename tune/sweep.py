@@ -40,7 +40,7 @@ from ftune.yaml_config import apply_overrides, load_config
 from tune.budget import BudgetGate, BudgetStopper, SpendLedger, SpendTracker
 from tune.config import SweepConfig
 from tune.pricing import TrialShape, hourly_rate
-from tune.space import SearchSpace
+from tune.space import SearchSpace, pbt_mutated
 from tune.trial import PER_RUN_KEYS, TRIALS_DIR, TrialPlan, run_trial
 
 SWEEP_FILE = "sweep.json"
@@ -171,18 +171,24 @@ def print_estimate(sweep: Sweep, est: Estimate, concurrency: int | None) -> None
 
 
 def make_searcher(sweep: Sweep, concurrency: int):
-    """Optuna (TPE, random or grid sampler; study in SQLite) behind the budget gate and a concurrency limit."""
+    """Optuna (TPE, random or grid sampler; study in SQLite) behind the budget gate and a concurrency limit.
+
+    PBT takes no searcher (Tune forbids it): Tune samples the population from the param space and
+    the PBT scheduler asks the budget before starting each member.
+    """
     import optuna
-    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
     s, space = sweep.cfg.search, sweep.plan.space
+    if s.algorithm == "pbt":
+        return BasicVariantGenerator(max_concurrent=concurrency, random_state=s.seed)
     url = s.storage_url or f"sqlite:///{sweep.sweep_dir / 'optuna.db'}"
     if s.algorithm == "grid":
         sampler, dists = optuna.samplers.GridSampler(space.grid(s.grid_points), seed=s.seed), space.grid_distributions(s.grid_points)
     elif s.algorithm == "tpe":
         sampler, dists = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.tpe_startup_trials), space.optuna_distributions()
-    else:  # random, and PBT's initial population
+    else:
         sampler, dists = optuna.samplers.RandomSampler(seed=s.seed), space.optuna_distributions()
     searcher = OptunaSearch(space=dists, metric=s.metric, mode=s.mode, sampler=sampler, study_name=sweep.name,
                             storage=optuna.storages.RDBStorage(url))
@@ -197,7 +203,7 @@ def make_scheduler(sweep: Sweep, concurrency: int):
 
     s, job = sweep.cfg.search, TrainJobConfig.model_validate(sweep.plan.job)
     if s.algorithm == "pbt":
-        mutate = s.pbt.mutate or [k for k in ("train.lr", "lora.alpha") if k in sweep.cfg.space]
+        mutate = pbt_mutated(sweep.cfg)
         return CheckpointPBT(
             sweep_dir=str(sweep.sweep_dir), storage=sweep.storage, total_steps=sweep.plan.total_steps,
             population_fits=s.num_samples <= concurrency, metric=s.metric, mode=s.mode,
@@ -272,6 +278,7 @@ def run(sweep: Sweep, *, resume: bool, show_trial_logs: bool) -> dict[str, Any]:
         s, metric = sweep.cfg.search, sweep.cfg.search.metric
         tuner = tune.Tuner(
             trainable(sweep),
+            param_space=sweep.plan.space.tune_space() if s.algorithm == "pbt" else None,
             tune_config=tune.TuneConfig(search_alg=make_searcher(sweep, concurrency), scheduler=make_scheduler(sweep, concurrency),
                                         num_samples=num_trials(sweep), trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ray.tune.integration.ray_train import TuneReportCallback
+
 from ftune.config import TrainJobConfig
 from ftune.storage import Storage
 from tune.space import SearchSpace
@@ -114,6 +116,15 @@ class Exploit:
         return json.dumps(asdict(self), indent=2)
 
 
+class SweepReportCallback(TuneReportCallback):
+    """Ray Tune's TuneReportCallback, minus the per-step rows each report carries (they are in metrics.jsonl)."""
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        """Forward rank 0's metrics (and the checkpoint path) to the Tune trial."""
+        rank0 = {k: v for k, v in metrics[0].items() if k != "steps"}
+        super().after_report(run_context, [rank0, *metrics[1:]], checkpoint)
+
+
 def finished_summary(storage: Storage, run: str, total_steps: int) -> dict[str, Any] | None:
     """The summary of ``run`` if it already trained all its steps (a resumed sweep must not redo it)."""
     if not storage.exists(run, "summary.json"):
@@ -125,7 +136,6 @@ def finished_summary(storage: Storage, run: str, total_steps: int) -> dict[str, 
 def run_trial(config: dict[str, Any], plan: TrialPlan | None = None, data: dict[str, Any] | None = None) -> None:
     """The Tune function trainable: one full distributed training run of the trial's settings."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from train.job import build_trainer
 
@@ -150,7 +160,7 @@ def run_trial(config: dict[str, Any], plan: TrialPlan | None = None, data: dict[
     trainer = build_trainer(
         cfg,
         plan.loop_config(cfg, data),
-        [TuneReportCallback()],
+        [SweepReportCallback()],
         init_checkpoint=exploit.checkpoint if exploit else None,
         adopt=exploit is not None,
     )

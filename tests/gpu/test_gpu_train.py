@@ -1,7 +1,8 @@
 """GPU smoke test: LoRA and QLoRA train a ~100M Llama for a few steps in the training job's DeepSpeed engine.
 
-bf16 (where supported), sdpa attention, ZeRO-2 on a single-rank NCCL group, built by ``train.loop.build_engine`` from a
-model saved with save_pretrained, as a worker of the training job does. Skipped without CUDA.
+bf16 (where supported), sdpa attention, ZeRO-2 on a single-rank NCCL group, built by
+``train.loop.build_engine`` from a model saved with save_pretrained, as a worker of the training job
+does. Skipped without CUDA.
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def single_rank_group():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
+    )
     torch.cuda.set_device(0)
     dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
     yield
@@ -68,7 +71,11 @@ def test_lora_and_qlora_train_on_gpu(llama_100m, single_rank_group, method):
 
     cfg = TrainJobConfig.model_validate(
         {
-            "model": {"name_or_path": str(llama_100m), "load_in_4bit": method == "qlora", "attn_implementation": "sdpa"},
+            "model": {
+                "name_or_path": str(llama_100m),
+                "load_in_4bit": method == "qlora",
+                "attn_implementation": "sdpa",
+            },
             "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
             "data": {"max_seq_len": SEQ_LEN},
             "train": {

@@ -117,7 +117,8 @@ def client(server):
 
 
 def complete(client, model, prompt=PROMPT, **kwargs):
-    kwargs = {"max_tokens": 12, "temperature": 0, **kwargs}
+    """A completion of exactly max_tokens (ignore_eos), so outputs are long enough to compare."""
+    kwargs = {"max_tokens": 12, "temperature": 0, "extra_body": {"ignore_eos": True}, **kwargs}
     return client.completions.create(model=model, prompt=prompt, **kwargs)
 
 
@@ -150,6 +151,12 @@ def test_each_adapter_has_its_own_deterministic_output(client, greedy):
         assert (
             again.usage.completion_tokens == 12 and again.usage.total_tokens == again.usage.prompt_tokens + 12
         )
+        natural = complete(client, model, extra_body={})  # may end at the end-of-sequence token
+        assert text.startswith(natural.choices[0].text)
+        if natural.choices[0].finish_reason == "stop":
+            assert natural.usage.completion_tokens <= 12
+        else:
+            assert natural.choices[0].finish_reason == "length" and natural.usage.completion_tokens == 12
 
 
 def test_http_output_equals_in_process_decoding(greedy, adapters, tiny_model_dir, tiny_tokenizer):
@@ -161,7 +168,7 @@ def test_http_output_equals_in_process_decoding(greedy, adapters, tiny_model_dir
     pool = AdapterPool(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval())
     asyncio.run(pool.load("a", adapters["a"]))
     request = GenerationRequest(
-        tuple(tiny_tokenizer(PROMPT)["input_ids"]), SamplingParams(max_tokens=12), "a"
+        tuple(tiny_tokenizer(PROMPT)["input_ids"]), SamplingParams(max_tokens=12, ignore_eos=True), "a"
     )
     decoder = BatchDecoder([request], pool.forward, tiny_tokenizer, eos_token_ids=[1], pad_token_id=2)
     text = ""
@@ -206,7 +213,9 @@ def test_concurrent_requests_for_different_adapters_share_batches(client, greedy
 
 def test_chat_completion_uses_the_chat_template(client, tiny_tokenizer):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}]
-    reply = client.chat.completions.create(model="trial-t2", messages=messages, max_tokens=8, temperature=0)
+    reply = client.chat.completions.create(
+        model="trial-t2", messages=messages, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
     prompt_ids = tiny_tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=True
     )
@@ -227,12 +236,9 @@ def test_streaming_completion_equals_the_plain_one(client, greedy):
 
 def test_streaming_chat_chunks(client):
     messages = [{"role": "user", "content": "Count to three."}]
-    plain = client.chat.completions.create(model="remote", messages=messages, max_tokens=10, temperature=0)
-    chunks = list(
-        client.chat.completions.create(
-            model="remote", messages=messages, max_tokens=10, temperature=0, stream=True
-        )
-    )
+    options = {"max_tokens": 10, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    plain = client.chat.completions.create(model="remote", messages=messages, **options)
+    chunks = list(client.chat.completions.create(model="remote", messages=messages, stream=True, **options))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == plain.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == "length"
@@ -339,7 +345,7 @@ def test_api_key_is_required(server):
 
 def test_overload_is_turned_away_at_once_not_queued(server, client, greedy):
     # 4 ongoing + 2 queued are accepted; the rest must get 503 without waiting for a turn.
-    body = {"model": "base", "prompt": PROMPT, "max_tokens": 64, "temperature": 0}
+    body = {"model": "base", "prompt": PROMPT, "max_tokens": 64, "temperature": 0, "ignore_eos": True}
     answers: list[tuple[int, float]] = []
 
     def call():

@@ -51,7 +51,7 @@ def test_run_records_and_eval_loss_falls(two_worker_run):
     for key in ("steps", "tokens", "eval_loss_before", "eval_loss_after", "tokens_per_s", "wall_time_s", "adapter_path"):
         assert saved[key] is not None
     # keep_checkpoints=2: of step 20/40/60 the best two by eval loss survive; the final one is best.
-    checkpoints = sorted(p.name for p in run_dir.glob("checkpoint_*"))
+    checkpoints = sorted(p.name for p in run_dir.glob("checkpoint_step*"))
     assert len(checkpoints) == 2 and "checkpoint_step0000060" in checkpoints
 
 

@@ -184,7 +184,7 @@ def run_decoder(pool, tokenizer, requests):
 def test_mixed_adapter_batch_equals_each_request_alone(pool, tiny_tokenizer):
     prompts = ["Name a color.", "What is two plus two? Answer briefly.", "Hi"]
     requests = [
-        GenerationRequest(tuple(tiny_tokenizer(p)["input_ids"]), SamplingParams(max_tokens=12), adapter)
+        GenerationRequest(tuple(tiny_tokenizer(p)["input_ids"]), SamplingParams(12, ignore_eos=True), adapter)
         for p, adapter in zip(prompts, ["one", "two", None])
     ]
     mixed = run_decoder(pool, tiny_tokenizer, requests)
@@ -218,8 +218,8 @@ def test_base_rows_match_transformers_generate(pool, tiny_model_dir, tiny_tokeni
 
 def test_seeded_sampling_is_reproducible_in_different_batches(pool, tiny_tokenizer):
     prompt = tuple(tiny_tokenizer("Tell me a story")["input_ids"])
-    seeded = GenerationRequest(prompt, SamplingParams(max_tokens=10, temperature=1.0, seed=7), "one")
-    other = GenerationRequest(prompt, SamplingParams(max_tokens=10, temperature=1.0, seed=8), "one")
+    seeded = GenerationRequest(prompt, SamplingParams(10, temperature=1.0, seed=7, ignore_eos=True), "one")
+    other = GenerationRequest(prompt, SamplingParams(10, temperature=1.0, seed=8, ignore_eos=True), "one")
     first = run_decoder(pool, tiny_tokenizer, [seeded])[0]
     in_batch = run_decoder(pool, tiny_tokenizer, [other, seeded])
     assert in_batch[1] == first

@@ -1,0 +1,454 @@
+"""Recovery from losing a spot node: restart time, steps lost and total cost, on a local multi-node cluster.
+
+One local cluster (a head and two worker raylets with ``spot: 1``, as in tests/integration/test_chaos.py)
+runs three trainings of the tiny config with the same settings, one after the other:
+
+  a. uninterrupted  the baseline: wall time, steady step time, checkpoint cost as a share of training time
+  b. sigkill        the node of rank 1 SIGKILLed halfway between two checkpoints (no notice); the spot
+                    fleet's replacement (``add_worker``) is started as soon as the node is gone
+  c. notice         the same node drained with reason PREEMPTION and a deadline, SIGKILLed at the deadline,
+                    then replaced; after the notice the loop checkpoints after every step
+
+    python bench/recovery.py                  # 300 steps, checkpoint_every from the config (40)
+    python bench/recovery.py --quick          # 80 steps, checkpoint_every 20: a smoke run, not recorded
+    python bench/recovery.py --deadline 20 --set train.checkpoint_every=20
+
+Goals: node killed -> first resumed step <= 30 s; <= 1 step lost with a notice; checkpoint saves <= 5 % of
+training time; total wall time <= 1.2x the uninterrupted run. Where the recovery time goes comes from time
+stamps of the Train controller (a callback) and of the workers (timers around the loop's start-up phases).
+Results go to bench/RESULTS.md (section "Recovery").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
+
+from ray.train.v2._internal.execution.callback import ControllerCallback, ReportCallback, WorkerGroupCallback  # noqa: E402
+
+from bench.report import REPO, goal, machine_line, markdown_table  # noqa: E402
+from faults import Background, last_step, wait_for  # noqa: E402
+
+RESULTS = REPO / "bench" / "RESULTS.md"
+TINY_CONFIG = REPO / "configs" / "train" / "tiny.yaml"
+EVENTS_ENV = "FTUNE_BENCH_EVENTS"
+# Spot workers as in the chaos tests; evaluation only at the end so checkpoint steps are only checkpoints.
+ON_SPOT = ["scaling.resources_per_worker={spot: 1}", "failure.max_failures=3", "failure.max_preemption_failures=3",
+           "train.eval_every=1000000", "train.exact_match_examples=0", "data.max_validation_rows=32",
+           "tracking.wandb=disabled"]
+RECOVERY_GOAL_S, NOTICE_LOST_GOAL, CHECKPOINT_GOAL, WALL_GOAL = 30.0, 1, 0.05, 1.2
+RUN_TIMEOUT_S = 1800
+
+
+# ------------------------------------------------------------------------------------ time stamps
+def _append(path: str, row: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+class ControllerTimeline(ControllerCallback, WorkerGroupCallback, ReportCallback):
+    """Time stamps of the Train controller: state changes, worker-group start/stop, reports (runs on the head)."""
+
+    def __init__(self, path: Path, run: str):
+        self.path, self.run = str(path), run
+
+    def _emit(self, event: str, **fields) -> None:
+        _append(self.path, {"t": time.time(), "event": event, "run": self.run, **fields})
+
+    def after_controller_state_update(self, previous_state, current_state):
+        self._emit("state", state=type(current_state).__name__)
+
+    def before_worker_group_start(self, worker_group_context):
+        self._emit("worker_group:start")
+
+    def after_worker_group_start(self, worker_group):
+        self._emit("worker_group:started")
+        return super().after_worker_group_start(worker_group)
+
+    def after_worker_group_training_start(self, worker_group):
+        self._emit("training:started")
+
+    def after_report(self, training_report, metrics):
+        m = metrics[0] if metrics else {}
+        self._emit("report", step=m.get("step"), checkpoint=training_report.checkpoint is not None,
+                   checkpoint_save_s=m.get("checkpoint_save_s"), jit=m.get("jit_checkpoint"))
+
+
+def timed_train_loop(loop_config: dict[str, Any]) -> None:
+    """``train.loop.train_loop_per_worker`` with time stamps around its start-up phases and checkpoints.
+
+    Installed in place of the real loop (pickled by value). Each worker appends ``{"t", "event", ...}``
+    rows to ``$FTUNE_BENCH_EVENTS/worker-<pid>.jsonl``; the timers run once per phase, not per step.
+    """
+    import deepspeed
+    import psutil
+    import ray
+    import ray.train
+
+    from train import loop
+
+    entered = time.time()
+    ctx = ray.train.get_context()
+    path = os.path.join(os.environ[EVENTS_ENV], f"worker-{os.getpid()}.jsonl")
+    base = {"run": loop_config["name"], "rank": ctx.get_world_rank()}
+
+    def emit(event: str, t: float | None = None, **fields) -> None:
+        _append(path, {"t": t or time.time(), "event": event, **base, **fields})
+
+    def timed(owner, attr: str, label: str, describe=lambda args, kwargs: {}) -> None:
+        inner = getattr(owner, attr)
+
+        def wrapper(*args, **kwargs):
+            emit(f"{label}:start", **describe(args, kwargs))
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                emit(f"{label}:end", **describe(args, kwargs))
+
+        setattr(owner, attr, wrapper)
+
+    get_notice = ray.train.get_preemption_info
+
+    def notice_once():
+        info = get_notice()
+        if info is not None:
+            emit("notice")
+            ray.train.get_preemption_info = get_notice
+        return info
+
+    ray.train.get_preemption_info = notice_once
+    timed(loop, "load_tokenizer", "load_tokenizer")
+    timed(loop, "build_engine", "build_engine")
+    timed(loop, "load_base_model", "load_base_model")
+    timed(deepspeed, "initialize", "deepspeed.initialize")
+    timed(loop, "load_checkpoint", "load_checkpoint")
+    timed(loop, "_report_with_checkpoint", "checkpoint", lambda a, k: {"step": a[1].step, "jit": k.get("jit")})
+    emit("process_started", t=psutil.Process().create_time())
+    emit("loop_entered", t=entered, node_id=ray.get_runtime_context().get_node_id(), world=ctx.get_world_size())
+    loop.train_loop_per_worker(loop_config)
+    emit("loop_done")
+
+
+def read_jsonl(paths) -> list[dict[str, Any]]:
+    """Rows of every JSONL file in ``paths``, sorted by time stamp when they have one."""
+    rows = [json.loads(line) for p in paths if p.exists() for line in p.read_text().splitlines() if line.strip()]
+    return sorted(rows, key=lambda r: r.get("t", 0.0))
+
+
+# ---------------------------------------------------------------------------------------- runs
+@dataclass
+class Outcome:
+    """One training run and what happened to it."""
+
+    name: str
+    wall_s: float
+    """Driver: ``run_training`` called -> returned (start-up, training, restarts, adapter export)."""
+    summary: dict[str, Any]
+    rows: list[dict[str, Any]]
+    """metrics.jsonl rows with a loss (one per step and attempt)."""
+    events: list[dict[str, Any]]
+    """Controller and worker time stamps of this run."""
+    fault: dict[str, Any] = field(default_factory=dict)
+    """What was done to the cluster and when (unix time stamps)."""
+
+
+def job(storage: Path, steps: int, extra: list[str]):
+    from ftune.config import TrainJobConfig
+    from ftune.yaml_config import load_config
+
+    return load_config(TrainJobConfig, TINY_CONFIG, [f"storage.path={storage}", *ON_SPOT, f"train.max_steps={steps}", *extra])
+
+
+def node_of_rank(events_dir: Path, run: str, rank: int) -> str:
+    """Hex id of the node hosting ``rank`` in the run's latest worker group."""
+    entered = [e for e in read_jsonl(events_dir.glob("worker-*.jsonl")) if e["run"] == run and e["event"] == "loop_entered"]
+    return [e for e in entered if e["rank"] == rank][-1]["node_id"]
+
+
+def node_end_time(cluster, node_id: str) -> float | None:
+    """When the GCS marked a node dead (unix s), or None while it is alive."""
+    from cluster.gcs import gcs_client
+
+    for nid, info in gcs_client(cluster.address).get_all_node_info(timeout=10).items():
+        if nid.hex() == node_id and info.end_time_ms:
+            return info.end_time_ms / 1000
+    return None
+
+
+def run(cluster, cfg, name: str, work: Path, fault: str | None = None, at_step: int = 0, deadline_s: float = 0.0) -> Outcome:
+    """Train ``name`` to the end; on the way ``fault`` (sigkill / notice) the node of rank 1 at ``at_step``."""
+    from train.job import run_training
+
+    events_dir, run_dir = work / "events", Path(cfg.storage.path) / name
+    timeline = ControllerTimeline(events_dir / f"controller-{name}.jsonl", name)
+
+    def train():
+        start = time.time()
+        return run_training(cfg, name=name, callbacks=[timeline]), time.time() - start
+
+    print(f"[bench] {name}: {cfg.train.max_steps} steps" + (f", {fault} at step {at_step}" if fault else ""), flush=True)
+    background = Background(train)
+    marks: dict[str, Any] = {}
+    if fault:
+        finished = lambda: background.error is not None or background.result is not None  # noqa: E731
+        wait_for(lambda: last_step(run_dir) >= at_step or finished(), RUN_TIMEOUT_S, f"step {at_step} of {name}")
+        if finished():
+            background.join(0)
+            raise RuntimeError(f"{name} finished before step {at_step}; use more --steps")
+        victim = node_of_rank(events_dir, name, rank=1)
+        marks.update(victim=victim, step_at_fault=last_step(run_dir))
+        if fault == "sigkill":
+            marks["t_kill"] = time.time()
+            cluster.kill_worker(victim)
+            marks["kill_worker_s"] = time.time() - marks["t_kill"]
+        else:
+            marks["t_notice"] = time.time()
+            cluster.drain_worker(victim, reason="PREEMPTION", deadline_s=deadline_s, kill_at_deadline=True)
+            marks["t_kill"] = time.time() + deadline_s  # the cluster's timer SIGKILLs the node then
+            time.sleep(max(0.0, marks["t_kill"] - time.time()))
+            wait_for(lambda: not cluster.pids(victim), 60, f"node {victim[:8]} to go at its deadline")
+        marks["t_replacement_start"] = time.time()
+        cluster.add_worker()  # the spot fleet replaces the node
+        marks["t_replacement_up"] = time.time()
+        marks["t_node_dead"] = node_end_time(cluster, victim)
+    summary, wall = background.join(RUN_TIMEOUT_S)
+    rows = [r for r in read_jsonl([run_dir / "metrics.jsonl"]) if "loss" in r]
+    events = [e for e in read_jsonl(events_dir.glob("*.jsonl")) if e["run"] == name]
+    print(f"[bench] {name}: {wall:.1f} s, {summary['restarts']} restart(s)", flush=True)
+    return Outcome(name, wall, summary, rows, events, marks)
+
+
+# ------------------------------------------------------------------------------------- analysis
+def first_restart(rows: list[dict[str, Any]], after: float) -> tuple[dict, dict] | None:
+    """(last row before, first row after) of the first restart after ``after``: the step number goes back."""
+    for prev, row in zip(rows, rows[1:]):
+        if row["step"] <= prev["step"] and row["time"] > after:
+            return prev, row
+    return None
+
+
+def checkpoint_cost(o: Outcome) -> dict[str, float]:
+    """Rank 0's checkpoint save time (``checkpoint_save_s``) and save + report time, and the training time."""
+    saves = [r["checkpoint_save_s"] for r in o.rows if r.get("checkpoint_save_s") is not None]
+    if not saves:  # the loop logs the row before checkpointing: the controller sees the value in the report
+        saves = [e["checkpoint_save_s"] for e in o.events if e["event"] == "report" and e.get("checkpoint_save_s") is not None]
+    ends = {e["step"]: e["t"] for e in o.events if e["event"] == "checkpoint:end" and e["rank"] == 0}
+    full = [ends[e["step"]] - e["t"] for e in o.events if e["event"] == "checkpoint:start" and e["rank"] == 0 and e["step"] in ends]
+    return {"count": len(saves), "save_s": sum(saves), "full_s": sum(full), "train_s": o.summary["wall_time_s"]}
+
+
+def milestones(o: Outcome) -> list[tuple[str, float]]:
+    """(what, unix time) from the fault to the first resumed step, in time order; worker phases are the slowest rank's."""
+    f, ev = o.fault, o.events
+    t0 = f.get("t_notice", f["t_kill"])
+    restart = next((e["t"] for e in ev if e["event"] == "state" and e["state"] == "RestartingState" and e["t"] > t0), None)
+    after = restart or f["t_kill"]
+
+    def ctl(event: str) -> float | None:
+        return next((e["t"] for e in ev if e["event"] == event and e["t"] > after), None)
+
+    def slowest(event: str) -> float | None:
+        times = {}
+        for e in ev:
+            if e["event"] == event and e["t"] > after and "rank" in e:
+                times.setdefault(e["rank"], e["t"])
+        return max(times.values()) if times else None
+
+    pair = first_restart(o.rows, f["t_kill"] - 60)
+    out = [
+        ("node killed", f["t_kill"]),
+        ("replacement node registered (add_worker)", f["t_replacement_up"]),
+        ("GCS marks the node dead", f.get("t_node_dead")),
+        ("controller restarts (RestartingState)", restart),
+        ("new worker group: scheduling", ctl("worker_group:start")),
+        ("worker group up (placement, actors, gloo)", ctl("worker_group:started")),
+        ("train fn launched", ctl("training:started")),
+        ("worker processes started", slowest("process_started")),
+        ("loop entered", slowest("loop_entered")),
+        ("data fetched, tokenizer load start", slowest("load_tokenizer:start")),
+        ("model load start", slowest("load_base_model:start")),
+        ("deepspeed.initialize start", slowest("deepspeed.initialize:start")),
+        ("engine built", slowest("build_engine:end")),
+        ("checkpoint loaded", slowest("load_checkpoint:end")),
+        ("first resumed step logged", pair[1]["time"] if pair else None),
+    ]
+    if "t_notice" in f:
+        notice = next((e["t"] for e in ev if e["event"] == "notice" and e["rank"] == 0), None)
+        out += [("drain requested (notice)", f["t_notice"]), ("loop sees the notice", notice)]
+    return sorted([(what, t) for what, t in out if t is not None], key=lambda m: m[1])
+
+
+def phase_durations(o: Outcome) -> dict[str, float]:
+    """Seconds of the resumed attempt's phases on the slowest rank (start -> end of each timer)."""
+    out = {}
+    for label in ("load_base_model", "deepspeed.initialize", "build_engine", "load_checkpoint"):
+        per_rank: dict[int, float] = {}
+        starts = {}
+        for e in o.events:
+            if e["t"] > o.fault["t_kill"] and e["event"].startswith(label + ":"):
+                if e["event"].endswith(":start"):
+                    starts.setdefault(e["rank"], e["t"])
+                elif e["rank"] in starts:
+                    per_rank.setdefault(e["rank"], e["t"] - starts[e["rank"]])
+        if per_rank:
+            out[label] = max(per_rank.values())
+    return out
+
+
+def notice_window(o: Outcome) -> str:
+    """Steps and just-in-time checkpoints between the notice reaching the loop and the kill."""
+    notice = next((e["t"] for e in o.events if e["event"] == "notice" and e["rank"] == 0), None)
+    jit = [e for e in o.events if e["event"] == "checkpoint:end" and e["rank"] == 0 and e.get("jit")]
+    starts = {e["step"]: e["t"] for e in o.events if e["event"] == "checkpoint:start" and e["rank"] == 0 and e.get("jit")}
+    secs = [e["t"] - starts[e["step"]] for e in jit if e["step"] in starts]
+    if notice is None:
+        return "the loop never saw the notice"
+    steps = [r["step"] for r in o.rows if notice <= r["time"] <= o.fault["t_kill"]]
+    return (f"notice reached the loop {notice - o.fault['t_notice']:.1f} s after the drain; "
+            f"{len(steps)} steps and {len(jit)} just-in-time checkpoints ({statistics.median(secs) if secs else 0:.2f} s "
+            f"median each, save + report) before the kill at the deadline")
+
+
+def report(base: Outcome, faulted: list[Outcome]) -> tuple[str, list[str], list[str]]:
+    """Markdown table, per-fault timelines and goal verdicts."""
+    cost = checkpoint_cost(base)
+    headers = ["run", "wall s", "x uninterrupted", "steady step s", "checkpoints", "ckpt save % of train",
+               "ckpt save+report % of train", "restarts", "fault at step", "steps lost", "kill -> resumed step s"]
+    rows = [[base.name, f"{base.wall_s:.1f}", "1.00", f"{base.summary['steady_step_time_s']:.3f}", cost["count"],
+             f"{cost['save_s'] / cost['train_s']:.1%}", f"{cost['full_s'] / cost['train_s']:.1%}", 0, "-", "-", "-"]]
+    timelines, verdicts = [], [
+        goal("checkpoint save (sum of checkpoint_save_s) / training time", f"{cost['save_s'] / cost['train_s']:.1%}",
+             f"<= {CHECKPOINT_GOAL:.0%}", cost["save_s"] / cost["train_s"] <= CHECKPOINT_GOAL),
+        goal("checkpoint save + ray.train.report / training time", f"{cost['full_s'] / cost['train_s']:.1%}",
+             f"<= {CHECKPOINT_GOAL:.0%}", cost["full_s"] / cost["train_s"] <= CHECKPOINT_GOAL),
+    ]
+    for o in faulted:
+        pair = first_restart(o.rows, o.fault["t_kill"] - 60)
+        lost = pair[0]["step"] - (pair[1]["step"] - 1) if pair else None
+        recovery = pair[1]["time"] - o.fault["t_kill"] if pair else None
+        ratio = o.wall_s / base.wall_s
+        rows.append([o.name, f"{o.wall_s:.1f}", f"{ratio:.2f}", f"{o.summary['steady_step_time_s']:.3f}", "-", "-", "-",
+                     o.summary["restarts"], o.fault["step_at_fault"], lost if lost is not None else "?",
+                     f"{recovery:.1f}" if recovery is not None else "?"])
+        marks = milestones(o)
+        kill = o.fault["t_kill"]
+        lines = [f"{o.name}: " + "; ".join(f"{what} {t - kill:+.1f} s" for what, t in marks)]
+        phases = phase_durations(o)
+        if phases:
+            lines.append(f"{o.name} resumed attempt, slowest rank: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
+        lines.append(f"{o.name} replacement node start (add_worker): "
+                     f"{o.fault['t_replacement_up'] - o.fault['t_replacement_start']:.1f} s")
+        if "t_notice" in o.fault:
+            lines.append(f"{o.name}: {notice_window(o)}")
+        timelines += lines
+        verdicts.append(goal(f"{o.name}: node killed -> first resumed step", f"{recovery:.1f} s" if recovery else "never",
+                             f"<= {RECOVERY_GOAL_S:.0f} s", recovery is not None and recovery <= RECOVERY_GOAL_S))
+        if o.name == "notice":
+            verdicts.append(goal("notice: steps lost", str(lost), f"<= {NOTICE_LOST_GOAL}",
+                                 lost is not None and lost <= NOTICE_LOST_GOAL))
+        verdicts.append(goal(f"{o.name}: total wall vs uninterrupted", f"{ratio:.2f}x", f"<= {WALL_GOAL}x", ratio <= WALL_GOAL))
+    return markdown_table(headers, rows), timelines, verdicts
+
+
+def write_results(text: str) -> None:
+    """Replace this benchmark's section of bench/RESULTS.md, leaving every other section as it is."""
+    start, end = "<!-- bench/recovery.py start -->", "<!-- bench/recovery.py end -->"
+    section = f"{start}\n{text.rstrip()}\n{end}\n"
+    old = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"  # re-read just now
+    if start in old and end in old:
+        head, rest = old.split(start, 1)
+        new = head + section + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        new = old.rstrip() + "\n\n" + section
+    RESULTS.write_text(new, encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (default 300; 80 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 80 steps, checkpoint_every 20, not recorded")
+    parser.add_argument("--deadline", type=float, default=10.0, help="seconds from the drain to the kill (notice run)")
+    parser.add_argument("--set", action="append", default=[], metavar="section.key=value", help="config override")
+    parser.add_argument("--out", help="keep runs and time stamps in this folder (default: a temporary one, deleted)")
+    parser.add_argument("--verbose", action="store_true", help="show the workers' and controller's logs")
+    parser.add_argument("--no-record", action="store_true", help="do not update bench/RESULTS.md")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    import deepspeed
+    import ray
+    import torch
+    from ray import cloudpickle
+
+    from cluster.local import LocalCluster
+    from ftune.builtin import ensure_sample_dataset, ensure_tiny_model, ftune_home
+    import train.loop
+
+    steps = args.steps or (80 if args.quick else 300)
+    extra = (["train.checkpoint_every=20"] if args.quick else []) + args.set
+    work = Path(args.out or tempfile.mkdtemp(prefix="ftune-bench-recovery-")).resolve()
+    (work / "events").mkdir(parents=True, exist_ok=True)
+    cfg = job(work / "runs", steps, extra)
+    every = cfg.train.checkpoint_every
+    at_step = (steps // 2) // every * every + every // 2  # halfway between checkpoints: a random kill's mean loss
+    command = "python bench/recovery.py " + " ".join(argv)
+    machine = machine_line()
+    print(f"machine: {machine}\ncommand: {command}\n{steps} steps, checkpoint_every {every}, faults at step {at_step}, "
+          f"notice deadline {args.deadline:.0f} s, work dir {work}", flush=True)
+    ensure_tiny_model(), ensure_sample_dataset()  # built before anything is timed
+    if __name__ != "__main__":  # workers cannot import bench/: ship the timers by value
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    train.loop.train_loop_per_worker = timed_train_loop  # build_trainer looks it up at call time
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ.pop("RAY_ADDRESS", None)  # never join another engineer's cluster
+    env = {"RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5", "FTUNE_HOME": str(ftune_home()), "WANDB_MODE": "offline",
+           EVENTS_ENV: str(work / "events")}
+    try:
+        with LocalCluster(head_cpus=1, cpus_per_worker=1).up(2) as cluster:
+            ray.init(address=cluster.address, runtime_env={"env_vars": env}, log_to_driver=args.verbose)
+            try:
+                base = run(cluster, cfg, "uninterrupted", work)
+                sigkill = run(cluster, cfg, "sigkill", work, "sigkill", at_step)
+                notice = run(cluster, cfg, "notice", work, "notice", at_step, args.deadline)
+            finally:
+                ray.shutdown()
+        table, timelines, verdicts = report(base, [sigkill, notice])
+    finally:
+        if args.out is None:
+            shutil.rmtree(work, ignore_errors=True)
+    load_after = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    text = "\n".join([
+        f"## Recovery (`{command}`)\n",
+        f"{machine}; load avg after {load_after}; ray {ray.__version__}, deepspeed {deepspeed.__version__}, "
+        f"torch {torch.__version__}. Local cluster: head (1 CPU) + 2 worker raylets (1 CPU, `spot: 1`), GCS "
+        f"health check 1 s x 5, Train preemption poll 0.5 s. Tiny config, {steps} steps, checkpoint_every {every}, "
+        f"evaluation only at the end; faults hit rank 1's node at step {at_step}; notice deadline {args.deadline:.0f} s.\n",
+        table,
+        "\nWhere the recovery went (time from the kill; worker phases are the slowest rank's):\n",
+        *(f"- {line}" for line in timelines),
+        "\n```", *verdicts, "```",
+    ])
+    print("\n" + text)
+    if not (args.quick or args.no_record):
+        write_results(text)
+        print(f"\nrecorded in {RESULTS}")
+    return 0 if all(v.startswith("PASS") for v in verdicts) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
