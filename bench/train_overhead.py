@@ -47,18 +47,32 @@ FINAL_LOSS_STEPS = 10
 
 
 # --------------------------------------------------------------------------------------------- setup
-def build_llama(spec: str, out_dir: Path) -> Path:
+def snapshot_builtins(out_dir: Path) -> tuple[Path, Path]:
+    """Private copies of the built-in tiny model and sample data, so every run uses the same files.
+
+    A rebuild of the shared ``builtin:`` cache (a new tiny-model format) then cannot happen inside a
+    timed run, nor change the model between the runs being compared.
+    """
+    from ftune.builtin import ensure_sample_dataset, ensure_tiny_model
+
+    model, data = out_dir / "tiny-llama", out_dir / "sample-instructions.jsonl"
+    if not model.exists():
+        shutil.copytree(ensure_tiny_model(), model)
+    if not data.exists():
+        shutil.copy(ensure_sample_dataset(), data)
+    return model, data
+
+
+def build_llama(spec: str, out_dir: Path, tokenizer_dir: Path) -> Path:
     """A random Llama of shape ``HIDDENxLAYERS`` (e.g. 256x4) with the tiny model's tokenizer (HF format)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from ftune.builtin import ensure_tiny_model
 
     hidden, layers = (int(x) for x in spec.lower().split("x"))
     path = out_dir / f"llama-{hidden}x{layers}"
     if (path / "config.json").exists():
         return path
-    tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_model())
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     heads = max(1, hidden // 64)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -82,7 +96,9 @@ def build_llama(spec: str, out_dir: Path) -> Path:
     return path
 
 
-def job_config(model: str, steps: int, workers: int, storage: Path, wandb: str, extra: list[str] = ()):
+def job_config(
+    model: Path, data: Path, steps: int, workers: int, storage: Path, wandb: str, extra: list[str] = ()
+):
     """tiny.yaml with this benchmark's model, steps and workers; evaluation/checkpoint only at the end."""
     from ftune.config import TrainJobConfig
     from ftune.yaml_config import load_config
@@ -92,6 +108,7 @@ def job_config(model: str, steps: int, workers: int, storage: Path, wandb: str, 
         TINY_CONFIG,
         [
             f"model.name_or_path={model}",
+            f"data.path={data}",
             f"train.max_steps={steps}",
             f"train.eval_every={steps}",
             f"train.checkpoint_every={steps}",
@@ -704,8 +721,6 @@ def main(argv: list[str]) -> int:
     if args.child:
         child_main(args)
         return 0
-    from ftune.builtin import ensure_sample_dataset, ensure_tiny_model
-
     models = args.model or ["tiny", "256x4"]
     work = Path(args.out or tempfile.mkdtemp(prefix="ftune-bench-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -715,19 +730,19 @@ def main(argv: list[str]) -> int:
         f"{args.steps} steps (warm-up {args.warmup} and the last step left out), "
         f"{args.repeats} repeat(s), work dir {work}"
     )
-    ensure_tiny_model(), ensure_sample_dataset()  # built before anything is timed
+    tiny, data = snapshot_builtins(work / "models")  # built before anything is timed
     warm_imports()
     results: dict[str, dict[str, dict[str, Any]]] = {}
     breakdowns, profiles = [], {}
     try:
         for spec in models:
-            model = "builtin:tiny-llama" if spec == "tiny" else str(build_llama(spec, work / "models"))
+            model = tiny if spec == "tiny" else build_llama(spec, work / "models", tiny)
             runs: dict[str, list[tuple[str, dict[str, Any], dict[str, Any]]]] = {}
             for rep in range(args.repeats):
                 for kind, workers in RUNS:
                     label = "plain" if kind == "plain" else f"ftune-{workers}"
                     name = f"{spec}-{label}-r{rep}"
-                    cfg = job_config(model, args.steps, workers, work / "runs", args.wandb, args.set)
+                    cfg = job_config(model, data, args.steps, workers, work / "runs", args.wandb, args.set)
                     shutil.rmtree(
                         work / "runs" / name, ignore_errors=True
                     )  # a run name that exists would resume

@@ -132,7 +132,7 @@ class SpendLedger:
 
     def elapsed(self, now: float | None = None) -> float:
         """Seconds the sweep has run, earlier sessions included."""
-        return self.elapsed_before_s + ((now or time.time()) - self.session_start)
+        return self.elapsed_before_s + ((time.time() if now is None else now) - self.session_start)
 
     def spend(self) -> float:
         """Dollars spent by every trial so far (open segments counted up to the last sync)."""
@@ -160,7 +160,7 @@ class SpendLedger:
 
     def admit(self, trial_id: str, now: float | None = None) -> str:
         """Whether a new trial may start: ``start``, ``wait`` (maybe after running ones end) or ``finished``."""
-        now = now or time.time()
+        now = time.time() if now is None else now
         b, active = self.budget, self.active()
         if self.stop is not None:
             return "finished"
@@ -186,9 +186,11 @@ class SpendLedger:
 
     def should_stop(self, now: float | None = None) -> str | None:
         """Why the sweep must stop now (dollar or time budget reached), or None."""
-        now = now or time.time()
+        now = time.time() if now is None else now
         b = self.budget
-        if b.usd is not None and self.spend() >= b.usd:
+        # Stop one reporting interval early: Tune checks between loop steps, so the spend at the
+        # moment trials stop may run past this point by about that much.
+        if b.usd is not None and self.spend() >= b.usd - self.interval_cost():
             return f"budget reached: spent ${self.spend():.4f} of ${b.usd:.4f}"
         if b.time_s is not None and self.elapsed(now) >= b.time_s:
             return f"time budget reached: {self.elapsed(now):.0f} s of {b.time_s:.0f} s"
@@ -208,7 +210,7 @@ class SpendLedger:
 
     def sync(self, trials: list, now: float | None = None) -> bool:
         """Bring every trial's segments and status in line with Tune's; True if a status changed."""
-        now = now or time.time()
+        now = time.time() if now is None else now
         changed = False
         for trial in trials:
             entry = self.trials.get(trial.trial_id)
@@ -280,7 +282,7 @@ class SpendLedger:
 
     def save(self, now: float | None = None) -> None:
         """Write spend.json atomically."""
-        now = now or time.time()
+        now = time.time() if now is None else now
         self._last_save = now
         data = self.to_json(now)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
@@ -289,7 +291,7 @@ class SpendLedger:
 
     def to_json(self, now: float | None = None) -> dict[str, Any]:
         """The ledger as written to spend.json."""
-        now = now or time.time()
+        now = time.time() if now is None else now
         trials = sorted(self.trials.values(), key=lambda t: t.number)
         return {
             "currency": "USD",

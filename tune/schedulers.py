@@ -109,8 +109,8 @@ class CheckpointPBT(PopulationBasedTraining):
         super()._exploit(tune_controller, trial, trial_to_clone)
         pointer = self._trial_state[trial_to_clone].last_checkpoint
         exploit = Exploit.read(pointer)
-        row = {"time": time.time(), **(exploit.__dict__ if exploit else {}),
-               "config_before": before, "config_after": dict(trial.config)}
+        row = {"time": time.time(), **(exploit.__dict__ if exploit else {}), "config_before": before,
+               "donor_config": dict(trial_to_clone.config), "config_after": dict(trial.config)}
         with (Path(self.sweep_dir) / EXPLOITS_FILE).open("a") as f:
             f.write(json.dumps(row, default=str) + "\n")
         from tune.progress import say

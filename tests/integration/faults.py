@@ -13,12 +13,27 @@ from typing import Any, Callable
 import psutil
 
 
+def _local_raylet_pid() -> int | None:
+    """PID of the raylet this process started with ray.init(), if it started one."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is None:
+        return None
+    raylets = node.all_processes.get("raylet") or []
+    return raylets[0].process.pid if raylets else None
+
+
 def train_worker_pids() -> list[int]:
-    """PIDs of live Ray Train worker processes (their process title names the actor class)."""
+    """PIDs of live Ray Train workers of *our* Ray instance (other instances on the machine are left alone).
+
+    Their process title names the actor class; they are children of our raylet.
+    """
+    raylet = _local_raylet_pid()
     pids = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
+    for proc in psutil.process_iter(["pid", "cmdline", "ppid"]):
         cmdline = " ".join(proc.info.get("cmdline") or [])
-        if "RayTrainWorker" in cmdline:
+        if "RayTrainWorker" in cmdline and (raylet is None or proc.info["ppid"] == raylet):
             pids.append(proc.info["pid"])
     return sorted(pids)
 

@@ -1,0 +1,120 @@
+"""The spend ledger: costs from wall time, admission of new trials, the budget stop, resume from spend.json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from ray.tune.experiment import Trial
+
+from tune.budget import SpendLedger
+from tune.config import BudgetConfig
+from tune.leaderboard import leaderboard
+from tune.report import pareto_front
+
+RATE = 36.0  # $/h: one cent per second keeps the arithmetic readable
+
+
+def ledger(tmp_path, **budget) -> SpendLedger:
+    return SpendLedger.open(tmp_path, BudgetConfig(**budget), rate_usd_per_h=RATE, estimate_trial_s=10.0,
+                            report_interval_s=0.5)
+
+
+def stub(trial_id: str, status: str, **config) -> Trial:
+    trial = Trial("run_trial", config=config, trial_id=trial_id, stub=True)
+    trial.status = status
+    return trial
+
+
+def test_cost_is_rate_times_running_wall_time_across_segments(tmp_path):
+    book = ledger(tmp_path)
+    assert book.admit("a", now=100.0) == "start"
+    a = stub("a", "RUNNING", **{"train.lr": 1e-3})
+    book.sync([a], now=100.0)
+    book.sync([a], now=104.0)
+    a.status = "PAUSED"
+    book.sync([a], now=105.0)
+    book.sync([a], now=200.0)  # paused: no cost
+    a.status = "RUNNING"
+    book.sync([a], now=200.0)
+    book.sync([a], now=203.0)
+    assert book.trials["a"].wall_s() == pytest.approx(8.0)
+    assert book.spend() == pytest.approx(0.08)
+    assert book.trials["a"].config == {"train.lr": 1e-3}
+
+
+def test_admission_reserves_projected_cost_and_finishes_when_nothing_fits(tmp_path):
+    book = ledger(tmp_path, usd=0.25)  # a projected trial costs 10 s = $0.10
+    assert book.admit("a", now=0.0) == "start"
+    assert book.admit("b", now=0.0) == "start"
+    assert book.admit("c", now=0.0) == "wait"  # 0.2 committed + 0.1 > 0.25, and trials are active
+    for trial_id in ("a", "b"):
+        t = stub(trial_id, "RUNNING")
+        book.sync([t], now=0.0)
+        book.sync([t], now=4.0)
+        t.status = "TERMINATED"
+        book.on_result(trial_id, {"step": 5, "total_steps": 20, "eval_loss": 3.0}, "eval_loss")
+        book.sync([t], now=4.0)
+    assert {t.status for t in book.trials.values()} == {"pruned"}
+    assert book.spend() == pytest.approx(0.08)
+    assert book.admit("c", now=5.0) == "start"  # pruned early: their reservations are released
+    assert book.admit("d", now=5.0) == "wait"
+    book.trials.pop("c")
+    book.trials["a"].segments[-1][1] = 20.0  # pretend a cost more: 0.24 spent
+    assert book.admit("d", now=5.0) == "finished"
+
+
+def test_budget_stop_marks_running_trials_and_max_trials(tmp_path):
+    book = ledger(tmp_path, usd=0.05, max_trials=2)
+    book.admit("a", now=0.0)
+    a = stub("a", "RUNNING")
+    book.sync([a], now=0.0)
+    book.sync([a], now=4.0)
+    assert book.should_stop(now=4.0) is None
+    book.sync([a], now=4.6)  # $0.046: within one reporting interval ($0.005) of the budget
+    reason = book.should_stop(now=4.6)
+    assert reason and "budget reached" in reason
+    book.mark_stopped(reason, now=4.6)
+    a.status = "TERMINATED"
+    book.sync([a], now=7.0)  # Tune stops it a moment later: no cost after the stop decision
+    assert book.spend() == pytest.approx(0.046)
+    assert book.trials["a"].status == "stopped_budget"
+    assert book.stop["interval_cost_usd"] == pytest.approx(RATE * 0.5 / 3600)
+    assert book.admit("b") == "finished"
+    fresh = ledger(tmp_path / "other", max_trials=1)
+    assert fresh.admit("x") == "start" and fresh.admit("y") == "finished"
+
+
+def test_resume_keeps_spend_and_closes_interrupted_segments(tmp_path):
+    book = ledger(tmp_path, usd=1.0)
+    book.admit("a", now=0.0)
+    a = stub("a", "RUNNING")
+    book.sync([a], now=10.0)
+    book.sync([a], now=13.0)  # the driver dies after this save
+    book.save(now=13.0)
+    again = ledger(tmp_path, usd=1.0)
+    assert again.trials["a"].status == "interrupted"
+    assert again.spend() == pytest.approx(0.03)
+    a2 = stub("a", "RUNNING")
+    again.sync([a2], now=50.0)
+    again.sync([a2], now=52.0)
+    assert again.spend() == pytest.approx(0.05)
+    assert len(again.trials["a"].segments) == 2
+    saved = json.loads((tmp_path / "spend.json").read_text())
+    assert saved["spent_usd"] == pytest.approx(0.05) and saved["trials"][0]["cost_usd"] == pytest.approx(0.05)
+
+
+def test_leaderboard_order_and_pareto_front(tmp_path):
+    from ftune.storage import Storage
+    from tune.space import SearchSpace
+
+    def row(tid, status, metric, cost):
+        return {"trial_id": tid, "number": 1, "status": status, "metric": metric, "eval_loss": metric, "step": 5,
+                "total_steps": 10, "cost_usd": cost, "wall_s": 1.0, "config": {}, "run": tid, "runs": [tid]}
+
+    spend = {"trials": [row("err", "error", None, 0.1), row("slow", "completed", 2.0, 0.5),
+                        row("pruned", "pruned", 3.0, 0.1), row("best", "completed", 1.5, 0.4), row("none", "stopped_budget", None, 0.0)]}
+    rows = leaderboard(spend, Storage(str(tmp_path)), SearchSpace(()), 8, "eval_loss", "min")
+    assert [r["trial"] for r in rows] == ["best", "slow", "pruned", "none", "err"]
+    assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
+    assert pareto_front([(0.5, 2.0), (0.1, 3.0), (0.4, 1.5), (0.2, 3.5)]) == [(0.1, 3.0), (0.4, 1.5)]
