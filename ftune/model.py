@@ -76,6 +76,7 @@ def load_base_model(cfg: ModelConfig, *, dtype: torch.dtype, for_training: bool 
             quantization_config=quantization,
             attn_implementation=cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=True,  # never unpickle weights
             device_map={"": torch.cuda.current_device()} if quantization and torch.cuda.is_available() else None,
         )
     except (OSError, ValueError) as e:

@@ -66,7 +66,10 @@ def test_driver_restart_resumes_same_name(ray_local, baseline, tmp_path):
     first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run_dir = tmp_path / "driver"
     try:
-        wait_for(lambda: any(run_dir.glob("checkpoint_step*")) and last_step(run_dir) >= 50, 240, "a checkpoint")
+        # A checkpoint counts once Ray's controller has registered it in the run snapshot, which is
+        # what a new driver restores from (a directory alone is not a committed checkpoint).
+        snapshot = run_dir / "checkpoint_manager_snapshot.json"
+        wait_for(lambda: snapshot.exists() and "checkpoint_step" in snapshot.read_text(), 240, "a registered checkpoint")
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
