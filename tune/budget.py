@@ -28,7 +28,7 @@ from ray.tune.search import Searcher
 from tune.config import BudgetConfig
 
 SPEND_FILE = "spend.json"
-FINISHED_STATUSES = ("completed", "pruned", "stopped_budget", "error")
+FINISHED_STATUSES = ("completed", "pruned", "stopped_budget", "stopped", "error")
 """Leaderboard statuses of a trial that will not run again."""
 
 
@@ -45,7 +45,7 @@ class TrialSpend:
     segments: list[list[float]] = field(default_factory=list)
     """[start, end] wall-clock spans it held resources (end advances while it runs)."""
     status: str = "pending"
-    """pending, running, paused, interrupted, completed, pruned, stopped_budget or error."""
+    """pending, running, paused, interrupted, completed, pruned, stopped_budget, stopped (by the user) or error."""
     config: dict[str, Any] = field(default_factory=dict)
     """Its Tune config (sampled parameters; PBT updates it on exploit)."""
     step: int = 0
@@ -233,8 +233,6 @@ class SpendLedger:
             status = self._final_status(entry, trial)
             if status != entry.status:
                 entry.status, changed = status, True
-                if status == "pruned":
-                    entry.pruned_at = entry.step
                 if status == "error":
                     entry.error = _error_text(trial)
         if changed or now - self._last_save >= 1.0:
@@ -248,12 +246,14 @@ class SpendLedger:
             return "paused"
         if trial.status == "PENDING":
             return entry.status if entry.status in ("stopped_budget", "interrupted") else "pending"
-        # TERMINATED
-        if entry.status == "stopped_budget":
+        # TERMINATED: by its own end, early stopping, the budget, or the user (Ctrl-C)
+        if entry.status in ("stopped_budget", "completed"):
             return entry.status
         if entry.total_steps and entry.step >= entry.total_steps:
             return "completed"
-        return "pruned" if entry.segments else "stopped_budget"
+        if entry.pruned_at is not None:
+            return "pruned"
+        return "stopped_budget" if self.stop is not None else "stopped"
 
     def on_result(self, trial_id: str, result: dict[str, Any], metric: str) -> None:
         """Record a trial's latest reported metrics."""
@@ -266,6 +266,11 @@ class SpendLedger:
             entry.metric = float(result[metric])
         if result.get("checkpoint_path"):
             entry.checkpoint_path = str(result["checkpoint_path"])
+
+    def mark_pruned(self, trial_id: str, step: int) -> None:
+        """Early stopping ended the trial at ``step``."""
+        if trial_id in self.trials:
+            self.trials[trial_id].pruned_at = step
 
     def set_run(self, trial_id: str, run: str) -> None:
         """A trial continues in a new training run (PBT exploit)."""

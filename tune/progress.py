@@ -70,6 +70,8 @@ class SweepProgress(tune.Callback):
             return f"{head} pruned at step {trial.pruned_at}: {value}, ${trial.cost():.4f}"
         if trial.status == "stopped_budget":
             return f"{head} stopped by the budget at step {trial.step}: {value}, ${trial.cost():.4f}"
+        if trial.status == "stopped":
+            return f"{head} stopped at step {trial.step}: {value}, ${trial.cost():.4f}"
         if trial.status == "error":
             return f"{head} failed: {trial.error}"
         return f"{head} {trial.status}"

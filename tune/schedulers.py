@@ -39,15 +39,19 @@ EXPLOITS_FILE = "pbt_exploits.jsonl"
 class FinalStepASHA(ASHAScheduler):
     """ASHA on the optimizer step that lets a trial reaching its last step finish (and export its adapter)."""
 
-    def __init__(self, *, total_steps: int, **kwargs: Any):
+    def __init__(self, *, sweep_dir: str, total_steps: int, **kwargs: Any):
         super().__init__(time_attr="step", max_t=total_steps, stop_last_trials=False, brackets=1, **kwargs)
+        self.sweep_dir = sweep_dir
         self.total_steps = total_steps
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        """ASHA's decision, except on the final step."""
+        """ASHA's decision, except on the final step; a stop is recorded in the ledger as pruned."""
         if result.get("step", 0) >= self.total_steps:
             return TrialScheduler.CONTINUE
-        return super().on_trial_result(tune_controller, trial, result)
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if decision == TrialScheduler.STOP:
+            SpendLedger.of(self.sweep_dir).mark_pruned(trial.trial_id, int(result.get("step", 0)))
+        return decision
 
 
 class CheckpointPBT(PopulationBasedTraining):

@@ -212,7 +212,7 @@ def make_scheduler(sweep: Sweep, concurrency: int):
             quantile_fraction=s.pbt.quantile_fraction, resample_probability=s.pbt.resample_probability,
         )
     if s.asha.enabled:
-        return FinalStepASHA(total_steps=sweep.plan.total_steps, metric=s.metric, mode=s.mode,
+        return FinalStepASHA(sweep_dir=str(sweep.sweep_dir), total_steps=sweep.plan.total_steps, metric=s.metric, mode=s.mode,
                              grace_period=s.asha.grace_period_steps or job.train.eval_every,
                              reduction_factor=s.asha.reduction_factor)
     return FIFOScheduler()

@@ -21,6 +21,9 @@ from ftune.yaml_config import load_config
 from tune.config import SweepConfig
 from tune.sweep import main, start
 
+# Each test runs a few full training runs; on a shared 2-core machine a sweep can take many minutes.
+pytestmark = pytest.mark.timeout(1800)
+
 REPO = Path(__file__).resolve().parents[2]
 TINY_SWEEP = REPO / "configs" / "sweep" / "tiny.yaml"
 

@@ -54,8 +54,13 @@ def test_admission_reserves_projected_cost_and_finishes_when_nothing_fits(tmp_pa
         book.sync([t], now=4.0)
         t.status = "TERMINATED"
         book.on_result(trial_id, {"step": 5, "total_steps": 20, "eval_loss": 3.0}, "eval_loss")
+        book.mark_pruned(trial_id, 5)  # what ASHA's STOP does
         book.sync([t], now=4.0)
     assert {t.status for t in book.trials.values()} == {"pruned"}
+    interrupted = stub("z", "TERMINATED")  # ended short of its steps with no prune and no budget stop: Ctrl-C
+    book.trials["z"] = type(book.trials["a"])("z", 9, RATE, segments=[[0.0, 1.0]], status="running", total_steps=20)
+    book.sync([interrupted], now=1.0)
+    assert book.trials.pop("z").status == "stopped"
     assert book.spend() == pytest.approx(0.08)
     assert book.admit("c", now=5.0) == "start"  # pruned early: their reservations are released
     assert book.admit("d", now=5.0) == "wait"
