@@ -22,6 +22,8 @@ Results go to bench/RESULTS.md (section "Recovery").
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -34,20 +36,31 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))  # faults.py
 
-from ray.train.v2._internal.execution.callback import ControllerCallback, ReportCallback, WorkerGroupCallback  # noqa: E402
+from faults import Background, last_step, wait_for
+from ray.train.v2._internal.execution.callback import (
+    ControllerCallback,
+    ReportCallback,
+    WorkerCallback,
+    WorkerGroupCallback,
+)
 
-from bench.report import REPO, goal, machine_line, markdown_table  # noqa: E402
-from faults import Background, last_step, wait_for  # noqa: E402
+from bench.report import REPO, goal, machine_line, markdown_table
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 TINY_CONFIG = REPO / "configs" / "train" / "tiny.yaml"
 EVENTS_ENV = "FTUNE_BENCH_EVENTS"
 # Spot workers as in the chaos tests; evaluation only at the end so checkpoint steps are only checkpoints.
-ON_SPOT = ["scaling.resources_per_worker={spot: 1}", "failure.max_failures=3", "failure.max_preemption_failures=3",
-           "train.eval_every=1000000", "train.exact_match_examples=0", "data.max_validation_rows=32",
-           "tracking.wandb=disabled"]
+ON_SPOT = [
+    "scaling.resources_per_worker={spot: 1}",
+    "failure.max_failures=3",
+    "failure.max_preemption_failures=3",
+    "train.eval_every=1000000",
+    "train.exact_match_examples=0",
+    "data.max_validation_rows=32",
+    "tracking.wandb=disabled",
+]
 RECOVERY_GOAL_S, NOTICE_LOST_GOAL, CHECKPOINT_GOAL, WALL_GOAL = 30.0, 1, 0.05, 1.2
 RUN_TIMEOUT_S = 1800
 
@@ -59,7 +72,7 @@ def _append(path: str, row: dict[str, Any]) -> None:
 
 
 class ControllerTimeline(ControllerCallback, WorkerGroupCallback, ReportCallback):
-    """Time stamps of the Train controller: state changes, worker-group start/stop, reports (runs on the head)."""
+    """Time stamps of the Train controller: state changes, worker-group start-up, reports (runs on the head)."""
 
     def __init__(self, path: Path, run: str):
         self.path, self.run = str(path), run
@@ -68,10 +81,15 @@ class ControllerTimeline(ControllerCallback, WorkerGroupCallback, ReportCallback
         _append(self.path, {"t": time.time(), "event": event, "run": self.run, **fields})
 
     def after_controller_state_update(self, previous_state, current_state):
-        self._emit("state", state=type(current_state).__name__)
+        if type(current_state) is not type(previous_state):  # RUNNING -> RUNNING every poll is noise
+            self._emit("state", state=type(current_state).__name__)
 
     def before_worker_group_start(self, worker_group_context):
         self._emit("worker_group:start")
+
+    def before_init_train_context(self, workers):
+        self._emit("worker_group:actors_ready")  # placement group placed, worker actors created
+        return {}
 
     def after_worker_group_start(self, worker_group):
         self._emit("worker_group:started")
@@ -82,16 +100,39 @@ class ControllerTimeline(ControllerCallback, WorkerGroupCallback, ReportCallback
 
     def after_report(self, training_report, metrics):
         m = metrics[0] if metrics else {}
-        self._emit("report", step=m.get("step"), checkpoint=training_report.checkpoint is not None,
-                   checkpoint_save_s=m.get("checkpoint_save_s"), jit=m.get("jit_checkpoint"))
+        self._emit(
+            "report",
+            step=m.get("step"),
+            checkpoint=training_report.checkpoint is not None,
+            checkpoint_save_s=m.get("checkpoint_save_s"),
+            jit=m.get("jit_checkpoint"),
+        )
+
+
+class WorkerTimeline(WorkerCallback):
+    """Time stamp on each worker once Ray Train's context is set up, before the process group (runs on workers)."""
+
+    def __init__(self, run: str):
+        self.run = run
+
+    def after_init_train_context(self):
+        row = {"t": time.time(), "event": "train_context_ready", "run": self.run, "rank": -1}
+        try:
+            import ray.train
+
+            row["rank"] = ray.train.get_context().get_world_rank()
+        except Exception as e:  # noqa: BLE001 - a time stamp must never fail a worker
+            row["error"] = repr(e)
+        _append(os.path.join(os.environ[EVENTS_ENV], f"worker-{os.getpid()}.jsonl"), row)
 
 
 def timed_train_loop(loop_config: dict[str, Any]) -> None:
     """``train.loop.train_loop_per_worker`` with time stamps around its start-up phases and checkpoints.
 
     Installed in place of the real loop (pickled by value). Each worker appends ``{"t", "event", ...}``
-    rows to ``$FTUNE_BENCH_EVENTS/worker-<pid>.jsonl``; the timers run once per phase, not per step.
+    rows to ``$FTUNE_BENCH_EVENTS/worker-<pid>.jsonl``: once per phase and per checkpoint, never per step.
     """
+    entered, preloaded = time.time(), [m for m in ("transformers", "peft", "deepspeed") if m in sys.modules]
     import deepspeed
     import psutil
     import ray
@@ -99,7 +140,6 @@ def timed_train_loop(loop_config: dict[str, Any]) -> None:
 
     from train import loop
 
-    entered = time.time()
     ctx = ray.train.get_context()
     path = os.path.join(os.environ[EVENTS_ENV], f"worker-{os.getpid()}.jsonl")
     base = {"run": loop_config["name"], "rank": ctx.get_world_rank()}
@@ -132,18 +172,40 @@ def timed_train_loop(loop_config: dict[str, Any]) -> None:
     timed(loop, "load_tokenizer", "load_tokenizer")
     timed(loop, "build_engine", "build_engine")
     timed(loop, "load_base_model", "load_base_model")
+    timed(loop, "add_adapter", "add_adapter")
     timed(deepspeed, "initialize", "deepspeed.initialize")
     timed(loop, "load_checkpoint", "load_checkpoint")
-    timed(loop, "_report_with_checkpoint", "checkpoint", lambda a, k: {"step": a[1].step, "jit": k.get("jit")})
+    timed(
+        loop, "_report_with_checkpoint", "checkpoint", lambda a, k: {"step": a[1].step, "jit": k.get("jit")}
+    )
+    # Ray Train internals: where a checkpoint's ray.train.report goes (skipped if an upgrade renames them).
+    from ray.train.v2._internal.execution import context as train_context
+
+    for attr, label in (
+        ("_sync_checkpoint_dir_name_across_ranks", "report.barrier"),
+        ("_upload_checkpoint", "report.upload"),
+        ("_wait_then_report", "report.queue"),
+    ):
+        if hasattr(train_context.TrainContext, attr):
+            timed(train_context.TrainContext, attr, label)
     emit("process_started", t=psutil.Process().create_time())
-    emit("loop_entered", t=entered, node_id=ray.get_runtime_context().get_node_id(), world=ctx.get_world_size())
+    emit("imports_done")
+    emit(
+        "loop_entered",
+        t=entered,
+        node_id=ray.get_runtime_context().get_node_id(),
+        world=ctx.get_world_size(),
+        imported=preloaded,
+    )
     loop.train_loop_per_worker(loop_config)
     emit("loop_done")
 
 
 def read_jsonl(paths) -> list[dict[str, Any]]:
     """Rows of every JSONL file in ``paths``, sorted by time stamp when they have one."""
-    rows = [json.loads(line) for p in paths if p.exists() for line in p.read_text().splitlines() if line.strip()]
+    rows = [
+        json.loads(line) for p in paths if p.exists() for line in p.read_text().splitlines() if line.strip()
+    ]
     return sorted(rows, key=lambda r: r.get("t", 0.0))
 
 
@@ -168,12 +230,18 @@ def job(storage: Path, steps: int, extra: list[str]):
     from ftune.config import TrainJobConfig
     from ftune.yaml_config import load_config
 
-    return load_config(TrainJobConfig, TINY_CONFIG, [f"storage.path={storage}", *ON_SPOT, f"train.max_steps={steps}", *extra])
+    return load_config(
+        TrainJobConfig, TINY_CONFIG, [f"storage.path={storage}", *ON_SPOT, f"train.max_steps={steps}", *extra]
+    )
 
 
 def node_of_rank(events_dir: Path, run: str, rank: int) -> str:
     """Hex id of the node hosting ``rank`` in the run's latest worker group."""
-    entered = [e for e in read_jsonl(events_dir.glob("worker-*.jsonl")) if e["run"] == run and e["event"] == "loop_entered"]
+    entered = [
+        e
+        for e in read_jsonl(events_dir.glob("worker-*.jsonl"))
+        if e["run"] == run and e["event"] == "loop_entered"
+    ]
     return [e for e in entered if e["rank"] == rank][-1]["node_id"]
 
 
@@ -187,7 +255,9 @@ def node_end_time(cluster, node_id: str) -> float | None:
     return None
 
 
-def run(cluster, cfg, name: str, work: Path, fault: str | None = None, at_step: int = 0, deadline_s: float = 0.0) -> Outcome:
+def run(
+    cluster, cfg, name: str, work: Path, fault: str | None = None, at_step: int = 0, deadline_s: float = 0.0
+) -> Outcome:
     """Train ``name`` to the end; on the way ``fault`` (sigkill / notice) the node of rank 1 at ``at_step``."""
     from train.job import run_training
 
@@ -196,14 +266,22 @@ def run(cluster, cfg, name: str, work: Path, fault: str | None = None, at_step: 
 
     def train():
         start = time.time()
-        return run_training(cfg, name=name, callbacks=[timeline]), time.time() - start
+        return run_training(cfg, name=name, callbacks=[timeline, WorkerTimeline(name)]), time.time() - start
 
-    print(f"[bench] {name}: {cfg.train.max_steps} steps" + (f", {fault} at step {at_step}" if fault else ""), flush=True)
+    print(
+        f"[bench] {name}: {cfg.train.max_steps} steps" + (f", {fault} at step {at_step}" if fault else ""),
+        flush=True,
+    )
     background = Background(train)
     marks: dict[str, Any] = {}
     if fault:
-        finished = lambda: background.error is not None or background.result is not None  # noqa: E731
-        wait_for(lambda: last_step(run_dir) >= at_step or finished(), RUN_TIMEOUT_S, f"step {at_step} of {name}")
+
+        def finished() -> bool:
+            return background.error is not None or background.result is not None
+
+        wait_for(
+            lambda: last_step(run_dir) >= at_step or finished(), RUN_TIMEOUT_S, f"step {at_step} of {name}"
+        )
         if finished():
             background.join(0)
             raise RuntimeError(f"{name} finished before step {at_step}; use more --steps")
@@ -233,67 +311,148 @@ def run(cluster, cfg, name: str, work: Path, fault: str | None = None, at_step: 
 # ------------------------------------------------------------------------------------- analysis
 def first_restart(rows: list[dict[str, Any]], after: float) -> tuple[dict, dict] | None:
     """(last row before, first row after) of the first restart after ``after``: the step number goes back."""
-    for prev, row in zip(rows, rows[1:]):
+    for prev, row in itertools.pairwise(rows):
         if row["step"] <= prev["step"] and row["time"] > after:
             return prev, row
     return None
+
+
+def intervals(o: Outcome, label: str, rank: int = 0) -> list[tuple[float, float]]:
+    """(start, end) of every ``label`` timer of one rank, in order."""
+    starts, out = [], []
+    for e in o.events:
+        if e.get("rank") == rank and e["event"] == f"{label}:start":
+            starts.append(e["t"])
+        elif e.get("rank") == rank and e["event"] == f"{label}:end" and starts:
+            out.append((starts.pop(), e["t"]))
+    return out
+
+
+def checkpoint_parts(o: Outcome, jit: bool = False) -> dict[str, float]:
+    """Median seconds of rank 0's checkpoints (periodic, or just-in-time) by part: save, then ray.train.report's
+    barrier (agree on the directory name), upload to storage, and wait until the controller takes the report."""
+    jit_at = {
+        e["t"]: bool(e.get("jit")) for e in o.events if e["event"] == "checkpoint:start" and e["rank"] == 0
+    }
+    windows = [(a, b) for a, b in intervals(o, "checkpoint") if jit_at.get(a) == jit]
+    parts: dict[str, list[float]] = {"total": [b - a for a, b in windows]}
+    for label in ("report.barrier", "report.upload", "report.queue"):
+        spans = intervals(o, label)
+        if spans:
+            parts[label] = [sum(e - s for s, e in spans if a <= s and e <= b) for a, b in windows]
+    parts["save"] = [
+        t - sum(parts[k][i] for k in parts if k != "total") for i, t in enumerate(parts["total"])
+    ]
+    return {k: statistics.median(v) for k, v in parts.items() if v}
 
 
 def checkpoint_cost(o: Outcome) -> dict[str, float]:
     """Rank 0's checkpoint save time (``checkpoint_save_s``) and save + report time, and the training time."""
     saves = [r["checkpoint_save_s"] for r in o.rows if r.get("checkpoint_save_s") is not None]
     if not saves:  # the loop logs the row before checkpointing: the controller sees the value in the report
-        saves = [e["checkpoint_save_s"] for e in o.events if e["event"] == "report" and e.get("checkpoint_save_s") is not None]
+        saves = [
+            e["checkpoint_save_s"]
+            for e in o.events
+            if e["event"] == "report" and e.get("checkpoint_save_s") is not None
+        ]
     ends = {e["step"]: e["t"] for e in o.events if e["event"] == "checkpoint:end" and e["rank"] == 0}
-    full = [ends[e["step"]] - e["t"] for e in o.events if e["event"] == "checkpoint:start" and e["rank"] == 0 and e["step"] in ends]
-    return {"count": len(saves), "save_s": sum(saves), "full_s": sum(full), "train_s": o.summary["wall_time_s"]}
+    full = [
+        ends[e["step"]] - e["t"]
+        for e in o.events
+        if e["event"] == "checkpoint:start" and e["rank"] == 0 and e["step"] in ends
+    ]
+    return {
+        "count": len(saves),
+        "save_s": sum(saves),
+        "full_s": sum(full),
+        "train_s": o.summary["wall_time_s"],
+    }
 
 
-def milestones(o: Outcome) -> list[tuple[str, float]]:
-    """(what, unix time) from the fault to the first resumed step, in time order; worker phases are the slowest rank's."""
+MILESTONES = (
+    ("drain requested (the notice)", "notice"),
+    ("the loop sees the notice, checkpoints every step", "notice_seen"),
+    ("node killed", "kill"),
+    ("controller gives up the worker group (RestartingState)", "restart"),
+    ("GCS marks the node dead (health checks)", "node_dead"),
+    ("new worker group requests its placement group", "worker_group:start"),
+    ("replacement node registered (add_worker returns)", "replacement"),
+    ("worker processes forked (the raylet prestarts them)", "process_started"),
+    ("placement group placed, worker actors up", "worker_group:actors_ready"),
+    ("Ray Train context set up on the workers", "train_context_ready"),
+    ("process group (gloo) up, worker group started", "worker_group:started"),
+    ("train function launched", "training:started"),
+    ("loop entered", "loop_entered"),
+    ("train.loop and deepspeed imported", "imports_done"),
+    ("data fetched from the object store", "load_tokenizer:start"),
+    ("tokenizer loaded (first import of transformers)", "load_tokenizer:end"),
+    ("base model loaded", "load_base_model:end"),
+    ("LoRA adapter added (first import of peft)", "add_adapter:end"),
+    ("deepspeed.initialize done", "deepspeed.initialize:end"),
+    ("checkpoint loaded", "load_checkpoint:end"),
+    ("first resumed step logged", "resumed"),
+)
+"""What happens between a kill and the first resumed step, in the order it usually happens."""
+
+
+def milestones(o: Outcome) -> dict[str, float]:
+    """Key of MILESTONES -> unix time; worker phases are the slowest rank's (the first step needs every rank)."""
     f, ev = o.fault, o.events
     t0 = f.get("t_notice", f["t_kill"])
-    restart = next((e["t"] for e in ev if e["event"] == "state" and e["state"] == "RestartingState" and e["t"] > t0), None)
+    restart = next(
+        (e["t"] for e in ev if e["event"] == "state" and e["state"] == "RestartingState" and e["t"] > t0),
+        None,
+    )
     after = restart or f["t_kill"]
-
-    def ctl(event: str) -> float | None:
-        return next((e["t"] for e in ev if e["event"] == event and e["t"] > after), None)
-
-    def slowest(event: str) -> float | None:
-        times = {}
-        for e in ev:
-            if e["event"] == event and e["t"] > after and "rank" in e:
-                times.setdefault(e["rank"], e["t"])
-        return max(times.values()) if times else None
-
     pair = first_restart(o.rows, f["t_kill"])
-    out = [
-        ("node killed", f["t_kill"]),
-        ("replacement node registered (add_worker)", f["t_replacement_up"]),
-        ("GCS marks the node dead", f.get("t_node_dead")),
-        ("controller restarts (RestartingState)", restart),
-        ("new worker group: scheduling", ctl("worker_group:start")),
-        ("worker group up (placement, actors, gloo)", ctl("worker_group:started")),
-        ("train fn launched", ctl("training:started")),
-        ("worker processes started", slowest("process_started")),
-        ("loop entered", slowest("loop_entered")),
-        ("data fetched, tokenizer load start", slowest("load_tokenizer:start")),
-        ("model load start", slowest("load_base_model:start")),
-        ("deepspeed.initialize start", slowest("deepspeed.initialize:start")),
-        ("engine built", slowest("build_engine:end")),
-        ("checkpoint loaded", slowest("load_checkpoint:end")),
-        ("first resumed step logged", pair[1]["time"] if pair else None),
-    ]
-    if "t_notice" in f:
-        notice = next((e["t"] for e in ev if e["event"] == "notice" and e["rank"] == 0), None)
-        out += [("drain requested (notice)", f["t_notice"]), ("loop sees the notice", notice)]
-    return sorted([(what, t) for what, t in out if t is not None], key=lambda m: m[1])
+    found = {
+        "notice": f.get("t_notice"),
+        "notice_seen": next((e["t"] for e in ev if e["event"] == "notice" and e["rank"] == 0), None),
+        "kill": f["t_kill"],
+        "restart": restart,
+        "node_dead": f.get("t_node_dead"),
+        "replacement": f["t_replacement_up"],
+        "resumed": pair[1]["time"] if pair else None,
+    }
+    for _, key in MILESTONES:
+        if key in found:
+            continue
+        per_rank: dict[int, float] = {}
+        for e in ev:
+            if e["event"] == key and e["t"] > after:
+                per_rank.setdefault(e.get("rank", 0), e["t"])
+        found[key] = max(per_rank.values()) if per_rank else None
+    return {k: t for k, t in found.items() if t is not None}
+
+
+def timeline_table(faulted: list[Outcome]) -> str:
+    """Seconds from the kill to each milestone, one column per faulted run."""
+    marks = [milestones(o) for o in faulted]
+    rows = []
+    for label, key in MILESTONES:
+        if any(key in m for m in marks):
+            rows.append(
+                [
+                    label,
+                    *(
+                        f"{m[key] - o.fault['t_kill']:+.1f}" if key in m else "-"
+                        for o, m in zip(faulted, marks)
+                    ),
+                ]
+            )
+    return markdown_table(["milestone", *(f"{o.name}: s from kill" for o in faulted)], rows)
 
 
 def phase_durations(o: Outcome) -> dict[str, float]:
     """Seconds of the resumed attempt's phases on the slowest rank (start -> end of each timer)."""
     out = {}
-    for label in ("load_base_model", "deepspeed.initialize", "build_engine", "load_checkpoint"):
+    for label in (
+        "load_tokenizer",
+        "load_base_model",
+        "add_adapter",
+        "deepspeed.initialize",
+        "load_checkpoint",
+    ):
         per_rank: dict[int, float] = {}
         starts = {}
         for e in o.events:
@@ -307,66 +466,158 @@ def phase_durations(o: Outcome) -> dict[str, float]:
     return out
 
 
-def notice_window(o: Outcome) -> str:
+def describe_parts(parts: dict[str, float]) -> str:
+    """``1.06 s = save 0.17 + barrier 0.05 + ...`` from :func:`checkpoint_parts`."""
+    names = {
+        "report.barrier": "barrier",
+        "report.upload": "upload",
+        "report.queue": "wait for the controller",
+    }
+    if not parts:
+        return "none"
+    if len(parts) == 2:  # no ray.train.report timers (Ray internals renamed)
+        return f"{parts['total']:.2f} s (save and ray.train.report)"
+    return f"{parts['total']:.2f} s = save {parts['save']:.2f}" + "".join(
+        f" + {name} {parts[key]:.2f}" for key, name in names.items() if key in parts
+    )
+
+
+def notice_window(o: Outcome, steady_step_s: float) -> str:
     """Steps and just-in-time checkpoints between the notice reaching the loop and the kill."""
     notice = next((e["t"] for e in o.events if e["event"] == "notice" and e["rank"] == 0), None)
-    jit = [e for e in o.events if e["event"] == "checkpoint:end" and e["rank"] == 0 and e.get("jit")]
-    starts = {e["step"]: e["t"] for e in o.events if e["event"] == "checkpoint:start" and e["rank"] == 0 and e.get("jit")}
-    secs = [e["t"] - starts[e["step"]] for e in jit if e["step"] in starts]
     if notice is None:
         return "the loop never saw the notice"
-    steps = [r["step"] for r in o.rows if notice <= r["time"] <= o.fault["t_kill"]]
-    return (f"notice reached the loop {notice - o.fault['t_notice']:.1f} s after the drain; "
-            f"{len(steps)} steps and {len(jit)} just-in-time checkpoints ({statistics.median(secs) if secs else 0:.2f} s "
-            f"median each, save + report) before the kill at the deadline")
+    window = o.fault["t_kill"] - notice
+    steps = sum(1 for r in o.rows if notice <= r["time"] <= o.fault["t_kill"])
+    written = [
+        e["step"] for e in o.events if e["event"] == "checkpoint:end" and e["rank"] == 0 and e.get("jit")
+    ]
+    taken = [e["step"] for e in o.events if e["event"] == "report" and e.get("jit")]
+    return (
+        f"the notice reached the loop {notice - o.fault['t_notice']:.1f} s after the drain; in the {window:.1f} s "
+        f"left it trained {steps} steps ({window / steady_step_s:.0f} at the steady step time). Just-in-time "
+        f"checkpoints finished by rank 0: steps {', '.join(map(str, written)) or 'none'}; taken in by the "
+        f"controller before the restart: up to step {max(taken, default='none')}; median per checkpoint: "
+        f"{describe_parts(checkpoint_parts(o, jit=True))}"
+    )
 
 
 def report(base: Outcome, faulted: list[Outcome]) -> tuple[str, list[str], list[str]]:
-    """Markdown table, per-fault timelines and goal verdicts."""
+    """Results table, the recovery timeline (table and notes) and goal verdicts."""
     cost = checkpoint_cost(base)
-    headers = ["run", "wall s", "x uninterrupted", "steady step s", "checkpoints", "ckpt save % of train",
-               "ckpt save+report % of train", "restarts", "fault at step", "steps lost", "kill -> resumed step s"]
-    rows = [[base.name, f"{base.wall_s:.1f}", "1.00", f"{base.summary['steady_step_time_s']:.3f}", cost["count"],
-             f"{cost['save_s'] / cost['train_s']:.1%}", f"{cost['full_s'] / cost['train_s']:.1%}", 0, "-", "-", "-"]]
-    timelines, verdicts = [], [
-        goal("checkpoint save (sum of checkpoint_save_s) / training time", f"{cost['save_s'] / cost['train_s']:.1%}",
-             f"<= {CHECKPOINT_GOAL:.0%}", cost["save_s"] / cost["train_s"] <= CHECKPOINT_GOAL),
-        goal("checkpoint save + ray.train.report / training time", f"{cost['full_s'] / cost['train_s']:.1%}",
-             f"<= {CHECKPOINT_GOAL:.0%}", cost["full_s"] / cost["train_s"] <= CHECKPOINT_GOAL),
+    steady = base.summary["steady_step_time_s"]
+    headers = [
+        "run",
+        "wall s",
+        "x uninterrupted",
+        "steady step s",
+        "checkpoints",
+        "ckpt save % of train",
+        "ckpt save+report % of train",
+        "restarts",
+        "fault at step",
+        "steps lost",
+        "kill -> resumed step s",
+    ]
+    rows = [
+        [
+            base.name,
+            f"{base.wall_s:.1f}",
+            "1.00",
+            f"{steady:.3f}",
+            cost["count"],
+            f"{cost['save_s'] / cost['train_s']:.1%}",
+            f"{cost['full_s'] / cost['train_s']:.1%}",
+            0,
+            "-",
+            "-",
+            "-",
+        ]
+    ]
+    notes = [
+        (
+            f"{base.name}: training (loop) time {cost['train_s']:.1f} s of {base.wall_s:.1f} s wall; "
+            f"{cost['count']} checkpoints took {cost['save_s']:.1f} s to save, {cost['full_s']:.1f} s with "
+            f"ray.train.report; median per checkpoint: {describe_parts(checkpoint_parts(base))}"
+        )
+    ]
+    verdicts = [
+        goal(
+            "checkpoint save (sum of checkpoint_save_s) / training time",
+            f"{cost['save_s'] / cost['train_s']:.1%}",
+            f"<= {CHECKPOINT_GOAL:.0%}",
+            cost["save_s"] / cost["train_s"] <= CHECKPOINT_GOAL,
+        ),
+        goal(
+            "checkpoint save + ray.train.report / training time",
+            f"{cost['full_s'] / cost['train_s']:.1%}",
+            f"<= {CHECKPOINT_GOAL:.0%}",
+            cost["full_s"] / cost["train_s"] <= CHECKPOINT_GOAL,
+        ),
     ]
     for o in faulted:
         pair = first_restart(o.rows, o.fault["t_kill"])
         lost = pair[0]["step"] - (pair[1]["step"] - 1) if pair else None
         recovery = pair[1]["time"] - o.fault["t_kill"] if pair else None
         ratio = o.wall_s / base.wall_s
-        rows.append([o.name, f"{o.wall_s:.1f}", f"{ratio:.2f}", f"{o.summary['steady_step_time_s']:.3f}", "-", "-", "-",
-                     o.summary["restarts"], o.fault["step_at_fault"], lost if lost is not None else "?",
-                     f"{recovery:.1f}" if recovery is not None else "?"])
-        marks = milestones(o)
-        kill = o.fault["t_kill"]
-        lines = [f"{o.name}: " + "; ".join(f"{what} {t - kill:+.1f} s" for what, t in marks)]
+        rows.append(
+            [
+                o.name,
+                f"{o.wall_s:.1f}",
+                f"{ratio:.2f}",
+                f"{o.summary['steady_step_time_s']:.3f}",
+                "-",
+                "-",
+                "-",
+                o.summary["restarts"],
+                o.fault["step_at_fault"],
+                lost if lost is not None else "?",
+                f"{recovery:.1f}" if recovery is not None else "?",
+            ]
+        )
         phases = phase_durations(o)
-        if phases:
-            lines.append(f"{o.name} resumed attempt, slowest rank: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
-        lines.append(f"{o.name} replacement node start (add_worker): "
-                     f"{o.fault['t_replacement_up'] - o.fault['t_replacement_start']:.1f} s")
+        notes.append(
+            f"{o.name}: replacement node start (add_worker) "
+            f"{o.fault['t_replacement_up'] - o.fault['t_replacement_start']:.1f} s; resumed attempt, slowest rank: "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items())
+        )
         if "t_notice" in o.fault:
-            lines.append(f"{o.name}: {notice_window(o)}")
-        timelines += lines
-        verdicts.append(goal(f"{o.name}: node killed -> first resumed step", f"{recovery:.1f} s" if recovery else "never",
-                             f"<= {RECOVERY_GOAL_S:.0f} s", recovery is not None and recovery <= RECOVERY_GOAL_S))
-        if o.name == "notice":
-            verdicts.append(goal("notice: steps lost", str(lost), f"<= {NOTICE_LOST_GOAL}",
-                                 lost is not None and lost <= NOTICE_LOST_GOAL))
-        verdicts.append(goal(f"{o.name}: total wall vs uninterrupted", f"{ratio:.2f}x", f"<= {WALL_GOAL}x", ratio <= WALL_GOAL))
-    return markdown_table(headers, rows), timelines, verdicts
+            notes.append(f"{o.name}: {notice_window(o, steady)}")
+        verdicts.append(
+            goal(
+                f"{o.name}: node killed -> first resumed step",
+                f"{recovery:.1f} s" if recovery else "never",
+                f"<= {RECOVERY_GOAL_S:.0f} s",
+                recovery is not None and recovery <= RECOVERY_GOAL_S,
+            )
+        )
+        if "t_notice" in o.fault:
+            verdicts.append(
+                goal(
+                    f"{o.name}: steps lost",
+                    str(lost),
+                    f"<= {NOTICE_LOST_GOAL}",
+                    lost is not None and lost <= NOTICE_LOST_GOAL,
+                )
+            )
+        verdicts.append(
+            goal(
+                f"{o.name}: total wall vs uninterrupted",
+                f"{ratio:.2f}x",
+                f"<= {WALL_GOAL}x",
+                ratio <= WALL_GOAL,
+            )
+        )
+    return markdown_table(headers, rows), [timeline_table(faulted), "", *(f"- {n}" for n in notes)], verdicts
 
 
 def write_results(text: str) -> None:
     """Replace this benchmark's section of bench/RESULTS.md, leaving every other section as it is."""
     start, end = "<!-- bench/recovery.py start -->", "<!-- bench/recovery.py end -->"
     section = f"{start}\n{text.rstrip()}\n{end}\n"
-    old = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"  # re-read just now
+    old = (
+        RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
+    )  # re-read just now
     if start in old and end in old:
         head, rest = old.split(start, 1)
         new = head + section + rest.split(end, 1)[1].lstrip("\n")
@@ -379,10 +630,24 @@ def write_results(text: str) -> None:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default 300; 80 with --quick)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 80 steps, checkpoint_every 20, not recorded")
-    parser.add_argument("--deadline", type=float, default=10.0, help="seconds from the drain to the kill (notice run)")
-    parser.add_argument("--set", action="append", default=[], metavar="section.key=value", help="config override")
-    parser.add_argument("--out", help="keep runs, time stamps and the built model here (default: a temporary folder, deleted)")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 80 steps, checkpoint_every 20, not recorded"
+    )
+    parser.add_argument(
+        "--deadline", type=float, default=10.0, help="seconds from the drain to the kill (notice run)"
+    )
+    parser.add_argument(
+        "--controller-poll-s",
+        type=float,
+        help="RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: how often the Train controller polls the workers and takes their "
+        "reports (Ray's default 2 s)",
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="section.key=value", help="config override"
+    )
+    parser.add_argument(
+        "--out", help="keep runs, time stamps and the built model here (default: a temporary folder, deleted)"
+    )
     parser.add_argument("--verbose", action="store_true", help="show the workers' and controller's logs")
     parser.add_argument("--no-record", action="store_true", help="do not update bench/RESULTS.md")
     return parser.parse_args(argv)
@@ -405,11 +670,15 @@ def main(argv: list[str]) -> int:
     (work / "events").mkdir(parents=True, exist_ok=True)
     cfg = job(work / "runs", steps, extra)
     every = cfg.train.checkpoint_every
-    at_step = (steps // 2) // every * every + every // 2  # halfway between checkpoints: a random kill's mean loss
+    # Faults halfway between two checkpoints: the mean loss of a kill at a random moment.
+    at_step = (steps // 2) // every * every + every // 2
     command = "python bench/recovery.py " + " ".join(argv)
     machine = machine_line()
-    print(f"machine: {machine}\ncommand: {command}\n{steps} steps, checkpoint_every {every}, faults at step {at_step}, "
-          f"notice deadline {args.deadline:.0f} s, work dir {work}", flush=True)
+    print(
+        f"machine: {machine}\ncommand: {command}\n{steps} steps, checkpoint_every {every}, faults at step {at_step}, "
+        f"notice deadline {args.deadline:.0f} s, work dir {work}",
+        flush=True,
+    )
     # A private FTUNE_HOME unless one is set: concurrent tests that rebuild the shared tiny model
     # would otherwise rebuild it inside a timed run.
     os.environ.setdefault("FTUNE_HOME", str(work / "ftune_home"))
@@ -419,8 +688,15 @@ def main(argv: list[str]) -> int:
     train.loop.train_loop_per_worker = timed_train_loop  # build_trainer looks it up at call time
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ.pop("RAY_ADDRESS", None)  # never join another engineer's cluster
-    env = {"RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5", "FTUNE_HOME": str(ftune_home()), "WANDB_MODE": "offline",
-           EVENTS_ENV: str(work / "events")}
+    env = {
+        "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5",
+        "FTUNE_HOME": str(ftune_home()),
+        "WANDB_MODE": "offline",
+        EVENTS_ENV: str(work / "events"),
+    }
+    if args.controller_poll_s is not None:
+        env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(args.controller_poll_s)
+    poll = f"{args.controller_poll_s:g} s" if args.controller_poll_s is not None else "2 s (Ray's default)"
     try:
         with LocalCluster(head_cpus=1, cpus_per_worker=1).up(2) as cluster:
             ray.init(address=cluster.address, runtime_env={"env_vars": env}, log_to_driver=args.verbose)
@@ -430,22 +706,31 @@ def main(argv: list[str]) -> int:
                 notice = run(cluster, cfg, "notice", work, "notice", at_step, args.deadline)
             finally:
                 ray.shutdown()
-        table, timelines, verdicts = report(base, [sigkill, notice])
+        outcomes = [base, sigkill, notice]
+        (work / "outcomes.json").write_text(json.dumps([dataclasses.asdict(o) for o in outcomes]))
+        table, timeline, verdicts = report(base, [sigkill, notice])
     finally:
         if args.out is None:
             shutil.rmtree(work, ignore_errors=True)
     load_after = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    text = "\n".join([
-        f"## Recovery (`{command}`)\n",
-        f"{machine}; load avg after {load_after}; ray {ray.__version__}, deepspeed {deepspeed.__version__}, "
-        f"torch {torch.__version__}. Local cluster: head (1 CPU) + 2 worker raylets (1 CPU, `spot: 1`), GCS "
-        f"health check 1 s x 5, Train preemption poll 0.5 s. Tiny config, {steps} steps, checkpoint_every {every}, "
-        f"evaluation only at the end; faults hit rank 1's node at step {at_step}; notice deadline {args.deadline:.0f} s.\n",
-        table,
-        "\nWhere the recovery went (time from the kill; worker phases are the slowest rank's):\n",
-        *(f"- {line}" for line in timelines),
-        "\n```", *verdicts, "```",
-    ])
+    text = "\n".join(
+        [
+            f"## Recovery (`{command}`)\n",
+            (
+                f"{machine}; load avg after {load_after}; ray {ray.__version__}, deepspeed {deepspeed.__version__}, "
+                f"torch {torch.__version__}. Local cluster: head (1 CPU) + 2 worker raylets (1 CPU, `spot: 1`), GCS "
+                f"health check 1 s x 5, Train preemption poll 0.5 s, Train controller poll {poll}. Tiny config, {steps} steps, checkpoint_every "
+                f"{every}, evaluation only at the end; faults hit rank 1's node at step {at_step}; notice deadline "
+                f"{args.deadline:.0f} s.\n"
+            ),
+            table,
+            "\nWhere the recovery time went (seconds from the kill; worker phases are the slowest rank's):\n",
+            *timeline,
+            "\n```",
+            *verdicts,
+            "```",
+        ]
+    )
     print("\n" + text)
     if not (args.quick or args.no_record):
         write_results(text)

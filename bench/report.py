@@ -60,3 +60,22 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
 def goal(name: str, measured: str, target: str, passed: bool) -> str:
     """``PASS``/``FAIL`` line of one goal, e.g. ``FAIL  step time 1-worker/plain: 1.23x (goal <= 1.10x)``."""
     return f"{'PASS' if passed else 'FAIL'}  {name}: {measured} (goal {target})"
+
+
+RESULTS = REPO / "bench" / "RESULTS.md"
+
+
+def record_section(key: str, text: str, results: Path = RESULTS) -> None:
+    """Replace the section between ``<!-- {key} start -->`` and ``<!-- {key} end -->`` (or append it).
+
+    The file is read right before it is written, so sections other benchmarks wrote meanwhile are kept.
+    """
+    start, end = f"<!-- {key} start -->", f"<!-- {key} end -->"
+    section = f"{start}\n{text.rstrip()}\n{end}\n"
+    old = results.read_text(encoding="utf-8") if results.exists() else "# Benchmark results\n"
+    if start in old and end in old:
+        head, rest = old.split(start, 1)
+        new = head + section + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        new = old.rstrip() + "\n\n" + section
+    results.write_text(new, encoding="utf-8")

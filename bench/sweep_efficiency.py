@@ -42,7 +42,7 @@ def space_overrides(quick: bool) -> list[str]:
         f"job.train.max_steps={steps}", f"job.train.eval_every={every}", f"job.train.checkpoint_every={every}",
         "job.train.report_interval_s=0.5", "job.data.max_validation_rows=64", "job.tracking.wandb=disabled",
         f"space.lora.r={{choice: {ranks}}}", "space.lora.alpha={ratio: 2}",
-        "space.train.lr={loguniform: [1.0e-4, 1.0e-2]}", f"search.grid_points={2 if quick else 4}",
+        "space.train.lr={loguniform: [1.0e-4, 1.0e-2]}", f"search.grid_points={2 if quick else 3}",
         "search.max_concurrent_trials=2", "budget.startup_s=40", f"budget.step_time_s={0.1}",
     ]
 

@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import goal, machine_line, markdown_table  # noqa: E402
+from bench.report import RESULTS, goal, machine_line, markdown_table, record_section  # noqa: E402
 
 MFU_GOAL = 0.45
 MFU_GOAL_MIN_PARAMS = 1e9
@@ -237,6 +237,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--cache", type=Path, help="random-weight models are saved here (default $FTUNE_HOME/bench-models)"
     )
+    parser.add_argument("--no-record", action="store_true", help="do not update bench/RESULTS.md")
     parser.add_argument("--child-result", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -267,15 +268,15 @@ def main(argv: list[str]) -> int:
     if args.child_result:
         args.child_result.write_text(json.dumps(run_one(args)))
         return 0
-    print(f"machine: {machine_line()}")
-    print(f"command: python bench/train_gpu.py {' '.join(argv)}")
-    print(
-        f"seq len {args.seq_len}, bf16, sdpa, "
-        f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
-        f"{args.warmup} warm-up + {args.steps} timed steps, one process per configuration",
-        flush=True,
+    machine = machine_line()
+    setting = (
+        f"`python bench/train_gpu.py {' '.join(argv)}`: seq len {args.seq_len}, bf16, sdpa, "
+        "LoRA r=16 all-linear, "
+        f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, ZeRO-2 on 1 GPU, "
+        f"{args.warmup} warm-up + {args.steps} timed steps (median), one process per configuration."
     )
-    rows, goals, failed = [], [], False
+    print(f"machine: {machine}\n{setting}", flush=True)
+    rows, goals, failed, devices = [], [], False, set()
     with tempfile.TemporaryDirectory(prefix="ftune-gpu-bench-") as tmp:
         for name in args.model or ["1b", "8b"]:
             for method in args.method or ["lora", "qlora"]:
@@ -294,6 +295,7 @@ def main(argv: list[str]) -> int:
                     failed = True
                     continue
                 r = json.loads(result.read_text())
+                devices.add(r["device"])
                 peak = args.peak_tflops or peak_tflops(r["device"])
                 mfu = r["tokens_per_s"] * 4 * r["params"] / (peak * 1e12) if peak else None
                 rows.append(
@@ -333,8 +335,20 @@ def main(argv: list[str]) -> int:
         "MFU (4N)",
         "loss",
     ]
-    print("\n" + markdown_table(headers, rows) + "\n")
-    print("\n".join(goals))
+    text = "\n".join(
+        [
+            f"{machine}; GPU: {', '.join(sorted(devices)) or '-'}",
+            "",
+            setting,
+            "",
+            markdown_table(headers, rows),
+        ]
+        + ["", "```", *goals, "```"]
+    )
+    print("\n" + text)
+    if not args.no_record:
+        record_section("bench/train_gpu.py", f"## train on GPU (tokens/s, memory, MFU)\n\n{text}")
+        print(f"\nrecorded in {RESULTS}")
     return 1 if failed else 0
 
 

@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import REPO, goal, machine_line, markdown_table  # noqa: E402
+from bench.report import REPO, RESULTS, goal, machine_line, markdown_table, record_section  # noqa: E402
 
 TINY_CONFIG = REPO / "configs" / "train" / "tiny.yaml"
 RUNS = (("plain", 1), ("ftune", 1), ("ftune", 2))
@@ -456,6 +456,7 @@ def report(results: dict[str, dict[str, dict[str, Any]]]) -> tuple[str, list[str
     headers = [
         "model",
         "run",
+        "load",
         "start-up s",
         "of it ray.init s",
         "step ms (median)",
@@ -475,6 +476,7 @@ def report(results: dict[str, dict[str, dict[str, Any]]]) -> tuple[str, list[str
                 [
                     model,
                     label,
+                    "/".join(f"{x:.1f}" for x in s["load_avg"]),
                     f"{s['startup_s']:.1f}",
                     f"{s['ray_init_s']:.1f}" if s["ray_init_s"] else "-",
                     f"{s['step_s'] * 1e3:.1f}",
@@ -582,7 +584,7 @@ STEP_PARTS = (
     ("model(**batch)", "forward"),
     ("engine.backward", "backward"),
     (".backward()", "backward"),
-    ("engine.step", "engine.step (ZeRO-2: grad norm + clip, AdamW, copy back)"),
+    ("engine.step", "engine.step (ZeRO: grad norm + clip, AdamW, copy back)"),
     ("clip_grad_norm_", "optimizer: clip_grad_norm_"),
     ("optimizer.step", "optimizer: AdamW step"),
     ("scheduler.step", "optimizer: LR schedule"),
@@ -634,7 +636,7 @@ def step_profile(spy_file: Path, fn, first: str, last: str) -> dict[str, float]:
             (label for key, label in STEP_PARTS if key in text), "other loop code (metrics, clocks, plan)"
         )
         if part == "backward" and "deepspeed/runtime/zero" in inner:
-            part = "backward: ZeRO-2 gradient hooks (bucket copy, reduce)"
+            part = "backward: ZeRO gradient reduction (hooks, bucket copy, all-reduce)"
         counts[part] = counts.get(part, 0) + int(n)
     total = sum(counts.values()) or 1
     return {part: c / total for part, c in sorted(counts.items(), key=lambda kv: -kv[1])}
@@ -709,6 +711,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--out", type=Path, help="keep logs, metrics and results here (default: a temp dir, deleted)"
     )
+    parser.add_argument("--no-record", action="store_true", help="do not update bench/RESULTS.md")
     parser.add_argument("--child", choices=["plain", "ftune"], help=argparse.SUPPRESS)
     parser.add_argument("--child-job", help=argparse.SUPPRESS)
     parser.add_argument("--child-result", help=argparse.SUPPRESS)
@@ -724,7 +727,8 @@ def main(argv: list[str]) -> int:
     models = args.model or ["tiny", "256x4"]
     work = Path(args.out or tempfile.mkdtemp(prefix="ftune-bench-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {machine_line()}")
+    machine = machine_line()
+    print(f"machine: {machine}")
     print(f"command: python bench/train_overhead.py {' '.join(argv)}")
     print(
         f"{args.steps} steps (warm-up {args.warmup} and the last step left out), "
@@ -743,9 +747,8 @@ def main(argv: list[str]) -> int:
                     label = "plain" if kind == "plain" else f"ftune-{workers}"
                     name = f"{spec}-{label}-r{rep}"
                     cfg = job_config(model, data, args.steps, workers, work / "runs", args.wandb, args.set)
-                    shutil.rmtree(
-                        work / "runs" / name, ignore_errors=True
-                    )  # a run name that exists would resume
+                    # A run name that exists would resume.
+                    shutil.rmtree(work / "runs" / name, ignore_errors=True)
                     profile_dir = work / "profile" / name if args.profile else None
                     raw = run_child(kind, cfg, name, work, profile_dir)
                     runs.setdefault(label, []).append((name, raw, steady_stats(raw, args.warmup)))
@@ -762,21 +765,40 @@ def main(argv: list[str]) -> int:
                         reps[0][2]["wall_step_s"],
                     )
         table, goals = report(results)
-        print(f"\n{table}\n\nstart-up breakdown (fastest repeat):\n  " + "\n  ".join(breakdowns) + "\n")
+        out = [
+            f"{machine} (at the start; the 1-min load average before each run is in the table)",
+            "",
+            f"`python bench/train_overhead.py {' '.join(argv)}`: {args.steps} steps, steady state = steps "
+            f"{args.warmup + 1}..{args.steps - 1}; best of {args.repeats} interleaved repeat(s); "
+            "1 torch thread per process, fp32, global batch 16 (micro 8).",
+            "",
+            table,
+            "",
+            "Start-up breakdown (fastest repeat):",
+            "",
+            *(f"- {line}" for line in breakdowns),
+        ]
         if args.repeats > 1:
+            out += ["", "Median step ms of each repeat:", ""]
             for spec, runs_ in results.items():
                 each = "; ".join(
                     f"{label} " + "/".join(f"{x * 1e3:.0f}" for x in s["step_s_each"])
                     for label, s in runs_.items()
                 )
-                print(f"{spec} median step ms per repeat: {each}")
-            print()
-        print("\n".join(goals))
-        (work / "results.json").write_text(
-            json.dumps({"machine": machine_line(), "results": results}, indent=1)
-        )
+                out.append(f"- {spec}: {each}")
+        out += ["", "```", *goals, "```"]
         if args.profile:
-            print("\n" + summarize_profiles(profiles))
+            out += ["", summarize_profiles(profiles)]
+        text = "\n".join(out)
+        print("\n" + text)
+        (work / "results.json").write_text(json.dumps({"machine": machine, "results": results}, indent=1))
+        if not args.no_record:
+            key = "bench/train_overhead.py" + (" --profile" if args.profile else "")
+            title = "## train overhead" + (
+                ": where a step's time goes (py-spy; perturbs timings)" if args.profile else ""
+            )
+            record_section(key, f"{title}\n\n{text}")
+            print(f"\nrecorded in {RESULTS}")
     finally:
         if args.out is None:
             shutil.rmtree(work, ignore_errors=True)

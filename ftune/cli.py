@@ -18,7 +18,6 @@ from ftune.errors import JobFailed, UserError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("ftune.demo", "the whole product locally: tiny model, training, report"),
     "train": ("train.job", "run a distributed LoRA training job on Ray Train + DeepSpeed"),
-    "sweep": ("tune.sweep", "a budgeted Ray Tune sweep (Optuna TPE + ASHA, PBT) over rank, alpha and lr"),
     "serve": ("serve.cli", "serve adapters behind an OpenAI-compatible API on Ray Serve"),
     "export": ("serve.export", "merge an adapter into its base model for engines without LoRA"),
     "cluster": ("cluster.cli", "a local multi-node Ray cluster: up/down/status/kill-worker/drain-worker"),

@@ -25,8 +25,9 @@ LEADERBOARD_CSV = "leaderboard.csv"
 BEST_ADAPTER = Path("best") / "adapter"
 
 
-def adapter_of(storage: Storage, run: str) -> str | None:
-    """The run's exported adapter, else the adapter of its latest checkpoint, else None."""
+def adapter_of(storage: Storage, run: str, step: int) -> str | None:
+    """The run's exported adapter, else the adapter of its latest checkpoint at or before ``step`` (the
+    last step the sweep saw: a stopped run may save one more checkpoint before it dies), else None."""
     if storage.exists(run, "adapter", "adapter_config.json"):
         return storage.uri_of(run, "adapter")
     fs, _ = storage.filesystem()
@@ -34,11 +35,10 @@ def adapter_of(storage: Storage, run: str) -> str | None:
         infos = fs.get_file_info(pafs.FileSelector(storage.path(run), recursive=False))
     except (FileNotFoundError, OSError):
         return None
-    checkpoints = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
-    for name in reversed(checkpoints):
-        if storage.exists(run, name, "adapter", "adapter_config.json"):
-            return storage.uri_of(run, name, "adapter")
-    return None
+    checkpoints = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_step"))
+    usable = [n for n in checkpoints if storage.exists(run, n, "adapter", "adapter_config.json")]
+    seen = [n for n in usable if int(n.removeprefix("checkpoint_step")[:7]) <= step]
+    return storage.uri_of(run, (seen or usable)[-1], "adapter") if usable else None
 
 
 def _finite(value: Any) -> float | None:
@@ -65,7 +65,7 @@ def leaderboard(spend: dict[str, Any], trials: Storage, space: SearchSpace, base
             "run": t["run"],
             "runs": t["runs"],
             "run_dir": trials.uri_of(t["run"]),
-            "adapter_path": adapter_of(trials, t["run"]),
+            "adapter_path": adapter_of(trials, t["run"], t["step"]),
             "error": t.get("error"),
         }
         if metric != "eval_loss":

@@ -40,6 +40,7 @@ class SweepProgress(tune.Callback):
         self.metric = metric
         self.mode = mode
         self._seen: dict[str, str] = {}
+        self._resumed: set[str] = set()
         self._stop_reported = False
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
@@ -54,15 +55,17 @@ class SweepProgress(tune.Callback):
                 continue
             previous = self._seen.get(trial.trial_id)
             self._seen[trial.trial_id] = trial.status
-            if previous is None and trial.status in ("pending", "interrupted"):
-                continue
-            say(f"{self._describe(trial, previous)} | {self._totals(ledger)}")
+            if trial.status in ("pending", "paused", "interrupted"):
+                if previous is not None or trial.status == "interrupted":
+                    self._resumed.add(trial.trial_id)
+                continue  # waiting: the next line (started, resumed) says what happened
+            say(f"{self._describe(trial)} | {self._totals(ledger)}")
 
-    def _describe(self, trial: TrialSpend, previous: str | None) -> str:
+    def _describe(self, trial: TrialSpend) -> str:
         head = f"#{trial.number} {trial.trial_id}"
         value = f"{self.metric} {trial.metric:.4f}" if trial.metric is not None else f"no {self.metric} yet"
         if trial.status == "running":
-            verb = "resumed" if previous in ("paused", "interrupted") else "started"
+            verb = "resumed" if trial.trial_id in self._resumed or trial.runs[1:] else "started"
             return f"{head} {verb}: {self.space.describe(trial.config, self.base_r)}"
         if trial.status == "completed":
             return f"{head} completed {trial.step} steps: {value}, ${trial.cost():.4f}"

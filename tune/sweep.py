@@ -330,7 +330,9 @@ def start(cfg: SweepConfig, name: str, *, dry_run: bool = False, show_trial_logs
         raise UserError(f"sweep directory {sweep.sweep_dir} already holds a sweep; continue it with "
                         f"`ftune sweep --resume {sweep.sweep_dir}` or pick another name (name=...)")
     sweep.sweep_dir.mkdir(parents=True, exist_ok=True)
-    saved = {"name": name, "created": time.time(), "config": cfg.model_dump(mode="json"), "job": cfg.job_config().model_dump(mode="json")}
+    config = cfg.model_dump(mode="json")
+    config["compute"]["pricing"] = str(Path(cfg.compute.pricing).resolve())  # --resume may run elsewhere
+    saved = {"name": name, "created": time.time(), "config": config, "job": cfg.job_config().model_dump(mode="json")}
     (sweep.sweep_dir / SWEEP_FILE).write_text(json.dumps(saved, indent=2))
     return run(sweep, resume=False, show_trial_logs=show_trial_logs)
 
