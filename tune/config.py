@@ -53,6 +53,8 @@ class ParamSpec(Section):
             raise ValueError(f"write a mapping with one of {', '.join(DISTRIBUTIONS)}, e.g. {{choice: [8, 16]}}")
         import difflib
 
+        data = {k: v for k, v in data.items() if v is not None}  # a dumped spec lists the unset ones as null
+
         for key in data:
             if key not in DISTRIBUTIONS:
                 guess = DISTRIBUTION_ALIASES.get(str(key)) or next(

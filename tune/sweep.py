@@ -41,7 +41,7 @@ from tune.budget import BudgetGate, BudgetStopper, SpendLedger, SpendTracker
 from tune.config import SweepConfig
 from tune.pricing import TrialShape, hourly_rate
 from tune.space import SearchSpace, pbt_mutated
-from tune.trial import PER_RUN_KEYS, TRIALS_DIR, TrialPlan, run_trial
+from tune.trial import PER_RUN_KEYS, TRIALS_DIR, TrialPlan, trial_trainable
 
 SWEEP_FILE = "sweep.json"
 TUNE_DIR = "tune"
@@ -224,11 +224,10 @@ def trial_dirname(trial) -> str:
 
 
 def trainable(sweep: Sweep):
-    """The function trainable with the plan and data attached and the driver's CPUs reserved."""
+    """The trial trainable with the plan and data attached and the driver's CPUs reserved."""
     from ray import tune
 
-    fn = tune.with_parameters(run_trial, plan=sweep.plan, data=sweep.data)
-    return tune.with_resources(fn, {"CPU": sweep.shape.driver_cpus})
+    return tune.with_resources(trial_trainable(sweep.plan, sweep.data), {"CPU": sweep.shape.driver_cpus})
 
 
 def concurrency_of(sweep: Sweep) -> int:
