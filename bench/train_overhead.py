@@ -433,6 +433,9 @@ def run_child(kind: str, cfg, name: str, work: Path, profile_dir: Path | None) -
             env=env,
             cwd=REPO,
             check=False,
+            # Its own session, hence its own scheduler autogroup, as Ray gives its workers: otherwise
+            # on a busy machine the plain loop and the Ray workers get different CPU shares.
+            start_new_session=True,
         )
     print(f" {time.time() - spawned:.0f} s", flush=True)
     if proc.returncode:

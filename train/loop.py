@@ -273,3 +273,10 @@ def _report_with_checkpoint(engine, state: TrainState, metrics: dict[str, Any], 
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
             checkpoint_dir_name=f"checkpoint_step{state.step:07d}" + ("_jit" if jit else ""),
         )
+    if jit:
+        # report() returns once the result is queued, not once the controller has taken it in (each
+        # worker's queue holds one result; the controller drains it every health-check interval). A
+        # node that goes now would take a queued checkpoint with it and lose two steps, so wait:
+        # the next report blocks until this one is consumed, and the checkpoint is registered before
+        # the next step starts. It repeats the step's metrics without rows or a checkpoint.
+        ray.train.report({**metrics, "steps": [], "jit_commit": True})

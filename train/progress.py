@@ -31,8 +31,8 @@ class ProgressPrinter(UserCallback):
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         """Print progress for the report rank 0 just made."""
         m = metrics[0] if metrics else {}
-        if "step" not in m or "total_steps" not in m:
-            return
+        if "step" not in m or "total_steps" not in m or m.get("jit_commit"):
+            return  # jit_commit: the repeat that confirms a just-in-time checkpoint was taken in
         now = time.monotonic()
         if self._started is None or m["step"] <= (self._first_step or 0):
             self._started, self._first_step = now, m["step"]

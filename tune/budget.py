@@ -240,15 +240,15 @@ class SpendLedger:
         return changed
 
     def _final_status(self, entry: TrialSpend, trial) -> str:
+        if entry.status in FINISHED_STATUSES:
+            return entry.status  # a resumed sweep re-queues trials Tune had not yet seen finish
         if trial.status == "ERROR":
             return "error"
         if trial.status == "PAUSED":
             return "paused"
         if trial.status == "PENDING":
-            return entry.status if entry.status in ("stopped_budget", "interrupted") else "pending"
+            return entry.status if entry.status == "interrupted" else "pending"
         # TERMINATED: by its own end, early stopping, the budget, or the user (Ctrl-C)
-        if entry.status in ("stopped_budget", "completed"):
-            return entry.status
         if entry.total_steps and entry.step >= entry.total_steps:
             return "completed"
         if entry.pruned_at is not None:

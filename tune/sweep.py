@@ -64,15 +64,21 @@ class Sweep:
     """A prepared sweep: config, directories, the plan every trial gets, the data and the prices."""
 
     cfg: SweepConfig
+    """The validated sweep config."""
     name: str
+    """Sweep name."""
     sweep_dir: Path
     """Driver-side directory (ledger, leaderboard, report, Tune state)."""
     storage: Storage
     """Shared root of trials/ and pbt/ (the same directory unless storage.path is s3://)."""
     plan: TrialPlan
+    """What every trial gets."""
     data: dict[str, Any]
+    """The tokenized train/validation examples, prepared once."""
     shape: TrialShape
+    """Resources of one trial."""
     rate_usd_per_h: float
+    """Dollars per hour of one trial."""
 
     @property
     def trials(self) -> Storage:
@@ -117,11 +123,17 @@ class Estimate:
     """Projected cost of one full trial and what the budget buys."""
 
     step_time_s: float
+    """Seconds per optimizer step used."""
     source: str
+    """Where that step time comes from."""
     trial_s: float
+    """Wall seconds of a full trial, start-up included."""
     trial_usd: float
+    """Dollars of a full trial."""
     planned: int
+    """Trials the search will ask for."""
     fits: int | None
+    """Full trials the dollar budget pays for (None: no dollar budget)."""
 
 
 def estimate(sweep: Sweep) -> Estimate:
