@@ -5,7 +5,8 @@ Measured in one run, on one machine, with one torch thread for the model everywh
   a. in-process   the replica's own decode path (AdapterPool + BatchDecoder), no Ray, no HTTP
   b. serve-http   the same requests through Ray Serve's proxy and the FastAPI ingress (requests.Session)
   c. mixed        8 concurrent clients, all on one adapter vs. round-robin over 8 adapters, in process
-                  (one batch of 8) and through Serve (``@serve.batch`` + peft's adapter_names)
+                  (one batch of 8) and through Serve (``@serve.batch``); in process also with peft's own
+                  adapter_names loop, the baseline that serve/gathered_lora.py replaces
   d. cold load    loading an adapter into the replica's peft model: in process, and the extra latency
                   of the first request to an adapter over HTTP
 
@@ -76,13 +77,13 @@ def build_model(spec: str, out_dir: Path) -> Path:
 class InProcess:
     """The replica's decode path without Serve: one AdapterPool, BatchDecoder steps run inline."""
 
-    def __init__(self, model_dir: Path, adapters: dict[str, Path]):
+    def __init__(self, model_dir: Path, adapters: dict[str, Path], gathered: bool = True):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from serve.adapter_pool import AdapterPool
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.pool = AdapterPool(AutoModelForCausalLM.from_pretrained(model_dir).eval())
+        self.pool = AdapterPool(AutoModelForCausalLM.from_pretrained(model_dir).eval(), gathered=gathered)
         self.adapters = adapters
         self.load_ms: list[float] = []  # all but the first, which also wraps the base model in peft
         for i, (name, path) in enumerate(adapters.items()):
@@ -110,14 +111,19 @@ class InProcess:
 
 
 def lora_share(fn) -> float:
-    """Fraction of ``fn()``'s time spent in peft's mixed-adapter LoRA layer forward (cProfile)."""
+    """Fraction of ``fn()``'s time adding LoRA deltas (cProfile): peft's mixed-batch layer forward (its base
+    matmul included) or the gathered path's forward hooks (deltas only)."""
     import cProfile
     import pstats
 
     profile = cProfile.Profile()
     profile.runcall(fn)
     stats = pstats.Stats(profile)
-    inside = sum(v[3] for k, v in stats.stats.items() if k[2] == "_mixed_batch_forward")
+    inside = sum(
+        v[3]
+        for k, v in stats.stats.items()
+        if k[2] == "_mixed_batch_forward" or (k[0].endswith("gathered_lora.py") and k[2] == "forward_hook")
+    )
     return inside / stats.total_tt
 
 
@@ -273,22 +279,43 @@ def main(argv: list[str]) -> int:
     n, tokens = args.requests, args.tokens
 
     local = InProcess(model_dir, adapters)
+    looped = InProcess(model_dir, adapters, gathered=False)  # peft's own mixed batch: the baseline
     rows, notes = [], []
-    batch_one, batch_mix = time_interleaved(
-        [lambda: local.generate(["a0"] * 8, tokens), lambda: local.generate(ADAPTERS, tokens)], max(5, n // 4)
+    batch_one, batch_mix, loop_one, loop_mix = time_interleaved(
+        [
+            lambda: local.generate(["a0"] * 8, tokens),
+            lambda: local.generate(ADAPTERS, tokens),
+            lambda: looped.generate(["a0"] * 8, tokens),
+            lambda: looped.generate(ADAPTERS, tokens),
+        ],
+        max(5, n // 4),
     )
-    for label, lat in (("1 adapter", batch_one), ("8 adapters", batch_mix)):
+    for label, lat in (
+        ("1 adapter", batch_one),
+        ("8 adapters", batch_mix),
+        ("1 adapter, peft loop", loop_one),
+        ("8 adapters, peft loop", loop_mix),
+    ):
         mean = statistics.mean(lat)
         rows.append(row(f"in-process batch of 8, {label}", lat, 8000 / mean, 8000 * tokens / mean))
     local_ratio = statistics.mean(batch_one) / statistics.mean(batch_mix)
+    loop_ratio = statistics.mean(loop_one) / statistics.mean(loop_mix)
     shares = {
-        label: lora_share(lambda m=models: local.generate(m, tokens))
-        for label, models in (("1", ["a0"] * 8), ("8", ADAPTERS))
+        label: lora_share(lambda m=models, p=pool: p.generate(m, tokens))
+        for label, models, pool in (
+            ("1", ["a0"] * 8, local),
+            ("8", ADAPTERS, local),
+            ("1 loop", ["a0"] * 8, looped),
+            ("8 loop", ADAPTERS, looped),
+        )
     }
     notes.append(
-        "Share of in-process decode time inside peft's LoRA-wrapped layers (their base matmul included; "
-        f"cProfile): {shares['1']:.0%} with 1 adapter, {shares['8']:.0%} with 8. With adapter_names, each such "
-        "layer loops over the adapters present in the batch: an index, two small matmuls and an index-add each.",
+        "Share of in-process decode time adding LoRA deltas (cProfile): gathered (serve/gathered_lora.py, two bmm "
+        f"per layer over the stacked adapters; deltas only) {shares['1']:.0%} with 1 adapter, {shares['8']:.0%} with 8; "
+        f"peft's adapter_names loop (base matmul included) {shares['1 loop']:.0%} and {shares['8 loop']:.0%} (per "
+        "layer and adapter present: an index, two small matmuls and an index-add). 8 mixed vs 1 with peft's "
+        f"loop: {loop_ratio:.2f}x; 8 mixed gathered vs 8 mixed peft loop: "
+        f"{statistics.mean(loop_mix) / statistics.mean(batch_mix):.2f}x the throughput.",
     )
     cold_local = statistics.median(local.load_ms)
     rows.append(

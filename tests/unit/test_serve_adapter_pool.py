@@ -106,3 +106,47 @@ def test_concurrent_loads_of_one_adapter_all_wait_for_it(pool, adapters):
         return await asyncio.gather(*(load_and_check() for _ in range(3)))
 
     assert asyncio.run(scenario()) == [["a"]] * 3
+
+
+
+@pytest.fixture(scope="module")
+def mixed_rank_adapters(tiny_model_dir, tmp_path_factory):
+    from serve.synthetic import write_random_adapters
+
+    out = tmp_path_factory.mktemp("ranks")
+    return {**write_random_adapters(tiny_model_dir, out, {"r4": 3}, r=4),
+            **write_random_adapters(tiny_model_dir, out, {"r16": 4}, r=16)}
+
+
+@pytest.mark.parametrize("names", [["r16", "__base__", "r4", "r16"], ["r4", "r4"], ["__base__", "__base__"]])
+def test_gathered_forward_equals_peft_loop_with_mixed_ranks(tiny_model_dir, mixed_rank_adapters, tiny_tokenizer, names):
+    from transformers import AutoModelForCausalLM
+
+    pools = [AdapterPool(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), gathered=g) for g in (True, False)]
+    for p in pools:
+        for name, path in mixed_rank_adapters.items():
+            asyncio.run(p.load(name, path))
+    assert pools[0].gathered and not pools[1].gathered
+    torch.testing.assert_close(last_logits(pools[0], tiny_tokenizer, names), last_logits(pools[1], tiny_tokenizer, names),
+                               atol=1e-5, rtol=0)
+
+
+def test_gathered_stacks_follow_unloads(pool, mixed_rank_adapters, tiny_tokenizer):
+    for name, path in mixed_rank_adapters.items():
+        asyncio.run(pool.load(name, path))
+    r4_before = last_logits(pool, tiny_tokenizer, ["r4", "r16"])[0]
+    asyncio.run(pool.evict("r16"))
+    assert pool.gathered and pool.resident == ["r4"]
+    torch.testing.assert_close(last_logits(pool, tiny_tokenizer, ["r4", "__base__"])[0], r4_before, atol=1e-5, rtol=0)
+
+
+def test_dora_adapter_is_not_stacked(pool, adapters, tiny_model_dir, tmp_path):
+    from serve.synthetic import write_random_adapters
+
+    asyncio.run(pool.load("a", adapters["a"]))
+    assert pool.gathered
+    dora = write_random_adapters(tiny_model_dir, tmp_path, {"d": 5}, use_dora=True)["d"]
+    asyncio.run(pool.load("d", dora))
+    assert not pool.gathered and "DoRA" in pool._gathered.reason  # peft's loop (which refuses mixed DoRA batches)
+    asyncio.run(pool.evict("d"))
+    assert pool.gathered
