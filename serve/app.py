@@ -6,8 +6,8 @@
 Each replica loads the base model once. A request's OpenAI ``model`` picks an adapter from the
 registry fixed at deploy time (or the base model by ``base_model_id``); ``@serve.multiplexed`` loads
 adapters into the replica's one peft model on first use and unloads the least recently used;
-``@serve.batch`` decodes concurrent requests together, whatever adapters they use, with peft's
-mixed-adapter batch forward.
+``@serve.batch`` decodes concurrent requests together, whatever adapters they use, applying each
+row's adapter by gathering from the stacked adapters (serve/gathered_lora.py).
 """
 
 # No `from __future__ import annotations` here: Serve's ingress rebuilds the route signatures and

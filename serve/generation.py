@@ -4,8 +4,8 @@
 batch-size-1 output, so the decode loop is written out here: left-padded prefill, one KV-cached step
 per call (what a Serve batch generator yields to its callers), per-row temperature / top-p / seeded
 sampler, incremental detokenization, stop strings, and finished rows dropped from the cache. The
-adapters themselves are applied by peft's mixed-adapter batch forward (``adapter_names``), behind
-the ``forward`` callable this module is given.
+adapters themselves are applied per row (``adapter_names``) by the ``forward`` callable this module is
+given (serve.adapter_pool.AdapterPool.forward).
 """
 
 from __future__ import annotations
