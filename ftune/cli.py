@@ -16,8 +16,9 @@ from ftune.errors import JobFailed, UserError
 
 # subcommand -> (module with main(argv), one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("ftune.demo", "the whole product locally: tiny model, training, report"),
+    "demo": ("ftune.demo", "the whole product locally: train, budgeted sweep, serve the winner, ask it"),
     "train": ("train.job", "run a distributed LoRA training job on Ray Train + DeepSpeed"),
+    "sweep": ("tune.sweep", "sweep LoRA rank, alpha and learning rate on Ray Tune under a dollar budget"),
     "serve": ("serve.cli", "serve adapters behind an OpenAI-compatible API on Ray Serve"),
     "export": ("serve.export", "merge an adapter into its base model for engines without LoRA"),
     "cluster": ("cluster.cli", "a local multi-node Ray cluster: up/down/status/kill-worker/drain-worker"),

@@ -41,6 +41,7 @@ from tune.budget import BudgetGate, BudgetStopper, SpendLedger, SpendTracker
 from tune.config import SweepConfig
 from tune.pricing import TrialShape, hourly_rate
 from tune.space import SearchSpace, pbt_mutated
+from tune.train_runs import PlacementGroupRegistry
 from tune.trial import PER_RUN_KEYS, TRIALS_DIR, TrialPlan, trial_trainable
 
 SWEEP_FILE = "sweep.json"
@@ -235,11 +236,12 @@ def trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def trainable(sweep: Sweep):
+def trainable(sweep: Sweep, registry: PlacementGroupRegistry):
     """The trial trainable with the plan and data attached and the driver's CPUs reserved."""
     from ray import tune
 
-    return tune.with_resources(trial_trainable(sweep.plan, sweep.data), {"CPU": sweep.shape.driver_cpus})
+    trial = trial_trainable(sweep.plan, sweep.data, registry.queue)
+    return tune.with_resources(trial, {"CPU": sweep.shape.driver_cpus})
 
 
 def concurrency_of(sweep: Sweep) -> int:
@@ -282,24 +284,29 @@ def run(sweep: Sweep, *, resume: bool, show_trial_logs: bool) -> dict[str, Any]:
     concurrency = concurrency_of(sweep)
     print_estimate(sweep, estimate(sweep), concurrency)
     ledger = open_ledger(sweep)
+    registry = PlacementGroupRegistry.open(str(sweep.sweep_dir))
     if resume:
         say(f"resuming {sweep.name}: ${ledger.spend():.4f} spent so far over {len(ledger.trials)} trial(s)")
-        tuner = tune.Tuner.restore(str(sweep.sweep_dir / TUNE_DIR), trainable=trainable(sweep), resume_unfinished=True)
+        tuner = tune.Tuner.restore(str(sweep.sweep_dir / TUNE_DIR), trainable=trainable(sweep, registry),
+                                   resume_unfinished=True)
     else:
         s, metric = sweep.cfg.search, sweep.cfg.search.metric
         tuner = tune.Tuner(
-            trainable(sweep),
+            trainable(sweep, registry),
             param_space=sweep.plan.space.tune_space() if s.algorithm == "pbt" else None,
             tune_config=tune.TuneConfig(search_alg=make_searcher(sweep, concurrency), scheduler=make_scheduler(sweep, concurrency),
                                         num_samples=num_trials(sweep), trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(
                 name=TUNE_DIR, storage_path=str(sweep.sweep_dir), verbose=0, stop=BudgetStopper(str(sweep.sweep_dir)),
-                callbacks=[SpendTracker(str(sweep.sweep_dir), metric),
+                callbacks=[SpendTracker(str(sweep.sweep_dir), metric), registry,
                            SweepProgress(str(sweep.sweep_dir), sweep.plan.space, sweep.plan.base_r, metric, s.mode)],
                 failure_config=tune.FailureConfig(max_failures=0),  # Ray Train retries inside the trial
             ),
         )
-    tuner.fit()
+    try:
+        tuner.fit()
+    finally:
+        registry.close()  # trials killed at the end of the sweep leave their runs' placement groups behind
     return finish(sweep, ledger)
 
 

@@ -10,11 +10,8 @@ on, while the run keeps DeepSpeed, its checkpoints and Train's fault tolerance. 
 A PBT exploit restarts the trial with a pointer checkpoint (``exploit.json``) naming a copy of the
 donor's Train checkpoint: the trial continues it in a new run with ``init_checkpoint``, ``adopt=True``.
 
-When Tune stops a trial (ASHA, the budget, a PBT exploit) it only ends the trial's actor. The Train
-controller dies with it, but the placement group it reserved for its workers belongs to the sweep's
-job and outlives it (Train's own PlacementGroupCleaner needs the state API / dashboard); so the
-trainable's ``cleanup`` first aborts the Train run through the controller handle the run sent back
-at start (``ControllerHandoff``), which stops the workers and removes their placement group.
+When Tune stops a trial (ASHA, the budget, a PBT exploit) the trainable's ``cleanup`` aborts the
+Train run gracefully and the sweep removes any placement group it leaves behind (tune/train_runs.py).
 """
 
 from __future__ import annotations
@@ -26,13 +23,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
-from ray.train.v2._internal.execution.callback import ControllerCallback
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.util.queue import Queue
 
 from ftune.config import TrainJobConfig
 from ftune.storage import Storage
 from tune.space import SearchSpace
+from tune.train_runs import RunHandoff, abort_run, end_run, start_run, was_stopped
 
 EXPLOIT_FILE = "exploit.json"
 TRIALS_DIR = "trials"
@@ -124,52 +121,20 @@ class Exploit:
         return json.dumps(asdict(self), indent=2)
 
 
-_RUNS: dict[str, Any] = {}
-"""This trial process's Train run: trial id -> the mailbox its controller handle arrives in."""
-_STOPPING: set[str] = set()
-"""Trials whose run is being aborted because Tune stopped them."""
+def trial_trainable(plan: TrialPlan, data: dict[str, Any], registry: Queue | None = None) -> type:
+    """The Tune trainable class: ``run_trial`` with the plan and data attached, aborting its Train run on stop.
 
-
-class ControllerHandoff(ControllerCallback):
-    """Sends the Train controller's handle to the trial that started it, so a stopped trial can abort its run.
-
-    Ray Train documents that non-UserCallback callbacks in RunConfig run as controller callbacks.
+    Args:
+        registry: Where each run's controller posts its placement groups (the sweep's PlacementGroupRegistry).
     """
-
-    def __init__(self, mailbox):
-        self.mailbox = mailbox
-
-    def after_controller_start(self, train_run_context) -> None:
-        """Runs in the controller: post its own handle."""
-        self.mailbox.put(ray.get_runtime_context().current_actor)
-
-
-def abort_train_run(timeout_s: float = 60.0) -> None:
-    """Abort the Train run this trial process started, if it is still going (workers and placement group go)."""
-    from ray.util.queue import Empty
-
-    for trial_id, mailbox in list(_RUNS.items()):
-        _STOPPING.add(trial_id)
-        try:
-            controller = mailbox.get(timeout=5.0)
-        except (Empty, ray.exceptions.RayError):
-            continue  # the run never started its controller
-        try:
-            ray.get(controller.abort.remote(), timeout=timeout_s)
-        except ray.exceptions.RayError:
-            pass  # abort ends with the controller exiting
-
-
-def trial_trainable(plan: TrialPlan, data: dict[str, Any]) -> type:
-    """The Tune trainable class: ``run_trial`` with the plan and data attached, aborting its Train run on stop."""
     from ray import tune
     from ray.tune.trainable.function_trainable import wrap_function
 
-    base = wrap_function(tune.with_parameters(run_trial, plan=plan, data=data))
+    base = wrap_function(tune.with_parameters(run_trial, plan=plan, data=data, registry=registry))
 
     class SweepTrial(base):
         def cleanup(self) -> None:
-            abort_train_run()
+            abort_run(self.trial_id)
             super().cleanup()
 
     SweepTrial.__name__ = SweepTrial.__qualname__ = base.__name__
@@ -193,7 +158,8 @@ def finished_summary(storage: Storage, run: str, total_steps: int) -> dict[str, 
     return summary if summary.get("steps", 0) >= total_steps else None
 
 
-def run_trial(config: dict[str, Any], plan: TrialPlan | None = None, data: dict[str, Any] | None = None) -> None:
+def run_trial(config: dict[str, Any], plan: TrialPlan | None = None, data: dict[str, Any] | None = None,
+              registry: Queue | None = None) -> None:
     """The Tune function trainable: one full distributed training run of the trial's settings."""
     from ray import tune
 
@@ -217,22 +183,21 @@ def run_trial(config: dict[str, Any], plan: TrialPlan | None = None, data: dict[
         tune.report(final)
         return
 
-    from ray.util.queue import Queue
-
-    mailbox = Queue(actor_options={"num_cpus": 0})
-    _RUNS[trial_id] = mailbox
-    trainer = build_trainer(
-        cfg,
-        plan.loop_config(cfg, data),
-        [SweepReportCallback(), ControllerHandoff(mailbox)],
-        init_checkpoint=exploit.checkpoint if exploit else None,
-        adopt=exploit is not None,
-    )
+    train_run = start_run(trial_id)
+    if train_run is None:
+        return  # Tune stopped the trial before its run started
     try:
+        trainer = build_trainer(
+            cfg,
+            plan.loop_config(cfg, data),
+            [SweepReportCallback(), RunHandoff(trial_id, train_run.mailbox, registry)],
+            init_checkpoint=exploit.checkpoint if exploit else None,
+            adopt=exploit is not None,
+        )
         trainer.fit()
     except Exception:
-        if trial_id in _STOPPING:
+        if was_stopped(trial_id):
             return  # Tune stopped the trial and its run was aborted
         raise
     finally:
-        _RUNS.pop(trial_id, None)
+        end_run(trial_id)

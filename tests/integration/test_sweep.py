@@ -1,0 +1,251 @@
+"""Sweeps end to end on a local Ray (CPU): every trial is a full Ray Train run of the tiny job.
+
+TPE + ASHA prunes; PBT's exploit continues the donor's checkpoint with perturbed settings; the
+budget stop holds; --dry-run starts nothing; a sweep whose driver is killed resumes without
+re-running finished trials or losing spend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ftune.yaml_config import load_config
+from tune.config import SweepConfig
+from tune.sweep import main, start
+
+# Each test runs a few full training runs; on a shared 2-core machine a sweep can take many minutes.
+pytestmark = pytest.mark.timeout(1800)
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_SWEEP = REPO / "configs" / "sweep" / "tiny.yaml"
+
+
+def small(tmp: Path, *overrides: str) -> list[str]:
+    """Overrides that make configs/sweep/tiny.yaml a test-sized sweep under ``tmp``."""
+    return [
+        f"job.storage.path={tmp}",
+        "job.train.max_steps=20",
+        "job.train.eval_every=5",
+        "job.train.checkpoint_every=5",
+        "job.train.report_interval_s=0.5",
+        "job.data.max_validation_rows=32",
+        "job.tracking.wandb=offline",
+        "search.max_concurrent_trials=2",
+        "budget.usd=null",
+        "budget.step_time_s=0.05",
+        "budget.startup_s=20",
+        *overrides,
+    ]
+
+
+def run_sweep(tmp: Path, name: str, *overrides: str) -> tuple[dict, Path]:
+    cfg = load_config(SweepConfig, TINY_SWEEP, small(tmp, *overrides))
+    result = start(cfg, name)
+    return result, Path(result["sweep_dir"])
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def held_cpus() -> float:
+    """CPUs reserved on the local Ray (trial drivers, Train workers' placement groups)."""
+    import ray
+
+    return ray.cluster_resources().get("CPU", 0.0) - ray.available_resources().get("CPU", 0.0)
+
+
+def wait_until_released(timeout_s: float = 60.0) -> float:
+    """Wait for every CPU to be released (stopped trials' actors and placement groups gone); return what is held."""
+    deadline = time.time() + timeout_s
+    while (held := held_cpus()) > 0 and time.time() < deadline:
+        time.sleep(1.0)
+    return held
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _repo_cwd():
+    # base: and compute.pricing are relative to the working directory (the repository root).
+    old = os.getcwd()
+    os.chdir(REPO)
+    yield
+    os.chdir(old)
+
+
+@pytest.fixture(scope="module")
+def tpe_sweep(ray_local, tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tpe")
+    return run_sweep(tmp, "tpe", "search.num_samples=4", "search.tpe_startup_trials=3", "search.asha.reduction_factor=2",
+                     "space.train.lr={loguniform: [1.0e-5, 1.0e-2]}")
+
+
+def test_tpe_asha_completes_and_prunes(tpe_sweep):
+    result, sweep_dir = tpe_sweep
+    rows = json.loads((sweep_dir / "leaderboard.json").read_text())
+    statuses = [r["status"] for r in rows]
+    assert len(rows) == 4 and set(statuses) <= {"completed", "pruned"}, statuses
+    assert "pruned" in statuses and "completed" in statuses, statuses
+    for row in rows:
+        assert {"trial", "config", "eval_loss", "steps", "cost_usd", "status", "pruned_at", "adapter_path"} <= row.keys()
+        assert row["cost_usd"] > 0 and Path(row["adapter_path"], "adapter_config.json").is_file()
+        if row["status"] == "pruned":
+            assert row["pruned_at"] == row["steps"] < 20 and row["pruned_at"] % 5 == 0
+            saved_at = int(row["adapter_path"].split("checkpoint_step")[1][:7])  # the checkpoint the sweep saw
+            assert saved_at <= row["pruned_at"]
+        else:
+            assert row["steps"] == 20 and row["adapter_path"].endswith(f"trials/{row['trial']}/adapter")
+    losses = [r["eval_loss"] for r in rows]
+    assert losses == sorted(losses)
+    best = sweep_dir / "best" / "adapter"
+    assert (best / "adapter_model.safetensors").read_bytes() == Path(rows[0]["adapter_path"], "adapter_model.safetensors").read_bytes()
+    assert rows[0]["status"] == "completed"
+    # Each trial's config reached its training run: alpha = 2 x r, the sampled peak learning rate.
+    for row in rows:
+        peak = max(r["lr"] for r in read_jsonl(sweep_dir / "trials" / row["trial"] / "metrics.jsonl") if "lr" in r)
+        assert peak == pytest.approx(row["config"]["train.lr"], rel=1e-6)
+        assert row["config"]["lora.alpha"] == 2 * row["config"]["lora.r"]
+
+
+def test_spend_ledger_matches_trials_and_optuna_study(tpe_sweep):
+    import optuna
+
+    _, sweep_dir = tpe_sweep
+    spend = json.loads((sweep_dir / "spend.json").read_text())
+    assert spend["spent_usd"] == pytest.approx(sum(t["cost_usd"] for t in spend["trials"]))
+    for t in spend["trials"]:  # cost = $0.048/h x wall time
+        assert t["cost_usd"] == pytest.approx(0.048 * t["wall_s"] / 3600)
+    study = optuna.load_study(study_name="tpe", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    assert len(study.trials) == 4 and all(t.value is not None for t in study.trials)
+
+
+def test_report_is_offline_and_trials_tracked_in_wandb_group(tpe_sweep):
+    _, sweep_dir = tpe_sweep
+    html = (sweep_dir / "report.html").read_text()
+    assert html.count("src='data:image/png;base64,") == 4
+    assert "http://" not in html and "https://" not in html and "<script" not in html
+    for title in ("Eval-loss curves", "Eval loss vs cost", "Spend over time", "Settings vs objective"):
+        assert title in html
+    rows = json.loads((sweep_dir / "leaderboard.json").read_text())
+    for row in rows:
+        runs = list((sweep_dir / "trials" / row["trial"] / "wandb").glob(f"offline-run-*-{row['trial']}"))
+        assert len(runs) == 1, row["trial"]
+        if row["status"] == "completed":  # a pruned trial's run is killed before wandb flushes it
+            assert b"tpe" in next(runs[0].glob("*.wandb")).read_bytes()  # the sweep name is the wandb group
+    assert wait_until_released() == 0
+
+
+def test_pbt_exploit_continues_donor_checkpoint(ray_local, tiny_model_dir, tmp_path):
+    # Checkpoints and evaluations on the perturbation interval. A step of 8 micro-batches keeps each trial
+    # training long enough to overlap the other's (a trial that finishes all its steps before the other
+    # reports anything leaves PBT nobody to compare it with).
+    result, sweep_dir = run_sweep(
+        tmp_path, "pbt", "search.algorithm=pbt", "search.num_samples=2", "search.seed=3", "job.train.max_steps=40",
+        "job.train.checkpoint_every=10", "job.train.eval_every=10", "job.train.global_batch_size=64",
+        "search.pbt.perturbation_interval_steps=10", "search.pbt.quantile_fraction=0.5", "search.pbt.resample_probability=0",
+        "space.lora.r={choice: [8]}", "space.lora.alpha={choice: [1.0, 64.0]}", "space.train.lr={loguniform: [2.0e-3, 4.0e-3]}",
+    )
+    exploits = read_jsonl(sweep_dir / "pbt_exploits.jsonl")
+    assert exploits, "no exploit happened"
+    first = exploits[0]
+    assert first["trial"] != first["donor"] and first["donor_step"] in (10, 20, 30)
+    # The exploiting trial's new run starts right after the donor's checkpoint step ...
+    new_run = read_jsonl(sweep_dir / "trials" / first["run"] / "metrics.jsonl")
+    assert new_run[0]["step"] == first["donor_step"] + 1
+    copied = json.loads((sweep_dir / "pbt" / first["run"] / "checkpoint" / "train_state.json").read_text())
+    assert copied["train_state"]["step"] == first["donor_step"]
+    # ... from the donor's weights (its eval loss at that step), with a perturbed learning rate.
+    donor_evals = {r["step"]: r["eval_loss"] for r in read_jsonl(sweep_dir / "trials" / first["donor_run"] / "metrics.jsonl")
+                   if "eval_perplexity" in r}
+    assert copied["train_state"]["last_eval"]["eval_loss"] == pytest.approx(donor_evals[first["donor_step"]])
+    donor_lr, new_lr = first["donor_config"]["train.lr"], first["config_after"]["train.lr"]
+    assert new_lr == pytest.approx(donor_lr * 0.8) or new_lr == pytest.approx(donor_lr * 1.2)
+    assert first["config_after"]["lora.alpha"] in (1.0, 64.0)
+    donor_rows = {r["step"]: r for r in read_jsonl(sweep_dir / "trials" / first["donor_run"] / "metrics.jsonl")}
+    step = first["donor_step"] + 1
+    if step in donor_rows and donor_rows[step]["lr"] > 0:  # same schedule position, new peak learning rate
+        assert new_run[0]["lr"] / donor_rows[step]["lr"] == pytest.approx(new_lr / donor_lr, rel=1e-6)
+    spend = json.loads((sweep_dir / "spend.json").read_text())
+    exploited = next(t for t in spend["trials"] if t["trial_id"] == first["trial"])
+    assert first["run"] in exploited["runs"] and exploited["status"] == "completed" and exploited["step"] == 40
+    summary = json.loads((sweep_dir / "trials" / exploited["run"] / "summary.json").read_text())
+    assert summary["steps"] == 40
+    assert wait_until_released() == 0
+
+
+def test_budget_stop_holds(ray_local, tiny_model_dir, tmp_path):
+    # $0.0016 is about 60 s of each of the two trials running at once, less than either needs for 2000
+    # steps; the projected cost (1 s per trial) lets both start, so the budget must stop them.
+    budget = 0.0016
+    result, sweep_dir = run_sweep(
+        tmp_path, "budget", "search.algorithm=random", "search.num_samples=4", "search.asha.enabled=false",
+        "job.train.max_steps=2000", "job.train.eval_every=50", "job.train.checkpoint_every=50",
+        f"budget.usd={budget}", "budget.step_time_s=0.0001", "budget.startup_s=1",
+    )
+    spend = json.loads((sweep_dir / "spend.json").read_text())
+    stop = spend["stop"]
+    assert stop is not None and stop["reason"].startswith("budget reached")
+    assert budget - stop["interval_cost_usd"] <= spend["spent_usd"] <= budget + stop["interval_cost_usd"], (spend, stop)
+    rows = json.loads((sweep_dir / "leaderboard.json").read_text())
+    assert "stopped_budget" in {r["status"] for r in rows}
+    assert all(r["status"] == "stopped_budget" for r in rows) and len(rows) == 2  # no third trial started
+    for row in rows:  # each keeps the checkpoint it had (none if stopped while starting up)
+        assert row["adapter_path"] is None or "checkpoint_step" in row["adapter_path"]
+    assert wait_until_released() == 0, "budget-stopped trials left actors or placement groups behind"
+
+
+def test_dry_run_starts_nothing(ray_local, tiny_model_dir, tmp_path, capsys):
+    assert wait_until_released() == 0
+    assert main(["--config", str(TINY_SWEEP), "--name", "dry", "--dry-run", *small(tmp_path, "budget.usd=0.01")]) == 0
+    out = capsys.readouterr().out
+    assert "estimated full trial: 20 steps x 0.05 s" in out and "full trial(s) fit" in out
+    assert "dry run: no trials started" in out
+    assert not (tmp_path / "sweeps" / "dry").exists()
+    assert held_cpus() == 0
+
+
+def test_resume_after_driver_killed(ray_local, tiny_model_dir, tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
+    args = small(tmp_path, "search.algorithm=random", "search.num_samples=3", "search.asha.enabled=false", "budget.usd=1.0")
+    sweep_dir = tmp_path / "sweeps" / "resume"
+    driver = subprocess.Popen([sys.executable, "-m", "tune", "--config", str(TINY_SWEEP), "--name", "resume", *args],
+                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 400
+    spend: dict = {}
+    while time.time() < deadline and driver.poll() is None:
+        time.sleep(1.0)
+        try:
+            spend = json.loads((sweep_dir / "spend.json").read_text())
+        except (OSError, ValueError):
+            continue
+        statuses = [t["status"] for t in spend["trials"]]
+        if "completed" in statuses and "running" in statuses:
+            break
+    assert driver.poll() is None, "the sweep ended before it could be interrupted"
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    before = json.loads((sweep_dir / "spend.json").read_text())
+    done = {t["trial_id"]: t for t in before["trials"] if t["status"] == "completed"}
+    assert done
+    metrics_before = {tid: (sweep_dir / "trials" / tid / "metrics.jsonl").read_text() for tid in done}
+
+    resumed = subprocess.run([sys.executable, "-m", "tune", "--resume", str(sweep_dir)], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming resume" in resumed.stdout
+    after = json.loads((sweep_dir / "spend.json").read_text())
+    trials = {t["trial_id"]: t for t in after["trials"]}
+    assert len(trials) == 3 and all(t["status"] == "completed" for t in trials.values())
+    for tid, t in done.items():  # finished trials were not re-run: same time, same cost, same metrics
+        assert trials[tid]["segments"] == t["segments"] and trials[tid]["cost_usd"] == pytest.approx(t["cost_usd"])
+        assert (sweep_dir / "trials" / tid / "metrics.jsonl").read_text() == metrics_before[tid]
+    assert after["spent_usd"] > before["spent_usd"] >= sum(t["cost_usd"] for t in done.values())
+    rows = json.loads((sweep_dir / "leaderboard.json").read_text())
+    assert len(rows) == 3 and (sweep_dir / "best" / "adapter" / "adapter_config.json").is_file()

@@ -1,0 +1,26 @@
+"""A trial's Train-run bookkeeping (no Ray): a trial Tune stopped never starts its run; the registry pickles light."""
+
+from __future__ import annotations
+
+import pickle
+
+from tune.train_runs import PlacementGroupRegistry, abort_run, end_run, start_run, was_stopped
+
+
+def test_trial_stopped_before_its_run_starts_never_starts_it():
+    abort_run("stopped-early", timeout_s=0.1)  # Tune's stop reached the trial before run_trial registered its run
+    assert was_stopped("stopped-early")
+    assert start_run("stopped-early") is None  # so no controller, workers or placement group are created
+    end_run("stopped-early")  # harmless without a run
+    assert not was_stopped("another-trial")
+
+
+def test_registry_pickles_to_its_sweep_dir_and_finds_the_live_one(tmp_path):
+    live = PlacementGroupRegistry(str(tmp_path))  # what open() registers, minus its Ray queue
+    PlacementGroupRegistry._open[str(tmp_path)] = live
+    try:
+        copy = pickle.loads(pickle.dumps(live))
+        assert copy.queue is None and copy.groups == {} and copy.sweep_dir == str(tmp_path)
+        assert copy._live() is live
+    finally:
+        PlacementGroupRegistry._open.pop(str(tmp_path), None)
