@@ -768,8 +768,9 @@ def main(argv: list[str]) -> int:
                         reps[0][2]["wall_step_s"],
                     )
         table, goals = report(results)
+        load_end = ", ".join(f"{x:.1f}" for x in os.getloadavg())
         out = [
-            f"{machine} (at the start; the 1-min load average before each run is in the table)",
+            f"{machine} (at the start; at the end {load_end}; 1-min load avg before each run in the table)",
             "",
             f"`python bench/train_overhead.py {' '.join(argv)}`: {args.steps} steps, steady state = steps "
             f"{args.warmup + 1}..{args.steps - 1}; best of {args.repeats} interleaved repeat(s); "
@@ -797,7 +798,7 @@ def main(argv: list[str]) -> int:
         (work / "results.json").write_text(json.dumps({"machine": machine, "results": results}, indent=1))
         if not args.no_record:
             key = "bench/train_overhead.py" + (" --profile" if args.profile else "")
-            title = "## train overhead" + (
+            title = "## Training overhead" + (
                 ": where a step's time goes (py-spy; perturbs timings)" if args.profile else ""
             )
             record_section(key, f"{title}\n\n{text}")
