@@ -220,6 +220,13 @@ class TrackingConfig(Section):
     """wandb tags."""
 
 
+RESUMABLE_TRAIN_FIELDS = {
+    "max_steps", "epochs", "eval_every", "eval_batches", "exact_match_examples", "checkpoint_every",
+    "keep_checkpoints", "report_interval_s", "preemption_check_interval_s",
+}
+"""Train fields a resumed run may change: how long it runs and how often it evaluates, reports, checkpoints."""
+
+
 class TrainJobConfig(Section):
     """A complete training job: `python -m train --config FILE [section.key=value ...]`."""
 
@@ -264,7 +271,14 @@ class TrainJobConfig(Section):
         return out
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes the trained weights (not storage, tracking or workers)."""
-        relevant = self.model_dump(mode="json", include={"model", "lora", "data", "train"})
+        """Hash of what a checkpoint's weights and optimizer state depend on: model, lora, data, train.
+
+        Left out: storage, tracking, workers, and the run length and cadences (``RESUMABLE_TRAIN_FIELDS``),
+        so a run re-started under its name may train for more steps; its learning-rate schedule then
+        spans the new length.
+        """
+        relevant = self.model_dump(
+            mode="json", include={"model", "lora", "data", "train"}, exclude={"train": RESUMABLE_TRAIN_FIELDS}
+        )
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

@@ -76,6 +76,24 @@ class Storage:
         with fs.open_input_stream(self.path(*parts)) as f:
             return f.read().decode("utf-8")
 
+    def upload_file(self, local_file: str | Path, *parts: str) -> None:
+        """Copy one local file to ``parts`` below the root."""
+        fs, _ = self.filesystem()
+        target = self.path(*parts)
+        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        with open(local_file, "rb") as src, fs.open_output_stream(target) as out:
+            out.write(src.read())
+
+    def download_file(self, local_file: str | Path, *parts: str) -> bool:
+        """Copy the file at ``parts`` below the root to ``local_file``; False if there is none."""
+        if not self.exists(*parts):
+            return False
+        fs, _ = self.filesystem()
+        Path(local_file).parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(self.path(*parts)) as src:
+            Path(local_file).write_bytes(src.read())
+        return True
+
     def upload_dir(self, local_dir: str | Path, *parts: str) -> None:
         """Copy a local directory tree to ``parts`` below the root (no-op onto itself)."""
         fs, _ = self.filesystem()

@@ -42,6 +42,7 @@ class TrainState:
     tokens_seen: int = 0
     world_size: int = 1
     gradient_accumulation_steps: int = 1
+    total_steps: int = 0
     config_fingerprint: str = ""
     eval_loss_before: float | None = None
     last_eval: dict[str, float] = field(default_factory=dict)

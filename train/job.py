@@ -126,6 +126,7 @@ def build_trainer(
     *,
     init_checkpoint: str | None = None,
     adopt: bool = False,
+    stop_signal=None,
 ):
     """The TorchTrainer for a prepared job (the dataset goes to workers through the object store).
 
@@ -134,6 +135,8 @@ def build_trainer(
             has none of its own yet.
         adopt: The init checkpoint comes from a run with other hyperparameters (PBT exploit): take
             its weights and optimizer state but this config's learning rate.
+        stop_signal: A ``train.stop.StopSignal``: once it is raised the run checkpoints at the step
+            it reached, writes its adapter and summary, and finishes (see train/stop.py).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -147,6 +150,8 @@ def build_trainer(
     loop_config["data"] = ray.put(loop_config.pop("_data"))
     if init_checkpoint is not None:
         loop_config["init_checkpoint"] = {"path": init_checkpoint, "adopt": adopt}
+    if stop_signal is not None:
+        loop_config["stop_signal"] = stop_signal
     fs, root = Storage(loop_config["storage_uri"], loop_config["endpoint_url"]).filesystem()
     run_config = RunConfig(
         name=loop_config["name"],

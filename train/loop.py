@@ -1,8 +1,12 @@
 """The per-worker training loop run by Ray Train: a DeepSpeed ZeRO engine over a peft model.
 
 Every rank runs the same sequence of collectives (steps, evaluations, reports, checkpoints),
-decided from the step number and Ray's agreed preemption notice alone, so no rank ever waits on
-a barrier the others skip.
+decided from the step number, Ray's agreed preemption notice and rank 0's clock and stop flag
+(shared in each step's all-reduce) alone, so no rank ever waits on a barrier the others skip.
+
+A run given a stop signal (loop config ``stop_signal``, a ``train.stop.StopSignal``) ends early
+when it is raised: after the step in flight it evaluates, reports a checkpoint, writes its adapter
+and summary (``stop_reason``) and returns like a finished run.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from train.deepspeed_config import build_deepspeed_config, gradient_accumulation
 from train.evaluation import evaluate_loss, exact_match, shard
 from train.metrics import RunRecorder
 from train.schedule import lr_multiplier, warmup_steps
+from train.stop import StopPoller
 
 log = logging.getLogger("ftune.train")
 
@@ -103,7 +108,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     engine, _ = build_engine(cfg, world, steps, loop_config["deepspeed_user"])
     device = engine.device
 
-    state = TrainState(world_size=world, gradient_accumulation_steps=accum, config_fingerprint=loop_config["fingerprint"])
+    state = TrainState(
+        world_size=world, gradient_accumulation_steps=accum, total_steps=steps,
+        config_fingerprint=loop_config["fingerprint"],
+    )
     checkpoint, adopt_lr = ray.train.get_checkpoint(), None
     if checkpoint is None and loop_config.get("init_checkpoint"):
         # Start from another run's checkpoint (a sweep trial continuing a better trial's weights).
@@ -121,23 +129,29 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 raise RuntimeError(f"latest checkpoint is unusable: {e}") from e
         if rank == 0:
             changed = state.world_size != world
+            longer = state.total_steps not in (0, steps)
             print(
                 f"[ftune] resumed at step {state.step}/{steps} from {checkpoint.path}"
                 + (f"; workers {state.world_size} -> {world}, gradient accumulation "
                    f"{state.gradient_accumulation_steps} -> {accum}, global batch {cfg.train.global_batch_size} kept"
-                   if changed else ""),
+                   if changed else "")
+                + (f"; run length {state.total_steps} -> {steps} steps, the {cfg.train.lr_schedule} learning-rate "
+                   f"schedule now spans {steps} steps" if longer else ""),
                 flush=True,
             )
         if state.world_size != world:  # per-rank RNG streams do not map onto a new world size
             seed_everything(cfg.train.seed + 1000 * rank + state.step)
-        state.world_size, state.gradient_accumulation_steps = world, accum
+        state.world_size, state.gradient_accumulation_steps, state.total_steps = world, accum, steps
     else:
         seed_everything(cfg.train.seed + 1000 * rank)  # per-rank dropout streams
 
     run_dir = Path(loop_config["local_run_dir"])
+    storage = Storage(loop_config["storage_uri"], loop_config.get("endpoint_url"))
     recorder = None
     if rank == 0:
-        recorder = RunRecorder(run_dir, cfg.tracking, name=loop_config["name"], config=loop_config["job"])
+        recorder = RunRecorder(
+            run_dir, cfg.tracking, name=loop_config["name"], config=loop_config["job"], storage=storage
+        )
         print(
             f"[ftune] {world} worker(s), global batch {cfg.train.global_batch_size} = micro {cfg.train.micro_batch_size}"
             f" x accumulation {accum} x workers {world}; {steps} steps; "
@@ -168,9 +182,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     start_time = time.perf_counter()
     steps_timed, time_timed = 0, 0.0
     preempted = None  # PreemptionInfo once a notice arrived
+    stop = StopPoller(loop_config.get("stop_signal"), cfg.train.report_interval_s) if rank == 0 else None
+    stopping = False  # a stop was requested: this step is the last
     pending: list[dict[str, Any]] = []  # step rows not yet sent with ray.train.report
     last_report = last_preemption_check = float("-inf")
-    while state.step < steps:
+    while state.step < steps and not stopping:
         t0 = time.perf_counter()
         loss_sum, tokens = 0.0, 0
         for micro in plan.micro_batches(state.step, rank, world):
@@ -180,11 +196,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             engine.step()
             loss_sum += float(loss.detach())
             tokens += int(batch["attention_mask"].sum())
-        # One all-reduce per step carries the loss, the token count and rank 0's clock, so every
-        # rank takes the same report / preemption-check decisions without another collective.
-        totals = torch.tensor([loss_sum, float(tokens), time.monotonic() if rank == 0 else 0.0], dtype=torch.float64)
+        # One all-reduce per step carries the loss, the token count, rank 0's clock and its stop flag,
+        # so every rank takes the same report / preemption-check / stop decisions without another collective.
+        stop_flag = 1.0 if stop is not None and stop.poll(time.monotonic()) else 0.0
+        totals = torch.tensor(
+            [loss_sum, float(tokens), time.monotonic() if rank == 0 else 0.0, stop_flag], dtype=torch.float64
+        )
         dist.all_reduce(totals)
-        clock = float(totals[2])
+        clock, stopping = float(totals[2]), bool(totals[3] > 0)
         step_time = time.perf_counter() - t0
         state.step += 1
         state.epoch = plan.epoch_of(state.step - 1)
@@ -200,6 +219,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "tokens_per_s": float(totals[1]) / step_time,
             "total_steps": steps,
             "world_size": world,
+            "gradient_accumulation_steps": accum,
         }
         if preempted is None and clock - last_preemption_check >= cfg.train.preemption_check_interval_s:
             last_preemption_check = clock
@@ -211,7 +231,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     f"{preempted.preempted_ranks}), {deadline:.0f} s left: checkpointing every step until it goes",
                     flush=True,
                 )
-        last = state.step == steps
+        last = state.step == steps or stopping
+        if stopping and rank == 0:
+            print(f"[ftune] stop requested ({stop.reason}): checkpointing at step {state.step}/{steps} and finishing",
+                  flush=True)
         do_eval = last or state.step % cfg.train.eval_every == 0
         # After a notice the node may go at any moment: a just-in-time checkpoint after every step
         # means at most the step in flight is lost.
@@ -229,6 +252,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             pending = []
             if do_ckpt:
                 _report_with_checkpoint(engine, state, report, rank, jit=jit)
+                if recorder:
+                    recorder.sync()
             else:
                 ray.train.report(report)
 
@@ -252,11 +277,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "wall_time_s": wall,
             "restarts": state.restarts,
             "adapter_path": loop_config["adapter_uri"],
+            "stop_reason": stop.reason if stopping else None,
             "trainable_parameters": trainable_parameters(engine.module),
             "base_weights_sha256": frozen_weights_sha256(engine.module),
         }
         recorder.finish(summary)
-        storage = Storage(loop_config["storage_uri"], loop_config.get("endpoint_url"))
         if storage.is_remote:
             storage.upload_dir(run_dir, loop_config["name"])
 

@@ -6,8 +6,12 @@ preemption), summed over segments across pauses, PBT exploits and sweep resumes.
 
 - ``SpendTracker`` (tune.Callback) syncs the ledger with Tune's trials every loop step and result;
 - ``BudgetGate`` (Searcher wrapper) lets a new trial start only if its projected cost still fits;
-- ``BudgetStopper`` (tune.Stopper) stops every running trial once spend or time reaches the budget.
+- ``BudgetStopper`` (tune.Stopper) ends the sweep once spend or time reaches the budget: it raises
+  the sweep's ``train.stop.StopSignal`` so every running trial checkpoints at the step it reached and
+  finishes, and lets Tune kill what still runs ``budget.stop_grace_s`` later.
 
+The dollar stop is decided early by what the running trials may spend until then (one reporting
+interval plus the grace period), so final spend stays within the budget plus one interval's cost.
 They run in the sweep driver and find the ledger by sweep directory (``SpendLedger.of``), since Tune
 pickles searchers, schedulers and callbacks into its experiment state and restores copies on resume.
 """
@@ -156,6 +160,10 @@ class SpendLedger:
         """What the running trials spend in one reporting interval (the allowed overshoot)."""
         return sum(t.rate_usd_per_h for t in self.trials.values() if t.running) * self.report_interval_s / 3600.0
 
+    def grace_cost(self) -> float:
+        """What the running trials may spend finishing after a budget stop (``budget.stop_grace_s``)."""
+        return sum(t.rate_usd_per_h for t in self.trials.values() if t.running) * self.budget.stop_grace_s / 3600.0
+
     # -- decisions ---------------------------------------------------------------------------
 
     def admit(self, trial_id: str, now: float | None = None) -> str:
@@ -188,23 +196,34 @@ class SpendLedger:
         """Why the sweep must stop now (dollar or time budget reached), or None."""
         now = time.time() if now is None else now
         b = self.budget
-        # Stop one reporting interval early: Tune checks between loop steps, so the spend at the
-        # moment trials stop may run past this point by about that much.
-        if b.usd is not None and self.spend() >= b.usd - self.interval_cost():
+        # Stopped trials may run for the grace period, and Tune checks between loop steps (about one
+        # reporting interval): stop early by both so spend at the end stays within budget + one interval.
+        if b.usd is not None and self.spend() >= b.usd - self.interval_cost() - self.grace_cost():
             return f"budget reached: spent ${self.spend():.4f} of ${b.usd:.4f}"
-        if b.time_s is not None and self.elapsed(now) >= b.time_s:
+        grace_s = b.stop_grace_s if any(t.running for t in self.trials.values()) else 0.0
+        if b.time_s is not None and self.elapsed(now) + grace_s >= b.time_s:
             return f"time budget reached: {self.elapsed(now):.0f} s of {b.time_s:.0f} s"
         if self.exhausted and not self.active():
             return f"no further trial fits the budget (spent ${self.spend():.4f})"
         return None
 
     def mark_stopped(self, reason: str, now: float) -> None:
-        """Record a budget stop; the trials running now end as stopped_budget."""
-        running = [t.trial_id for t in self.active()]
-        self.stop = {"reason": reason, "at_elapsed_s": self.elapsed(now), "spend_usd": self.spend(),
-                     "interval_cost_usd": self.interval_cost(), "stopped_trials": running}
-        for trial_id in running:
-            self.trials[trial_id].status = "stopped_budget"
+        """Record a budget stop; the trials active now end as stopped_budget unless they complete first."""
+        self.stop = {"reason": reason, "at": now, "at_elapsed_s": self.elapsed(now), "spend_usd": self.spend(),
+                     "interval_cost_usd": self.interval_cost(), "grace_s": self.budget.stop_grace_s,
+                     "grace_cost_usd": self.grace_cost(), "stopped_trials": [t.trial_id for t in self.active()],
+                     "killed_trials": []}
+
+    def stop_settled(self, now: float) -> bool:
+        """After a budget stop: True once no trial runs or the grace period is over (recording who is killed)."""
+        assert self.stop is not None
+        running = [t.trial_id for t in self.trials.values() if t.running]
+        if running and now < self.stop.get("at", 0.0) + self.stop.get("grace_s", 0.0):
+            return False
+        if running and not self.stop.get("killed_trials"):
+            self.stop["killed_trials"] = running
+            self._record(now)
+        return True
 
     # -- syncing with Tune -------------------------------------------------------------------
 
@@ -364,30 +383,40 @@ class SpendTracker(tune.Callback):
 
 
 class BudgetStopper(tune.Stopper):
-    """Stops the whole sweep when spend or elapsed time reaches the budget."""
+    """Ends the sweep when spend or elapsed time reaches the budget: trials checkpoint and finish, then Tune stops."""
+
+    _signals: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, sweep_dir: str):
         self.sweep_dir = sweep_dir
+
+    @classmethod
+    def attach(cls, sweep_dir: str, signal: Any) -> None:
+        """The ``train.stop.StopSignal`` every trial's training run polls (Tune pickles stoppers, not handles)."""
+        cls._signals[sweep_dir] = signal
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         """Single trials are never stopped here (ASHA and the budget decide)."""
         return False
 
     def stop_all(self) -> bool:
-        """True once the budget is spent (checked every Tune loop step)."""
+        """Checked every Tune loop step: once the budget is spent, signal the trials to checkpoint and
+        finish; True (Tune stops the rest) when none runs any more or the grace period is over."""
         ledger = SpendLedger.of(self.sweep_dir)
-        if ledger.stop is not None:
-            return True
         now = time.time()
-        for trial in ledger.active():  # count the time since the last sync
-            if trial.running:
-                trial.segments[-1][1] = now
-        reason = ledger.should_stop(now)
-        if reason is None:
-            return False
-        ledger.mark_stopped(reason, now)
-        ledger._record(now)
-        return True
+        if ledger.stop is None:
+            for trial in ledger.active():  # count the time since the last sync
+                if trial.running:
+                    trial.segments[-1][1] = now
+            reason = ledger.should_stop(now)
+            if reason is None:
+                return False
+            ledger.mark_stopped(reason, now)
+            ledger._record(now)
+            signal = self._signals.get(self.sweep_dir)
+            if signal is not None:
+                signal.request.remote(reason)
+        return ledger.stop_settled(now)
 
 
 class BudgetGate(Searcher):

@@ -160,7 +160,7 @@ class BudgetConfig(Section):
     """Limits of the whole sweep; a new trial starts only if its projected cost fits."""
 
     usd: float | None = Field(None, gt=0.0)
-    """Dollar budget; when spend reaches it every running trial is stopped. None: no dollar limit."""
+    """Dollar budget; when spend reaches it every running trial checkpoints and stops. None: no dollar limit."""
     time_s: float | None = Field(None, gt=0.0)
     """Wall-clock limit of the sweep in seconds (resumes count the time already spent)."""
     max_trials: int | None = Field(None, ge=1)
@@ -170,6 +170,10 @@ class BudgetConfig(Section):
     from this sweep's finished trials, else a 1 s guess the dry run flags."""
     startup_s: float = Field(60.0, ge=0.0)
     """Estimated seconds a trial spends starting (scheduling, imports, model load, first evaluation)."""
+    stop_grace_s: float = Field(60.0, ge=0.0)
+    """Seconds running trials get, once the budget is reached, to checkpoint at the step they reached and
+    finish; then whatever still runs is killed (keeping its last periodic checkpoint). The dollar stop
+    comes that much spend earlier, so final spend stays within the budget plus one reporting interval."""
 
 
 class SweepConfig(Section):

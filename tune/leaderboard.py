@@ -1,9 +1,10 @@
 """The sweep's results: ``leaderboard.json`` / ``leaderboard.csv`` (best first) and ``best/adapter/``.
 
 Rows come from the spend ledger (one per trial: status, steps, cost, settings) and the trials' run
-directories (adapters). A finished run's adapter is ``<run>/adapter``; a pruned or budget-stopped
-run has none, so its row points at the adapter inside its latest checkpoint. ``serve.sweep`` reads
-``trial``, ``eval_loss``, ``status`` and ``adapter_path`` of these rows.
+directories (adapters). A finished run's adapter is ``<run>/adapter``, and so is that of a run the
+budget stop ended (it checkpoints and exports at the step it reached); a pruned run, or one killed
+after the stop's grace period, has none, so its row points at the adapter inside its latest
+checkpoint. ``serve.sweep`` reads ``trial``, ``eval_loss``, ``status`` and ``adapter_path`` of these rows.
 """
 
 from __future__ import annotations

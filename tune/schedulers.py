@@ -81,6 +81,8 @@ class CheckpointPBT(PopulationBasedTraining):
     def choose_trial_to_run(self, tune_controller):
         """Paused trials first by training time; a population member starts only if the budget admits it."""
         ledger = SpendLedger.of(self.sweep_dir)
+        if ledger.stop is not None:
+            return None  # the budget stop is under way: nothing (re)starts
         waiting = [t for t in tune_controller.get_trials() if t.status in ("PENDING", "PAUSED")]
         for trial in sorted(waiting, key=lambda t: self._trial_state[t].last_train_time):
             if trial.status == "PAUSED" or trial.trial_id in ledger.trials:

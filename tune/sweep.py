@@ -236,11 +236,11 @@ def trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def trainable(sweep: Sweep, registry: PlacementGroupRegistry):
-    """The trial trainable with the plan and data attached and the driver's CPUs reserved."""
+def trainable(sweep: Sweep, registry: PlacementGroupRegistry, stop_signal: Any):
+    """The trial trainable with the plan, data and stop signal attached and the driver's CPUs reserved."""
     from ray import tune
 
-    trial = trial_trainable(sweep.plan, sweep.data, registry.queue)
+    trial = trial_trainable(sweep.plan, sweep.data, registry.queue, stop_signal)
     return tune.with_resources(trial, {"CPU": sweep.shape.driver_cpus})
 
 
@@ -276,6 +276,7 @@ def run(sweep: Sweep, *, resume: bool, show_trial_logs: bool) -> dict[str, Any]:
     import ray
     from ray import tune
 
+    from train.stop import StopSignal
     from tune.progress import SweepProgress, say
 
     if not ray.is_initialized():
@@ -285,14 +286,16 @@ def run(sweep: Sweep, *, resume: bool, show_trial_logs: bool) -> dict[str, Any]:
     print_estimate(sweep, estimate(sweep), concurrency)
     ledger = open_ledger(sweep)
     registry = PlacementGroupRegistry.open(str(sweep.sweep_dir))
+    stop_signal = StopSignal.remote()  # raised by BudgetStopper; every trial's training run polls it
+    BudgetStopper.attach(str(sweep.sweep_dir), stop_signal)
     if resume:
         say(f"resuming {sweep.name}: ${ledger.spend():.4f} spent so far over {len(ledger.trials)} trial(s)")
-        tuner = tune.Tuner.restore(str(sweep.sweep_dir / TUNE_DIR), trainable=trainable(sweep, registry),
-                                   resume_unfinished=True)
+        tuner = tune.Tuner.restore(str(sweep.sweep_dir / TUNE_DIR), resume_unfinished=True,
+                                   trainable=trainable(sweep, registry, stop_signal))
     else:
         s, metric = sweep.cfg.search, sweep.cfg.search.metric
         tuner = tune.Tuner(
-            trainable(sweep, registry),
+            trainable(sweep, registry, stop_signal),
             param_space=sweep.plan.space.tune_space() if s.algorithm == "pbt" else None,
             tune_config=tune.TuneConfig(search_alg=make_searcher(sweep, concurrency), scheduler=make_scheduler(sweep, concurrency),
                                         num_samples=num_trials(sweep), trial_dirname_creator=trial_dirname),
@@ -307,6 +310,7 @@ def run(sweep: Sweep, *, resume: bool, show_trial_logs: bool) -> dict[str, Any]:
         tuner.fit()
     finally:
         registry.close()  # trials killed at the end of the sweep leave their runs' placement groups behind
+        ray.kill(stop_signal)
     return finish(sweep, ledger)
 
 

@@ -10,8 +10,11 @@ on, while the run keeps DeepSpeed, its checkpoints and Train's fault tolerance. 
 A PBT exploit restarts the trial with a pointer checkpoint (``exploit.json``) naming a copy of the
 donor's Train checkpoint: the trial continues it in a new run with ``init_checkpoint``, ``adopt=True``.
 
-When Tune stops a trial (ASHA, the budget, a PBT exploit) the trainable's ``cleanup`` aborts the
-Train run gracefully and the sweep removes any placement group it leaves behind (tune/train_runs.py).
+When the budget runs out the sweep raises its ``train.stop.StopSignal``, which every trial's run
+polls: the run checkpoints at the step it reached, writes its adapter and summary, and the trial
+ends on its own. When Tune stops a trial (ASHA, a PBT exploit, the budget's grace period over) the
+trainable's ``cleanup`` aborts the Train run and the sweep removes any placement group it leaves
+behind (tune/train_runs.py).
 """
 
 from __future__ import annotations
@@ -121,16 +124,19 @@ class Exploit:
         return json.dumps(asdict(self), indent=2)
 
 
-def trial_trainable(plan: TrialPlan, data: dict[str, Any], registry: Queue | None = None) -> type:
+def trial_trainable(plan: TrialPlan, data: dict[str, Any], registry: Queue | None = None,
+                    stop_signal: Any = None) -> type:
     """The Tune trainable class: ``run_trial`` with the plan and data attached, aborting its Train run on stop.
 
     Args:
         registry: Where each run's controller posts its placement groups (the sweep's PlacementGroupRegistry).
+        stop_signal: The sweep's ``train.stop.StopSignal`` (raised at the budget stop).
     """
     from ray import tune
     from ray.tune.trainable.function_trainable import wrap_function
 
-    base = wrap_function(tune.with_parameters(run_trial, plan=plan, data=data, registry=registry))
+    base = wrap_function(tune.with_parameters(run_trial, plan=plan, data=data, registry=registry,
+                                              stop_signal=stop_signal))
 
     class SweepTrial(base):
         def cleanup(self) -> None:
@@ -159,8 +165,9 @@ def finished_summary(storage: Storage, run: str, total_steps: int) -> dict[str, 
 
 
 def run_trial(config: dict[str, Any], plan: TrialPlan | None = None, data: dict[str, Any] | None = None,
-              registry: Queue | None = None) -> None:
+              registry: Queue | None = None, stop_signal: Any = None) -> None:
     """The Tune function trainable: one full distributed training run of the trial's settings."""
+    import ray
     from ray import tune
 
     from train.job import build_trainer
@@ -183,6 +190,8 @@ def run_trial(config: dict[str, Any], plan: TrialPlan | None = None, data: dict[
         tune.report(final)
         return
 
+    if stop_signal is not None and ray.get(stop_signal.reason.remote()) is not None:
+        return  # the sweep is stopping: starting a run now would only spend
     train_run = start_run(trial_id)
     if train_run is None:
         return  # Tune stopped the trial before its run started
@@ -193,6 +202,7 @@ def run_trial(config: dict[str, Any], plan: TrialPlan | None = None, data: dict[
             [SweepReportCallback(), RunHandoff(trial_id, train_run.mailbox, registry)],
             init_checkpoint=exploit.checkpoint if exploit else None,
             adopt=exploit is not None,
+            stop_signal=stop_signal,
         )
         trainer.fit()
     except Exception:

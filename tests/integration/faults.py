@@ -80,6 +80,10 @@ class Background:
         except BaseException as e:  # noqa: BLE001 - re-raised in join()
             self.error = e
 
+    def done(self) -> bool:
+        """Whether the callable has returned or raised."""
+        return not self._thread.is_alive()
+
     def join(self, timeout_s: float) -> Any:
         """Wait for the result; re-raise the callable's exception."""
         self._thread.join(timeout_s)

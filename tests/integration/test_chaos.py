@@ -87,15 +87,41 @@ def test_preemption_notice_jit_checkpoint_loses_at_most_one_step(cluster, tmp_pa
         assert before - resumed <= 1, f"lost {before - resumed} steps (ran to {before}, resumed from {resumed})"
 
 
-def test_elastic_job_finishes_on_one_worker_with_same_global_batch(cluster, tmp_path):
-    run_dir = tmp_path / "elastic"
-    cfg = job(tmp_path, "scaling.num_workers=[1, 2]", "train.max_steps=200", "train.checkpoint_every=25")
-    background = Background(lambda: run_training(cfg, name="elastic"))
-    wait_for(lambda: last_step(run_dir) >= 40, 300, "step 40")
-    cluster.kill_worker(alive_workers(cluster)[-1])
-    summary = background.join(600)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def world_sizes(run_dir: Path) -> list[int]:
+    """The worker counts the run has trained with, in order, repeats collapsed."""
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     sizes = [r["world_size"] for r in rows if "world_size" in r]
-    assert sizes[0] == 2 and sizes[-1] == 1, sizes
-    assert summary["global_batch_size"] == cfg.train.global_batch_size and summary["world_size"] == 1
-    assert summary["steps"] == 200
+    return [size for i, size in enumerate(sizes) if i == 0 or size != sizes[i - 1]]
+
+
+def worker_logs(cluster: LocalCluster) -> str:
+    """What the cluster's Ray workers printed, from their log files on every node (streaming to the driver is lossy)."""
+    return "".join(path.read_text(errors="replace") for path in Path(cluster.base_dir).rglob("worker-*.out"))
+
+
+def test_elastic_job_shrinks_to_one_worker_and_grows_back_with_same_global_batch(cluster, tmp_path):
+    run_dir = tmp_path / "elastic"
+    cfg = job(tmp_path, "scaling.num_workers=[1, 2]", "scaling.elastic_resize_interval_s=2", "train.max_steps=400",
+              "train.checkpoint_every=25")
+    background = Background(lambda: run_training(cfg, name="elastic"))
+    # Ray registers a checkpoint when its controller next polls the workers (~2 s): kill only after that,
+    # or a fast run restarts from scratch.
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    wait_for(lambda: snapshot.exists() and "checkpoint_step" in snapshot.read_text() and last_step(run_dir) >= 40,
+             300, "step 40 and a registered checkpoint")
+    cluster.kill_worker(alive_workers(cluster)[-1])
+    wait_for(lambda: world_sizes(run_dir) == [2, 1], 300, "the job to continue on one worker")
+    cluster.add_worker()  # the spot fleet brings a node back; Ray sees it within its 20 s resource poll
+    wait_for(lambda: world_sizes(run_dir) == [2, 1, 2] or background.done(), 300, "the job to grow back")
+    summary = background.join(600)
+    assert world_sizes(run_dir) == [2, 1, 2], "the job finished before it grew back to two workers"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for row in (r for r in rows if "world_size" in r):
+        per_step = cfg.train.micro_batch_size * row["gradient_accumulation_steps"] * row["world_size"]
+        assert per_step == cfg.train.global_batch_size, row
+    assert summary["global_batch_size"] == cfg.train.global_batch_size and summary["world_size"] == 2
+    assert summary["steps"] == 400
+    logs = worker_logs(cluster)
+    assert "workers 2 -> 1, gradient accumulation 1 -> 2, global batch 16 kept" in logs
+    assert "workers 1 -> 2, gradient accumulation 2 -> 1, global batch 16 kept" in logs

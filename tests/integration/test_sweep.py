@@ -181,23 +181,38 @@ def test_pbt_exploit_continues_donor_checkpoint(ray_local, tiny_model_dir, tmp_p
 
 
 def test_budget_stop_holds(ray_local, tiny_model_dir, tmp_path):
-    # $0.0016 is about 60 s of each of the two trials running at once, less than either needs for 2000
-    # steps; the projected cost (1 s per trial) lets both start, so the budget must stop them.
-    budget = 0.0016
-    result, sweep_dir = run_sweep(
+    # $0.0028 is about 105 s of each of the two trials running at once, less than either needs for 2000
+    # steps; the projected cost (1 s per trial) lets both start, so the budget must stop them. The stop
+    # comes 40 s (the grace period) + one report interval early, at about 65 s, and each trial checkpoints
+    # and finishes within seconds (the grace period is long so that a trial still starting up on a busy
+    # machine also gets to its first step and checkpoints there).
+    budget = 0.0028
+    _, sweep_dir = run_sweep(
         tmp_path, "budget", "search.algorithm=random", "search.num_samples=4", "search.asha.enabled=false",
         "job.train.max_steps=2000", "job.train.eval_every=50", "job.train.checkpoint_every=50",
-        f"budget.usd={budget}", "budget.step_time_s=0.0001", "budget.startup_s=1",
+        f"budget.usd={budget}", "budget.step_time_s=0.0001", "budget.startup_s=1", "budget.stop_grace_s=40",
     )
     spend = json.loads((sweep_dir / "spend.json").read_text())
     stop = spend["stop"]
     assert stop is not None and stop["reason"].startswith("budget reached")
-    assert budget - stop["interval_cost_usd"] <= spend["spent_usd"] <= budget + stop["interval_cost_usd"], (spend, stop)
+    assert budget - stop["interval_cost_usd"] - stop["grace_cost_usd"] <= stop["spend_usd"] <= spend["spent_usd"]
+    assert spend["spent_usd"] <= budget + stop["interval_cost_usd"], (spend, stop)
+    assert stop["killed_trials"] == [], "a trial did not finish within the grace period"
     rows = json.loads((sweep_dir / "leaderboard.json").read_text())
-    assert "stopped_budget" in {r["status"] for r in rows}
     assert all(r["status"] == "stopped_budget" for r in rows) and len(rows) == 2  # no third trial started
-    for row in rows:  # each keeps the checkpoint it had (none if stopped while starting up)
-        assert row["adapter_path"] is None or "checkpoint_step" in row["adapter_path"]
+    for row in rows:
+        # Stopped where it was, not at its last periodic checkpoint: the checkpoint is at the last step it
+        # trained, and the run ended normally, exporting that state as its adapter.
+        run_dir = sweep_dir / "trials" / row["trial"]
+        last_step = max(r["step"] for r in read_jsonl(run_dir / "metrics.jsonl"))
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["stop_reason"] == stop["reason"] and summary["steps"] == last_step == row["steps"] < 2000
+        checkpoint = run_dir / f"checkpoint_step{last_step:07d}"
+        state = json.loads((checkpoint / "train_state.json").read_text())["train_state"]
+        assert state["step"] == last_step, state
+        assert Path(row["adapter_path"]).resolve() == (run_dir / "adapter").resolve()
+        assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == (
+            checkpoint / "adapter" / "adapter_model.safetensors").read_bytes()
     assert wait_until_released() == 0, "budget-stopped trials left actors or placement groups behind"
 
 

@@ -97,6 +97,14 @@ def test_fingerprint_ignores_storage_and_workers():
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
 
 
+def test_fingerprint_lets_a_resumed_run_train_longer_but_not_differently():
+    base = load_config(TrainJobConfig, None, ["train.max_steps=6"]).fingerprint()
+    longer = load_config(TrainJobConfig, None, ["train.max_steps=12", "train.eval_every=4", "train.checkpoint_every=3"])
+    assert longer.fingerprint() == base
+    for change in ("train.lr_schedule=linear", "train.warmup_ratio=0.1", "train.seed=1", "data.max_seq_len=64"):
+        assert load_config(TrainJobConfig, None, ["train.max_steps=6", change]).fingerprint() != base, change
+
+
 def test_every_field_is_documented():
     def walk(model):
         for name, field in model.model_fields.items():

@@ -69,25 +69,53 @@ def test_admission_reserves_projected_cost_and_finishes_when_nothing_fits(tmp_pa
     assert book.admit("d", now=5.0) == "finished"
 
 
-def test_budget_stop_marks_running_trials_and_max_trials(tmp_path):
-    book = ledger(tmp_path, usd=0.05, max_trials=2)
+def test_budget_stop_leaves_a_grace_period_and_marks_trials_and_max_trials(tmp_path):
+    book = ledger(tmp_path, usd=0.1, stop_grace_s=4.0, max_trials=2)  # one trial's grace period costs $0.04
     book.admit("a", now=0.0)
     a = stub("a", "RUNNING")
     book.sync([a], now=0.0)
-    book.sync([a], now=4.0)
-    assert book.should_stop(now=4.0) is None
-    book.sync([a], now=4.6)  # $0.046: within one reporting interval ($0.005) of the budget
-    reason = book.should_stop(now=4.6)
+    book.sync([a], now=5.0)
+    assert book.should_stop(now=5.0) is None
+    book.sync([a], now=5.6)  # $0.056: within the grace period's ($0.04) and one interval's ($0.005) cost of $0.1
+    reason = book.should_stop(now=5.6)
     assert reason and "budget reached" in reason
-    book.mark_stopped(reason, now=4.6)
-    a.status = "TERMINATED"
-    book.sync([a], now=7.0)  # Tune stops it a moment later: no cost after the stop decision
-    assert book.spend() == pytest.approx(0.046)
-    assert book.trials["a"].status == "stopped_budget"
+    book.mark_stopped(reason, now=5.6)
+    assert book.stop["grace_cost_usd"] == pytest.approx(0.04)
     assert book.stop["interval_cost_usd"] == pytest.approx(RATE * 0.5 / 3600)
     assert book.admit("b") == "finished"
+    book.sync([a], now=7.0)  # told to stop, it checkpoints and finishes: still running, still paid for
+    assert not book.stop_settled(now=7.0)
+    a.status = "TERMINATED"
+    book.sync([a], now=8.0)  # it ended on its own within the grace period
+    assert book.stop_settled(now=8.0) and book.stop["killed_trials"] == []
+    assert book.trials["a"].status == "stopped_budget"
+    assert book.spend() == pytest.approx(0.08) and book.spend() <= 0.1 + book.stop["interval_cost_usd"]
     fresh = ledger(tmp_path / "other", max_trials=1)
     assert fresh.admit("x") == "start" and fresh.admit("y") == "finished"
+
+
+def test_trials_still_running_when_the_grace_period_ends_are_killed(tmp_path):
+    book = ledger(tmp_path, usd=0.1, stop_grace_s=4.0)
+    book.admit("s", now=0.0)
+    s = stub("s", "RUNNING")
+    book.sync([s], now=0.0)
+    book.sync([s], now=5.6)
+    book.mark_stopped(book.should_stop(now=5.6), now=5.6)
+    book.sync([s], now=9.5)
+    assert not book.stop_settled(now=9.5)
+    assert book.stop_settled(now=9.7) and book.stop["killed_trials"] == ["s"]  # Tune stops it now
+    s.status = "TERMINATED"
+    book.sync([s], now=9.7)
+    assert book.trials["s"].status == "stopped_budget" and book.spend() == pytest.approx(0.097)
+
+
+def test_time_budget_stop_leaves_the_grace_period_while_trials_run(tmp_path):
+    book = ledger(tmp_path, time_s=100.0, stop_grace_s=10.0)
+    book.session_start = 0.0
+    assert book.should_stop(now=95.0) is None  # nothing runs: no grace period to leave
+    book.admit("a", now=0.0)
+    book.sync([stub("a", "RUNNING")], now=95.0)
+    assert "time budget reached" in book.should_stop(now=95.0)
 
 
 def test_resume_keeps_spend_and_closes_interrupted_segments(tmp_path):
