@@ -49,9 +49,8 @@ from ray.train.v2._internal.execution.callback import (
     WorkerGroupCallback,
 )
 
-from bench.report import REPO, goal, machine_line, markdown_table
+from bench.report import REPO, RESULTS, goal, machine_line, markdown_table, record_section
 
-RESULTS = REPO / "bench" / "RESULTS.md"
 TINY_CONFIG = REPO / "configs" / "train" / "tiny.yaml"
 EVENTS_ENV = "FTUNE_BENCH_EVENTS"
 # Spot workers as in the chaos tests; evaluation only at the end so checkpoint steps are only checkpoints.
@@ -644,21 +643,6 @@ def report(base: Outcome, faulted: list[Outcome]) -> tuple[str, list[str], list[
     return markdown_table(headers, rows), [timeline_table(faulted), "", *(f"- {n}" for n in notes)], verdicts
 
 
-def write_results(text: str) -> None:
-    """Replace this benchmark's section of bench/RESULTS.md, leaving every other section as it is."""
-    start, end = "<!-- bench/recovery.py start -->", "<!-- bench/recovery.py end -->"
-    section = f"{start}\n{text.rstrip()}\n{end}\n"
-    old = (
-        RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
-    )  # re-read just now
-    if start in old and end in old:
-        head, rest = old.split(start, 1)
-        new = head + section + rest.split(end, 1)[1].lstrip("\n")
-    else:
-        new = old.rstrip() + "\n\n" + section
-    RESULTS.write_text(new, encoding="utf-8")
-
-
 # ----------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -766,7 +750,7 @@ def main(argv: list[str]) -> int:
     )
     print("\n" + text)
     if not (args.quick or args.no_record):
-        write_results(text)
+        record_section("bench/recovery.py", text)
         print(f"\nrecorded in {RESULTS}")
     return 0 if all(v.startswith("PASS") for v in verdicts) else 1
 

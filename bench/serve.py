@@ -34,9 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import REPO, goal, machine_line, markdown_table
+from bench.report import RESULTS, goal, machine_line, markdown_table, record_section
 
-RESULTS = REPO / "bench" / "RESULTS.md"
 PROMPT = "Write one sentence about the sea."
 ADAPTERS = [f"a{i}" for i in range(8)]
 OVERHEAD_GOAL_MS, MIXED_GOAL, COLD_GOAL_MS = 3.0, 0.9, 50.0
@@ -227,22 +226,6 @@ def batching_stats(url: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- report
-def write_results(text: str, model: str) -> None:
-    """Replace this benchmark's section for ``model`` in bench/RESULTS.md (creating the file if needed)."""
-    start, end = (
-        f"<!-- bench/serve.py --model {model} start -->",
-        f"<!-- bench/serve.py --model {model} end -->",
-    )
-    section = f"{start}\n{text.rstrip()}\n{end}\n"
-    old = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
-    if start in old and end in old:
-        head, rest = old.split(start, 1)
-        new = head + section + rest.split(end, 1)[1].lstrip("\n")
-    else:
-        new = old.rstrip() + "\n\n" + section
-    RESULTS.write_text(new, encoding="utf-8")
-
-
 def row(
     name: str,
     latencies: list[float] | None,
@@ -484,7 +467,7 @@ def main(argv: list[str]) -> int:
     print(report)
     shutil.rmtree(work, ignore_errors=True)
     if not args.no_record:
-        write_results(report, args.model)
+        record_section(f"bench/serve.py --model {args.model}", report)
         print(f"\nrecorded in {RESULTS}")
     return 0
 

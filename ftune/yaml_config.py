@@ -42,15 +42,22 @@ class Section(pydantic.BaseModel):
     )
 
 
-def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
-    """Read a YAML mapping and the line number of every (dotted) key in it.
+def read_yaml(
+    path: str | Path,
+    *,
+    missing_hint: str = "pass an existing YAML file to --config",
+    not_mapping: str = "the top level must be a mapping of sections (model:, train:, ...)",
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """Read a YAML mapping and the line number of every dotted key in it, list items included
+    (``applications.0.args``). An empty file is an empty mapping.
 
     Raises:
-        ConfigError: the file is missing, is not valid YAML, or is not a mapping.
+        ConfigError: the file is missing (``missing_hint`` says what to pass), is not valid YAML, or is not a
+            mapping (``not_mapping`` says what it should be).
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path} (pass an existing YAML file to --config)")
+        raise ConfigError(f"config file not found: {path} ({missing_hint})")
     text = path.read_text(encoding="utf-8")
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -63,7 +70,7 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     if data is None:
         return {}, {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, train:, ...)")
+        raise ConfigError(f"{path}: {not_mapping}")
     lines: dict[str, int] = {}
     _key_lines(node, "", lines)
     return data, lines
@@ -75,6 +82,10 @@ def _key_lines(node: yaml.Node, prefix: str, out: dict[str, int]) -> None:
             dotted = f"{prefix}{key_node.value}"
             out[dotted] = key_node.start_mark.line + 1
             _key_lines(value_node, dotted + ".", out)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            out[f"{prefix}{index}"] = item.start_mark.line + 1
+            _key_lines(item, f"{prefix}{index}.", out)
 
 
 def parse_override(text: str) -> tuple[str, Any]:

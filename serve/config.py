@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
-import yaml
 from pydantic import Field
 
 from ftune.config import ModelConfig, Precision
 from ftune.errors import ConfigError
-from ftune.yaml_config import KNOWN_ALIASES, Section, _describe_error, _report, apply_overrides
+from ftune.yaml_config import KNOWN_ALIASES, Section, _describe_error, _report, apply_overrides, read_yaml
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """What an adapter (and so an OpenAI model id) may be called: it is only ever a registry key."""
@@ -311,28 +310,15 @@ class ServeFileConfig(Section):
 
 
 def read_yaml_with_lines(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
-    """Read a YAML mapping and the line of every dotted key, list items included (``applications.0.args``).
+    """Read a Ray Serve config file and the line of every dotted key, list items included (``applications.0.args``).
 
     Raises:
         ConfigError: the file is missing, is not valid YAML or is not a mapping.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path} (pass a Ray Serve config file to --config)")
-    text = path.read_text(encoding="utf-8")
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path}: not a Ray Serve config file: it needs an 'applications:' list (see configs/serve/tiny.yaml)"
-        )
-    lines: dict[str, int] = {}
-    _key_lines(root, "", lines)
+    not_serve = "not a Ray Serve config file: it needs an 'applications:' list (see configs/serve/tiny.yaml)"
+    data, lines = read_yaml(path, missing_hint="pass a Ray Serve config file to --config", not_mapping=not_serve)
+    if not data:
+        raise ConfigError(f"{path}: {not_serve}")
     return data, lines
 
 
@@ -393,18 +379,6 @@ def _model_at(cls: type[pydantic.BaseModel], loc: tuple) -> type[pydantic.BaseMo
             if isinstance(arg, type) and issubclass(arg, pydantic.BaseModel):
                 model = arg
     return model if isinstance(model, type) and issubclass(model, pydantic.BaseModel) else None
-
-
-def _key_lines(node: yaml.Node, prefix: str, out: dict[str, int]) -> None:
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            dotted = f"{prefix}{key_node.value}"
-            out[dotted] = key_node.start_mark.line + 1
-            _key_lines(value_node, dotted + ".", out)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            out[f"{prefix}{index}"] = item.start_mark.line + 1
-            _key_lines(item, f"{prefix}{index}.", out)
 
 
 def _deep_copy(value: Any) -> Any:
