@@ -7,8 +7,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 
@@ -45,6 +46,19 @@ def last_step(run_dir: Path) -> int:
         return 0
     steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()]
     return max(steps, default=0)
+
+
+def has_registered_checkpoint(run_dir: Path) -> bool:
+    """Whether Ray's Train controller has registered a checkpoint of the run (its snapshot names one).
+
+    A checkpoint is registered when the controller next polls the workers (about every 2 s), not when
+    ``ray.train.report`` returns: a fault before that resumes from the checkpoint before it.
+    """
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        return "checkpoint_step" in snapshot.read_text()
+    except OSError:
+        return False
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:

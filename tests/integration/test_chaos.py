@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import pytest
+from faults import Background, curve, has_registered_checkpoint, last_step, wait_for
+from test_fault_tolerance import assert_same_adapter
 
 from cluster.local import LocalCluster
-from faults import Background, curve, last_step, wait_for
 from ftune.config import TrainJobConfig
 from ftune.yaml_config import load_config
-from test_fault_tolerance import assert_same_adapter
 from train.job import run_training
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,7 +59,7 @@ def test_node_sigkill_mid_run_resumes_exactly(cluster, tmp_path):
     run_training(job(tmp_path, *common), name="baseline")
     chaos = tmp_path / "chaos"
     background = Background(lambda: run_training(job(tmp_path, *common), name="chaos"))
-    wait_for(lambda: last_step(chaos) >= 60, 300, "step 60")
+    wait_for(lambda: last_step(chaos) >= 60 and has_registered_checkpoint(chaos), 300, "step 60 and a registered checkpoint")
     cluster.kill_worker(alive_workers(cluster)[-1])
     cluster.add_worker()  # the spot fleet replaces the node
     summary = background.join(600)
@@ -105,11 +104,9 @@ def test_elastic_job_shrinks_to_one_worker_and_grows_back_with_same_global_batch
     cfg = job(tmp_path, "scaling.num_workers=[1, 2]", "scaling.elastic_resize_interval_s=2", "train.max_steps=400",
               "train.checkpoint_every=25")
     background = Background(lambda: run_training(cfg, name="elastic"))
-    # Ray registers a checkpoint when its controller next polls the workers (~2 s): kill only after that,
-    # or a fast run restarts from scratch.
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    wait_for(lambda: snapshot.exists() and "checkpoint_step" in snapshot.read_text() and last_step(run_dir) >= 40,
-             300, "step 40 and a registered checkpoint")
+    # Kill only once a checkpoint is registered, or a fast run restarts from scratch.
+    wait_for(lambda: has_registered_checkpoint(run_dir) and last_step(run_dir) >= 40, 300,
+             "step 40 and a registered checkpoint")
     cluster.kill_worker(alive_workers(cluster)[-1])
     wait_for(lambda: world_sizes(run_dir) == [2, 1], 300, "the job to continue on one worker")
     cluster.add_worker()  # the spot fleet brings a node back; Ray sees it within its 20 s resource poll

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import Background, curve, has_registered_checkpoint, kill, last_step, train_worker_pids, wait_for
 from safetensors.torch import load_file
 
-from faults import Background, curve, kill, last_step, train_worker_pids, wait_for
 from ftune.config import TrainJobConfig
 from ftune.yaml_config import load_config
 from train.job import run_training
@@ -47,7 +47,8 @@ def test_worker_killed_mid_run_resumes_exactly(ray_local, baseline, tmp_path):
     cfg = job(tmp_path, "failure.max_failures=2")
     run_dir = tmp_path / "chaos"
     background = Background(lambda: run_training(cfg, name="chaos"))
-    wait_for(lambda: last_step(run_dir) >= 60, 240, "step 60 (after the first checkpoint at 40)")
+    wait_for(lambda: last_step(run_dir) >= 60 and has_registered_checkpoint(run_dir), 240,
+             "step 60 and a registered checkpoint (the first is at 40)")
     victims = train_worker_pids()
     assert victims, "no Ray Train worker process found"
     kill(victims[-1])
@@ -66,10 +67,8 @@ def test_driver_restart_resumes_same_name(ray_local, baseline, tmp_path):
     first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run_dir = tmp_path / "driver"
     try:
-        # A checkpoint counts once Ray's controller has registered it in the run snapshot, which is
-        # what a new driver restores from (a directory alone is not a committed checkpoint).
-        snapshot = run_dir / "checkpoint_manager_snapshot.json"
-        wait_for(lambda: snapshot.exists() and "checkpoint_step" in snapshot.read_text(), 240, "a registered checkpoint")
+        # A new driver restores what the run snapshot registers (a directory alone is not a committed checkpoint).
+        wait_for(lambda: has_registered_checkpoint(run_dir), 240, "a registered checkpoint")
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()

@@ -13,11 +13,11 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from faults import Background, kill, train_worker_pids, wait_for
+from test_fault_tolerance import assert_same_adapter
+
 from ftune.config import TrainJobConfig
 from ftune.yaml_config import load_config
-from test_fault_tolerance import assert_same_adapter
 from train.job import run_training
 
 REPO = Path(__file__).resolve().parents[2]
