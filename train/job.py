@@ -182,8 +182,11 @@ def ensure_ray() -> None:
         ray.init(log_to_driver=True)
 
 
-def run_training(cfg: TrainJobConfig, *, name: str | None = None, callbacks: list | None = None) -> dict[str, Any]:
-    """Run a training job to completion and return its summary.
+def run_training(
+    cfg: TrainJobConfig, *, name: str | None = None, callbacks: list | None = None, stop_signal=None
+) -> dict[str, Any]:
+    """Run a training job to completion (or until ``stop_signal``, a ``train.stop.StopSignal``, is raised:
+    then it checkpoints and ends at the step it reached) and return its summary.
 
     Raises:
         UserError: the config, model or data are wrong (found before Ray starts).
@@ -196,7 +199,7 @@ def run_training(cfg: TrainJobConfig, *, name: str | None = None, callbacks: lis
     name = name or cfg.name or default_run_name(None)
     loop_config = prepare(cfg, name)
     ensure_ray()
-    trainer = build_trainer(cfg, loop_config, callbacks)
+    trainer = build_trainer(cfg, loop_config, callbacks, stop_signal=stop_signal)
     started = time.perf_counter()
     try:
         trainer.fit()

@@ -37,6 +37,14 @@ class StopSignal:
         return self._reason
 
 
+def create_stop_signal() -> ray.actor.ActorHandle:
+    """A ``StopSignal`` pinned to the caller's node (the driver's), so losing a spot worker node never takes it along."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return StopSignal.options(scheduling_strategy=here).remote()
+
+
 class StopPoller:
     """Rank 0's side of a ``StopSignal``: at most one call in flight, a new one every ``interval_s``."""
 

@@ -276,7 +276,7 @@ def run(sweep: Sweep, *, resume: bool, show_trial_logs: bool) -> dict[str, Any]:
     import ray
     from ray import tune
 
-    from train.stop import StopSignal
+    from train.stop import create_stop_signal
     from tune.progress import SweepProgress, say
 
     if not ray.is_initialized():
@@ -286,7 +286,7 @@ def run(sweep: Sweep, *, resume: bool, show_trial_logs: bool) -> dict[str, Any]:
     print_estimate(sweep, estimate(sweep), concurrency)
     ledger = open_ledger(sweep)
     registry = PlacementGroupRegistry.open(str(sweep.sweep_dir))
-    stop_signal = StopSignal.remote()  # raised by BudgetStopper; every trial's training run polls it
+    stop_signal = create_stop_signal()  # raised by BudgetStopper; every trial's training run polls it
     BudgetStopper.attach(str(sweep.sweep_dir), stop_signal)
     if resume:
         say(f"resuming {sweep.name}: ${ledger.spend():.4f} spent so far over {len(ledger.trials)} trial(s)")

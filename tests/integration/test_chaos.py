@@ -100,10 +100,14 @@ def worker_logs(cluster: LocalCluster) -> str:
 
 
 def test_elastic_job_shrinks_to_one_worker_and_grows_back_with_same_global_batch(cluster, tmp_path):
+    from train.stop import create_stop_signal
+
     run_dir = tmp_path / "elastic"
-    cfg = job(tmp_path, "scaling.num_workers=[1, 2]", "scaling.elastic_resize_interval_s=2", "train.max_steps=400",
+    # max_steps is out of reach: once the job has grown back, the stop signal ends it (checkpoint + summary) there.
+    cfg = job(tmp_path, "scaling.num_workers=[1, 2]", "scaling.elastic_resize_interval_s=2", "train.max_steps=5000",
               "train.checkpoint_every=25")
-    background = Background(lambda: run_training(cfg, name="elastic"))
+    stop = create_stop_signal()
+    background = Background(lambda: run_training(cfg, name="elastic", stop_signal=stop))
     # Kill only once a checkpoint is registered, or a fast run restarts from scratch.
     wait_for(lambda: has_registered_checkpoint(run_dir) and last_step(run_dir) >= 40, 300,
              "step 40 and a registered checkpoint")
@@ -111,6 +115,9 @@ def test_elastic_job_shrinks_to_one_worker_and_grows_back_with_same_global_batch
     wait_for(lambda: world_sizes(run_dir) == [2, 1], 300, "the job to continue on one worker")
     cluster.add_worker()  # the spot fleet brings a node back; Ray sees it within its 20 s resource poll
     wait_for(lambda: world_sizes(run_dir) == [2, 1, 2] or background.done(), 300, "the job to grow back")
+    grown_at = last_step(run_dir)
+    wait_for(lambda: last_step(run_dir) >= grown_at + 5, 120, "steps on two workers again")
+    stop.request.remote("grown back")
     summary = background.join(600)
     assert world_sizes(run_dir) == [2, 1, 2], "the job finished before it grew back to two workers"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -118,7 +125,7 @@ def test_elastic_job_shrinks_to_one_worker_and_grows_back_with_same_global_batch
         per_step = cfg.train.micro_batch_size * row["gradient_accumulation_steps"] * row["world_size"]
         assert per_step == cfg.train.global_batch_size, row
     assert summary["global_batch_size"] == cfg.train.global_batch_size and summary["world_size"] == 2
-    assert summary["steps"] == 400
+    assert summary["stop_reason"] == "grown back" and summary["steps"] == last_step(run_dir) < 5000
     logs = worker_logs(cluster)
     assert "workers 2 -> 1, gradient accumulation 1 -> 2, global batch 16 kept" in logs
     assert "workers 1 -> 2, gradient accumulation 2 -> 1, global batch 16 kept" in logs
