@@ -76,9 +76,15 @@ def check_model_reachable(cfg: TrainJobConfig) -> None:
         ) from e
 
 
+def run_staging_dir(storage, name: str) -> Path:
+    """Where rank 0 writes a run's files: the run directory itself, or a staging copy under FTUNE_HOME for s3://."""
+    from ftune.builtin import ftune_home
+
+    return ftune_home() / "staging" / name if storage.is_remote else Path(storage.uri) / name
+
+
 def prepare(cfg: TrainJobConfig, name: str) -> dict[str, Any]:
     """Everything checked before Ray starts: DeepSpeed config, model, data. Returns the loop config."""
-    from ftune.builtin import ftune_home
     from ftune.data import prepare_data
     from ftune.model import load_tokenizer, resolve_model_path
     from ftune.storage import Storage
@@ -105,7 +111,7 @@ def prepare(cfg: TrainJobConfig, name: str) -> dict[str, Any]:
             f"{cfg.train.global_batch_size}; lower train.global_batch_size or add data"
         )
     storage = Storage.from_config(cfg.storage)
-    local_run_dir = ftune_home() / "staging" / name if storage.is_remote else Path(storage.uri) / name
+    local_run_dir = run_staging_dir(storage, name)
     return {
         "job": cfg.model_dump(mode="json"),
         "name": name,

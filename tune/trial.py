@@ -77,11 +77,11 @@ class TrialPlan:
 
         Mirrors the per-run entries of ``prepare`` (see the sweep README for the change requested there).
         """
-        from ftune.builtin import ftune_home
+        from train.job import run_staging_dir
 
         storage = Storage.from_config(cfg.storage)
         name = cfg.name or ""
-        local_run_dir = ftune_home() / "staging" / name if storage.is_remote else Path(storage.uri) / name
+        local_run_dir = run_staging_dir(storage, name)
         return {
             **self.loop_template,
             "job": cfg.model_dump(mode="json"),
