@@ -3,7 +3,9 @@
 Measured in one run, on one machine, with one torch thread for the model everywhere:
 
   a. in-process   the replica's own decode path (AdapterPool + BatchDecoder), no Ray, no HTTP
-  b. serve-http   the same requests through Ray Serve's proxy and the FastAPI ingress (requests.Session)
+  b. serve-http   the same requests through Ray Serve's proxy and the FastAPI ingress (requests.Session),
+     serve-direct and straight to the replica's own port (Serve's direct ingress, on in this run), both
+                  with the product's default batching
   c. mixed        8 concurrent clients, all on one adapter vs. round-robin over 8 adapters, in process
                   (one batch of 8) and through Serve (``@serve.batch``); in process also with peft's own
                   adapter_names loop, the baseline that serve/gathered_lora.py replaces
@@ -43,6 +45,7 @@ ROUNDS = 2
 """Alternating rounds of the 1-adapter and 8-adapter concurrent runs."""
 THROUGHPUT_WAIT_S = 0.03
 """batch_wait_timeout_s of the throughput app: about the spread of 8 clients' arrivals on 2 cores."""
+LATENCY_APP, THROUGHPUT_APP = "latency", "throughput"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -153,29 +156,34 @@ def free_port() -> int:
 
 
 def deploy_apps(model_dir: Path, adapters: dict[str, Path], port: int) -> dict[str, str]:
-    """Two applications on one Serve: ``latency`` (no batch wait) and ``throughput`` (a short wait)."""
+    """Two applications on one Serve with direct ingress on: ``latency`` (the default batching) and
+    ``throughput`` (a longer batch wait). Returns their proxy URLs, and ``direct``: the latency replica's own."""
     import ray
     from ray import serve
 
     from serve.app import build_application
     from serve.config import validate_serving_args
+    from serve.deploy import DIRECT_INGRESS_ENV, DRAINING_ENV, replica_urls
 
+    os.environ[DIRECT_INGRESS_ENV] = "1"  # read by Serve's controller and replicas, which inherit it
+    os.environ[DRAINING_ENV] = "0"  # no load balancer to drain from: shut down at once
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     urls = {}
-    for name, wait in (("latency", 0.0), ("throughput", THROUGHPUT_WAIT_S)):
+    for name, batching in ((LATENCY_APP, {}), (THROUGHPUT_APP, {"batch_wait_timeout_s": THROUGHPUT_WAIT_S})):
         config = validate_serving_args(
             {
                 "model": {"name_or_path": str(model_dir)},
                 "adapters": {k: str(v) for k, v in adapters.items()},
                 "max_adapters_per_replica": len(adapters),
-                "batching": {"max_batch_size": 8, "batch_wait_timeout_s": wait},
+                "batching": {"max_batch_size": 8, **batching},
                 "limits": {"max_ongoing_requests": 16, "max_queued_requests": -1, "max_tokens": 256},
                 "resources": {"num_cpus": 0.5, "torch_threads": 1},
             }
         )
         serve.run(build_application(config), name=name, route_prefix=f"/{name}", blocking=False)
         urls[name] = f"http://127.0.0.1:{port}/{name}"
+    urls["direct"] = replica_urls(LATENCY_APP)[0].removesuffix("/v1")
     return urls
 
 
@@ -312,7 +320,8 @@ def main(argv: list[str]) -> int:
         ]
     )
 
-    overhead = serve_ratio = cold_http = None
+    serve_ratio = cold_http = None
+    overheads: dict[str, float] = {}
     if args.no_serve:
         seq1, seqn = time_interleaved(
             [lambda: local.generate(["a0"], 1), lambda: local.generate(["a0"], tokens)], n
@@ -331,19 +340,20 @@ def main(argv: list[str]) -> int:
 
         urls = deploy_apps(model_dir, adapters, free_port())
         session = requests.Session()
-        lat_url = urls["latency"]
+        lat_url, direct_url = urls[LATENCY_APP], urls["direct"]
         http_call(session, lat_url, "a0", 1)  # load a0 before timing
-        seq1, http1, seqn, httpn, health = time_interleaved(
-            [
-                lambda: local.generate(["a0"], 1),
-                lambda: http_call(session, lat_url, "a0", 1),
-                lambda: local.generate(["a0"], tokens),
-                lambda: http_call(session, lat_url, "a0", tokens),
-                lambda: session.get(lat_url + "/healthz", timeout=10).raise_for_status(),
-            ],
-            n,
-        )
-        for where, one, many in (("in-process", seq1, seqn), ("serve-http", http1, httpn)):
+        paths = {"serve-http": lat_url, "serve-direct": direct_url}
+        calls = [lambda: local.generate(["a0"], 1), lambda: local.generate(["a0"], tokens)]
+        for url in paths.values():
+            calls += [
+                lambda u=url: http_call(session, u, "a0", 1),
+                lambda u=url: http_call(session, u, "a0", tokens),
+                lambda u=url: session.get(u + "/healthz", timeout=10).raise_for_status(),
+            ]
+        seq1, seqn, *timed = time_interleaved(calls, n)
+        latency = {"in-process": (seq1, seqn, None)}
+        latency.update({where: tuple(timed[3 * i : 3 * i + 3]) for i, where in enumerate(paths)})
+        for where, (one, many, health) in latency.items():
             rows.append(row(f"{where}, 1 token", one, 1000 / statistics.mean(one)))
             rows.append(
                 row(
@@ -353,23 +363,32 @@ def main(argv: list[str]) -> int:
                     1000 * tokens / statistics.mean(many),
                 )
             )
-        overhead = percentile(httpn, 50) - percentile(seqn, 50)
-        overhead_1 = percentile(http1, 50) - percentile(seq1, 50)
-        transport = percentile(health, 50)
-        per_step = (overhead - overhead_1) / max(tokens - 1, 1)
-        rows.append(row("serve-http, GET /healthz (no model work)", health, 1000 / statistics.mean(health)))
-        notes.append(
-            f"Serve HTTP overhead at p50: {overhead_1:.1f} ms for a 1-token request, {overhead:.1f} ms for {tokens} "
-            f"tokens. Of the 1-token overhead, {transport:.1f} ms is the HTTP round trip through Serve's proxy to a "
-            f"replica and back (GET /healthz), {overhead_1 - transport:.1f} ms the request's own handling in the "
-            f"replica (FastAPI, parsing, tokenizing, the @serve.batch queue); each further token adds {per_step:.2f} ms."
-        )
+            if health is not None:
+                rows.append(
+                    row(f"{where}, GET /healthz (no model work)", health, 1000 / statistics.mean(health))
+                )
+        for where, label in (
+            ("serve-http", "through Serve's proxy"),
+            ("serve-direct", "straight to the replica"),
+        ):
+            one, many, health = latency[where]
+            overheads[where] = percentile(many, 50) - percentile(seqn, 50)
+            overhead_1 = percentile(one, 50) - percentile(seq1, 50)
+            transport = percentile(health, 50)
+            per_step = (overheads[where] - overhead_1) / max(tokens - 1, 1)
+            notes.append(
+                f"HTTP overhead {label} ({where}) at p50: {overhead_1:.1f} ms for a 1-token request, "
+                f"{overheads[where]:.1f} ms for {tokens} tokens. Of the 1-token overhead, {transport:.1f} ms is the "
+                f"HTTP round trip to the replica and back (GET /healthz), {overhead_1 - transport:.1f} ms the "
+                f"request's own handling in the replica (parsing, tokenizing, the @serve.batch queue); each further "
+                f"token adds {per_step:.2f} ms."
+            )
 
         cold = []
         for name in ADAPTERS[1:]:  # first request to each adapter loads it
             start = time.perf_counter()
             http_call(session, lat_url, name, 1)
-            cold.append(1000 * (time.perf_counter() - start) - percentile(http1, 50))
+            cold.append(1000 * (time.perf_counter() - start) - percentile(latency["serve-http"][0], 50))
         cold_http = statistics.median(cold)
         rows.append(
             [
@@ -382,7 +401,7 @@ def main(argv: list[str]) -> int:
             ]
         )
 
-        thr_url = urls["throughput"]
+        thr_url = urls[THROUGHPUT_APP]
         for name in ADAPTERS:  # warm: every adapter loaded before timing
             http_call(session, thr_url, name, 1)
         runs = {
@@ -412,15 +431,16 @@ def main(argv: list[str]) -> int:
 
     table = markdown_table(["run", "p50 ms", "p99 ms", "req/s", "tok/s", "note"], rows)
     verdicts = []
-    if overhead is not None:
-        verdicts.append(
-            goal(
-                "Serve HTTP overhead at p50",
-                f"{overhead:.1f} ms",
-                f"<= {OVERHEAD_GOAL_MS:.0f} ms",
-                overhead <= OVERHEAD_GOAL_MS,
+    for where, label in (("serve-http", "through the proxy"), ("serve-direct", "direct ingress")):
+        if where in overheads:
+            verdicts.append(
+                goal(
+                    f"Serve HTTP overhead at p50, {label}",
+                    f"{overheads[where]:.1f} ms",
+                    f"<= {OVERHEAD_GOAL_MS:.0f} ms",
+                    overheads[where] <= OVERHEAD_GOAL_MS,
+                )
             )
-        )
     verdicts.append(
         goal(
             "8 mixed adapters vs 1, in process (batch of 8)",

@@ -134,6 +134,8 @@ class LoraServer:
         self.eos_ids = {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
         self.pool = AdapterPool(base)
         self.batch_stats = {"batches": 0, "requests": 0, "largest": 0, "most_adapters": 0}
+        self._in_flight = 0  # requests queued or decoding
+        self._last_batch_size = 0
         self.registry = _registry(cfg)
 
         # Both decorators take their settings at decoration time, and the config is only known here.
@@ -265,7 +267,7 @@ class LoraServer:
         params = SamplingParams(
             wanted, body.temperature, body.top_p, body.seed, tuple(stops), body.ignore_eos
         )
-        return GenerationRequest(tuple(prompt_ids), params, adapter)
+        return GenerationRequest(tuple(prompt_ids), params, adapter, stream=body.stream)
 
     # ---- adapters and generation --------------------------------------------------------------
 
@@ -288,6 +290,14 @@ class LoraServer:
         if request.adapter is not None:
             await self._adapter(request.adapter)  # refreshes its LRU slot (reloads if evicted meanwhile)
         self.pool.acquire(request.adapter)
+        # Waiting for company only pays when company is likely: other requests are queued or decoding, or
+        # the last batch held several (concurrent clients come back together). A lone client's request
+        # finds neither and starts decoding at once.
+        company = self._in_flight > 0 or self._last_batch_size > 1
+        self._decode_batch.set_batch_wait_timeout_s(
+            self.config.batching.batch_wait_timeout_s if company else 0.0
+        )
+        self._in_flight += 1
         try:
             # Serve splits batches by multiplexed model id (the routing header); we want one batch to
             # mix adapters, so the request is queued from an empty context that carries no such id.
@@ -295,11 +305,13 @@ class LoraServer:
             async for delta in stream:
                 yield delta
         finally:
+            self._in_flight -= 1
             await self.pool.release(request.adapter)
 
     async def _decode(self, requests: list[GenerationRequest]) -> AsyncIterator[list[Any]]:
-        """The batch handler: one list of deltas per decode step, StopIteration for finished rows."""
+        """The batch handler: lists of one delta per request (StopIteration for rows finished before)."""
         stats = self.batch_stats
+        self._last_batch_size = len(requests)
         stats["batches"] += 1
         stats["requests"] += len(requests)
         stats["largest"] = max(stats["largest"], len(requests))
@@ -312,15 +324,27 @@ class LoraServer:
             pad_token_id=self.tokenizer.pad_token_id,
             device=self.device,
         )
-        # The decode loop runs on a worker thread and hands each step's deltas over as it goes, so the
-        # next step is computed while the event loop delivers this one (not one thread hop per token).
+        # The decode loop runs on a worker thread, so the next step is computed while the event loop
+        # delivers this one. It hands deltas over only when a caller can use them (new text for a stream,
+        # or a finished request): a batch of plain completions wakes the event loop once per finished
+        # request, not once per token, and leaves the thread the CPU the loop would have taken.
         loop = asyncio.get_running_loop()
         steps: asyncio.Queue = asyncio.Queue()
 
         def produce() -> None:
+            pending: list[Delta | None] = [None] * len(requests)
             try:
                 while not decoder.done:
-                    loop.call_soon_threadsafe(steps.put_nowait, decoder.step())
+                    wanted = False
+                    for i, delta in enumerate(decoder.step()):
+                        if delta is not None:
+                            pending[i] = delta if pending[i] is None else pending[i].then(delta)
+                            wanted |= delta.finish_reason is not None or (
+                                requests[i].stream and bool(delta.text)
+                            )
+                    if wanted:
+                        loop.call_soon_threadsafe(steps.put_nowait, pending)
+                        pending = [None] * len(requests)
             except BaseException as e:  # noqa: BLE001 -- re-raised on the event loop, failing this batch's requests
                 loop.call_soon_threadsafe(steps.put_nowait, e)
             loop.call_soon_threadsafe(steps.put_nowait, None)

@@ -4,6 +4,7 @@
     ftune serve --sweep ~/ftune_runs/sweeps/lr --top-k 3              # a sweep's 3 best adapters
     ftune serve --adapter support=runs/support/adapter --adapter sql=s3://bucket/sql --api-key-env FTUNE_API_KEY
     python -m serve --config configs/serve/tiny.yaml limits.max_tokens=64 autoscaling.max_replicas=2
+    ftune serve --config configs/serve/tiny.yaml --direct-ingress    # also each replica's own port
 
 Adapters from --sweep and --adapter are added to those of --config; trailing ``key=value`` overrides
 set any ServingConfig field. Without --config the base model is the one the adapters were trained
@@ -18,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ftune.cli import prog
 from ftune.errors import UserError
 from ftune.yaml_config import apply_overrides
 from serve.config import (
@@ -27,7 +29,7 @@ from serve.config import (
     validate_serve_file,
     validate_serving_args,
 )
-from serve.deploy import APP_NAME, deploy, shutdown
+from serve.deploy import APP_NAME, deploy, replica_urls, shutdown
 from serve.registry import AdapterRegistry, common_base_model
 from serve.sweep import adapters_from_sweep
 
@@ -41,12 +43,13 @@ class ServePlan:
     port: int
     app_name: str
     route_prefix: str
+    direct_ingress: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``ftune serve`` argument parser."""
     parser = argparse.ArgumentParser(
-        prog="ftune serve",
+        prog=prog("python -m serve"),
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -71,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", help="HTTP host (default: the config's http_options, else 127.0.0.1)")
     parser.add_argument("--port", type=int, help="HTTP port (default: the config's http_options, else 8000)")
     parser.add_argument("--api-key-env", help="require 'Authorization: Bearer $VAR' from clients")
+    parser.add_argument(
+        "--direct-ingress",
+        action="store_true",
+        help="also answer on each replica's own port, skipping the proxy hop (Ray Serve's direct ingress)",
+    )
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="ServingConfig overrides, e.g. limits.max_tokens=64"
     )
@@ -172,18 +180,30 @@ def plan_from_args(argv: list[str]) -> ServePlan:
         config.model.name_or_path = base
     if config.api_key_env and not os.environ.get(config.api_key_env) and not os.environ.get("RAY_ADDRESS"):
         raise UserError(f"api_key_env is {config.api_key_env!r} but that environment variable is not set")
-    return ServePlan(config, args.host or host, args.port or port, app_name, route_prefix)
+    return ServePlan(
+        config, args.host or host, args.port or port, app_name, route_prefix, args.direct_ingress
+    )
 
 
 def main(argv: list[str]) -> int:
     """Deploy and block until Ctrl-C."""
     plan = plan_from_args(argv)
     url = deploy(
-        plan.config, host=plan.host, port=plan.port, app_name=plan.app_name, route_prefix=plan.route_prefix
+        plan.config,
+        host=plan.host,
+        port=plan.port,
+        app_name=plan.app_name,
+        route_prefix=plan.route_prefix,
+        direct_ingress=plan.direct_ingress,
     )
     models = ", ".join(plan.config.model_ids)
     key = f" (Authorization: Bearer ${plan.config.api_key_env})" if plan.config.api_key_env else ""
     print(f"serving {models} at {url}{key}; Ctrl-C to stop", flush=True)
+    if plan.direct_ingress:
+        print(
+            f"replicas, without the proxy hop: {', '.join(replica_urls(plan.app_name, plan.host))}",
+            flush=True,
+        )
     try:
         while True:
             time.sleep(3600)

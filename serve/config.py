@@ -34,7 +34,8 @@ class BatchingConfig(Section):
     max_batch_size: int = Field(8, ge=1, le=256)
     """Requests decoded together, whatever adapters they use."""
     batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=10.0)
-    """How long the first request of a batch waits for more before decoding starts."""
+    """How long the first request of a batch waits for more before decoding starts, when more are likely
+    (others queued or decoding, or the last batch held several); a lone client's request starts at once."""
     max_concurrent_batches: int = Field(1, ge=1, le=16)
     """Batches a replica decodes at once (their steps interleave); more lowers the wait of late arrivals."""
 

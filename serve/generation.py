@@ -49,6 +49,8 @@ class GenerationRequest:
     params: SamplingParams
     adapter: str | None = None
     """Adapter name, or None for the base model."""
+    stream: bool = False
+    """Whether the caller reads the text as it is decoded; otherwise only the finished completion counts."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,12 @@ class Delta:
     """None while decoding; "stop" (EOS or stop string) or "length" on the last delta."""
     prompt_tokens: int
     completion_tokens: int
+
+    def then(self, later: Delta) -> Delta:
+        """This delta and the ``later`` one of the same request, as one."""
+        return Delta(
+            self.text + later.text, later.finish_reason, later.prompt_tokens, later.completion_tokens
+        )
 
 
 class StopMatcher:

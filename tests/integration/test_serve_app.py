@@ -3,6 +3,7 @@
 One deployment for the whole module: the two best trials of a fake sweep (``--sweep --top-k 2``) plus
 an adapter on a local S3 server (moto), an API key, room for only 2 adapters per replica (so the LRU
 evicts), small queue limits (so overload is reachable) and a short context (so it is cheap to exceed).
+Ray runs with Serve's direct ingress, so the replica also answers on its own port (``--direct-ingress``).
 """
 
 from __future__ import annotations
@@ -40,9 +41,13 @@ def adapters(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def environment():
-    """The API key and fake AWS credentials, set before Ray starts so the replicas inherit them."""
+    """The API key, fake AWS credentials and direct ingress, set before Ray starts so Serve inherits them."""
+    from serve.deploy import DIRECT_INGRESS_ENV, DRAINING_ENV
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(KEY_ENV, API_KEY)
+        mp.setenv(DIRECT_INGRESS_ENV, "1")
+        mp.setenv(DRAINING_ENV, "0")  # no load balancer to wait for when the module's Serve shuts down
         for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}.items():
             mp.setenv(name, value)
         mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
@@ -93,6 +98,7 @@ def server(sweep_dir, s3_endpoint, tiny_model_dir, ftune_home, environment):
             "--base", str(tiny_model_dir),
             "--api-key-env", KEY_ENV,
             "--port", str(free_port()),
+            "--direct-ingress",
             f"storage.endpoint_url={s3_endpoint}",
             "max_adapters_per_replica=2",
             "limits.max_tokens=64", "limits.default_max_tokens=16", "limits.max_context_tokens=128",
@@ -102,7 +108,7 @@ def server(sweep_dir, s3_endpoint, tiny_model_dir, ftune_home, environment):
     )  # fmt: skip
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        base_url = deploy(plan.config, host=plan.host, port=plan.port)
+        base_url = deploy(plan.config, host=plan.host, port=plan.port, direct_ingress=plan.direct_ingress)
         yield base_url
     finally:
         serve.shutdown()
@@ -209,6 +215,20 @@ def test_concurrent_requests_for_different_adapters_share_batches(client, greedy
             break
     else:
         pytest.fail("no batch ever held two different adapters")
+
+
+def test_the_replica_answers_on_its_own_port_like_through_the_proxy(server, greedy):
+    from openai import OpenAI
+
+    from serve.deploy import replica_urls
+
+    urls = replica_urls()
+    assert urls and server not in urls, urls
+    direct = OpenAI(base_url=urls[0], api_key=API_KEY, max_retries=0, timeout=60)
+    assert complete(direct, "trial-t2").choices[0].text == greedy["trial-t2"]
+    streamed = "".join(c.choices[0].text for c in complete(direct, "base", stream=True) if c.choices)
+    assert streamed == greedy["base"]
+    assert post(urls[0], "/completions", {"model": "base", "prompt": PROMPT}, key=None).status_code == 401
 
 
 def test_chat_completion_uses_the_chat_template(client, tiny_tokenizer):

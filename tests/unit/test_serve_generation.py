@@ -10,6 +10,7 @@ import torch
 from serve.generation import (
     BASE_ADAPTER,
     BatchDecoder,
+    Delta,
     GenerationRequest,
     SamplingParams,
     StopMatcher,
@@ -230,3 +231,8 @@ def test_ignore_eos_generates_exactly_max_tokens():
     request = GenerationRequest((0,), SamplingParams(max_tokens=10, ignore_eos=True))
     texts, finals, _ = decode([request])
     assert texts == ["bcdefgh"] and finals == [("length", 10)]
+
+
+def test_deltas_of_one_request_join_into_one():
+    joined = Delta("Hel", None, 5, 1).then(Delta("", None, 5, 2)).then(Delta("lo", "length", 5, 3))
+    assert joined == Delta("Hello", "length", 5, 3)
