@@ -20,10 +20,11 @@ import pydantic
 
 from cluster.local import ClusterError, LocalCluster, default_state_path
 from cluster.local_config import LocalClusterConfig
+from ftune.cli import prog
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ftune cluster", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=prog("python -m cluster"), description=__doc__.split("\n")[0])
     targets = parser.add_subparsers(dest="target", required=True, metavar="local")
     local = targets.add_parser("local", help="a multi-node Ray cluster on this machine")
     local.add_argument(

@@ -11,6 +11,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Callable
+from contextvars import ContextVar
 
 from ftune.errors import JobFailed, UserError
 
@@ -24,6 +25,18 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "cluster": ("cluster.cli", "a local multi-node Ray cluster: up/down/status/kill-worker/drain-worker"),
     "build-tiny-model": ("ftune.tiny_model", "build the built-in tiny Llama model and sample data"),
 }
+
+_INVOKED_AS: ContextVar[str | None] = ContextVar("ftune_invoked_as", default=None)
+"""``ftune <command>`` while a subcommand runs under the ``ftune`` command; None otherwise."""
+
+
+def prog(module_form: str) -> str:
+    """The program name a job's usage and ``--help`` show: ``ftune <command>`` when run as one, else ``module_form``.
+
+    Args:
+        module_form: how the job is run without ``ftune``, e.g. ``python -m tune``.
+    """
+    return _INVOKED_AS.get() or module_form
 
 
 def run_job(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
@@ -63,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {command!r}.{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(SUBCOMMANDS[command][0])
-    return run_job(module.main, rest)
+    token = _INVOKED_AS.set(f"ftune {command}")
+    try:
+        return run_job(module.main, rest)
+    finally:
+        _INVOKED_AS.reset(token)
 
 
 if __name__ == "__main__":

@@ -239,9 +239,10 @@ def main(argv: list[str] | None = None) -> None:
     Also writes the sample dataset under FTUNE_HOME, so one command prepares both built-ins.
     """
     from ftune.builtin import ensure_sample_dataset, ensure_tiny_model
+    from ftune.cli import prog
     from ftune.errors import UserError
 
-    parser = argparse.ArgumentParser(prog="python -m ftune.tiny_model", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog("python -m ftune.tiny_model"), description=__doc__.splitlines()[0])
     parser.add_argument(
         "--out",
         type=Path,

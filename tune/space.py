@@ -89,21 +89,42 @@ def space_problems(cfg: SweepConfig, job: TrainJobConfig | None) -> list[tuple[s
             elif "lora.r" not in cfg.space:
                 out.append((where, "ratio without lora.r in the space: add lora.r: {choice: [8, 16]} "
                                    "or, with a fixed rank, set lora.alpha directly (job: {lora: {alpha: 32}})"))
+            elif isinstance(spec.ratio, list):
+                out += _repeated(where, [float(r) for r in spec.ratio])
             continue
         if kind in ("loguniform", "uniform") and key not in CONTINUOUS:
             out.append((where, f"{key} is not continuous; use choice, e.g. {{choice: [...]}}"))
             continue
         adapter = _adapter(key)
         values = spec.choice if kind == "choice" else list(getattr(spec, kind))
+        valid = []
         for value in values:
             try:
-                adapter.validate_python(value)
+                valid.append(_encode(adapter.validate_python(value)))
             except pydantic.ValidationError as e:
                 msg = e.errors()[0]["msg"]
                 out.append((where, f"{value!r} is not a valid {key}: {msg}"))
+        if kind == "choice":
+            out += _repeated(where, valid)
     if cfg.search.algorithm == "pbt":
         out += _pbt_problems(cfg)
     return out
+
+
+def _repeated(where: str, values: list[Any]) -> list[tuple[str, str]]:
+    """A problem naming the values a choice lists more than once (a grid would train each of them twice)."""
+    seen: list[Any] = []
+    repeated: list[Any] = []
+    for value in values:
+        if value in seen and value not in repeated:
+            repeated.append(value)
+        seen.append(value)
+    if not repeated:
+        return []
+    listed = ", ".join(format_value(v) for v in repeated)
+    message = (f"lists {listed} more than once; give each value once (grid search would train the same setting "
+               "twice, TPE and random would favour it)")
+    return [(where, message)]
 
 
 def pbt_mutated(cfg: SweepConfig) -> list[str]:

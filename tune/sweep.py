@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ftune.cli import prog
 from ftune.config import StorageConfig, TrainJobConfig
 from ftune.errors import ConfigError, JobFailed, UserError
 from ftune.storage import Storage
@@ -40,7 +41,7 @@ from ftune.yaml_config import apply_overrides, load_config
 from tune.budget import BudgetGate, BudgetStopper, SpendLedger, SpendTracker
 from tune.config import SweepConfig
 from tune.pricing import TrialShape, hourly_rate
-from tune.space import SearchSpace, pbt_mutated
+from tune.space import SearchSpace, format_value, pbt_mutated
 from tune.train_runs import PlacementGroupRegistry
 from tune.trial import PER_RUN_KEYS, TRIALS_DIR, TrialPlan, trial_trainable
 
@@ -50,7 +51,8 @@ TUNE_DIR = "tune"
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Command-line arguments of the sweep."""
-    parser = argparse.ArgumentParser(prog="python -m tune", description="Budgeted LoRA hyperparameter sweeps on Ray Tune.")
+    parser = argparse.ArgumentParser(prog=prog("python -m tune"),
+                                     description="Budgeted LoRA hyperparameter sweeps on Ray Tune.")
     parser.add_argument("--config", type=Path, help="sweep YAML (e.g. configs/sweep/tiny.yaml)")
     parser.add_argument("--name", help="sweep name (same as name=...)")
     parser.add_argument("--resume", type=Path, metavar="DIR", help="continue an interrupted sweep from its directory")
@@ -173,6 +175,10 @@ def print_estimate(sweep: Sweep, est: Estimate, concurrency: int | None) -> None
         f"{est.planned} trial(s) planned; {sweep.plan.total_steps} steps each; dir {sweep.sweep_dir}")
     say(f"each trial: {shape.workers} worker(s) x {shape.cpus_per_worker:g} CPU{gpus} (+{shape.driver_cpus:g} CPU driver) "
         f"on {cfg.compute.instance_type} ({cfg.compute.market}) = ${sweep.rate_usd_per_h:.4f}/h")
+    if cfg.search.algorithm == "grid":
+        grid = sweep.plan.space.grid(cfg.search.grid_points)
+        axes = " x ".join(f"{key} [{', '.join(format_value(v) for v in values)}]" for key, values in grid.items())
+        say(f"grid: {axes} = {sweep.plan.space.grid_size(cfg.search.grid_points)} point(s)")
     say(f"estimated full trial: {sweep.plan.total_steps} steps x {est.step_time_s:.3g} s ({est.source}) + "
         f"{cfg.budget.startup_s:g} s start-up = {est.trial_s:.0f} s -> ${est.trial_usd:.5f}")
     if est.fits is not None:
@@ -255,6 +261,11 @@ def concurrency_of(sweep: Sweep) -> int:
                         f"{cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs; lower scaling.num_workers "
                         "or compute.trial_driver_cpus, or add nodes")
     concurrency = s.max_concurrent_trials or fits
+    if concurrency > fits:
+        from tune.progress import say
+
+        say(f"warning: search.max_concurrent_trials={concurrency} but the cluster's resources fit {fits} trial(s) at "
+            "once; the others' workers wait for resources (an autoscaler may add nodes) while their time is counted")
     if s.algorithm == "pbt" and s.num_samples > concurrency:
         raise UserError(f"PBT population search.num_samples={s.num_samples} does not fit at once ({concurrency} trial(s) "
                         f"fit); lower it to {concurrency} or add resources (PBT would keep pausing and restarting runs)")

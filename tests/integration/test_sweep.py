@@ -1,8 +1,8 @@
 """Sweeps end to end on a local Ray (CPU): every trial is a full Ray Train run of the tiny job.
 
 TPE + ASHA prunes; PBT's exploit continues the donor's checkpoint with perturbed settings; the
-budget stop holds; --dry-run starts nothing; a sweep whose driver is killed resumes without
-re-running finished trials or losing spend.
+budget stop holds (on a grid search); --dry-run prints a grid's size and per-trial cost and starts
+nothing; a random search whose driver is killed resumes without re-running finished trials or losing spend.
 """
 
 from __future__ import annotations
@@ -181,6 +181,7 @@ def test_pbt_exploit_continues_donor_checkpoint(ray_local, tiny_model_dir, tmp_p
 
 
 def test_budget_stop_holds(ray_local, tiny_model_dir, tmp_path):
+    # A grid search (the 2 x 2 grid of rank x learning-rate range ends, 4 trials) of which only two start:
     # $0.0028 is about 105 s of each of the two trials running at once, less than either needs for 2000
     # steps; the projected cost (1 s per trial) lets both start, so the budget must stop them. The stop
     # comes 40 s (the grace period) + one report interval early, at about 65 s, and each trial checkpoints
@@ -188,7 +189,8 @@ def test_budget_stop_holds(ray_local, tiny_model_dir, tmp_path):
     # machine also gets to its first step and checkpoints there).
     budget = 0.0028
     _, sweep_dir = run_sweep(
-        tmp_path, "budget", "search.algorithm=random", "search.num_samples=4", "search.asha.enabled=false",
+        tmp_path, "budget", "search.algorithm=grid", "space.lora.r={choice: [4, 8]}", "search.grid_points=2",
+        "search.asha.enabled=false",
         "job.train.max_steps=2000", "job.train.eval_every=50", "job.train.checkpoint_every=50",
         f"budget.usd={budget}", "budget.step_time_s=0.0001", "budget.startup_s=1", "budget.stop_grace_s=40",
     )
@@ -200,6 +202,8 @@ def test_budget_stop_holds(ray_local, tiny_model_dir, tmp_path):
     assert stop["killed_trials"] == [], "a trial did not finish within the grace period"
     rows = json.loads((sweep_dir / "leaderboard.json").read_text())
     assert all(r["status"] == "stopped_budget" for r in rows) and len(rows) == 2  # no third trial started
+    points = {(r["config"]["lora.r"], r["config"]["train.lr"]) for r in rows}
+    assert len(points) == 2 and points <= {(r, lr) for r in (4, 8) for lr in (3e-4, 1e-2)}, points  # grid points
     for row in rows:
         # Stopped where it was, not at its last periodic checkpoint: the checkpoint is at the last step it
         # trained, and the run ended normally, exporting that state as its adapter.
@@ -218,9 +222,17 @@ def test_budget_stop_holds(ray_local, tiny_model_dir, tmp_path):
 
 def test_dry_run_starts_nothing(ray_local, tiny_model_dir, tmp_path, capsys):
     assert wait_until_released() == 0
-    assert main(["--config", str(TINY_SWEEP), "--name", "dry", "--dry-run", *small(tmp_path, "budget.usd=0.01")]) == 0
+    overrides = small(tmp_path, "budget.usd=0.01", "search.algorithm=grid", "search.grid_points=2")
+    assert main(["--config", str(TINY_SWEEP), "--name", "dry", "--dry-run", *overrides]) == 0
     out = capsys.readouterr().out
-    assert "estimated full trial: 20 steps x 0.05 s" in out and "full trial(s) fit" in out
+    # The grid: each rank of configs/sweep/tiny.yaml x both ends of its log-uniform learning-rate range.
+    assert "dry: grid over lora.r, train.lr; 8 trial(s) planned; 20 steps each" in out
+    assert "grid: lora.r [4, 8, 16, 32] x train.lr [0.0003, 0.01] = 8 point(s)" in out
+    # 20 steps x 0.05 s + 20 s start-up = 21 s at $0.048/h: $0.00028 a trial, 35 of them in $0.01; 4 rounds of 2.
+    assert ("estimated full trial: 20 steps x 0.05 s (configured budget.step_time_s) + 20 s start-up = 21 s -> $0.00028"
+            in out)
+    assert "budget $0.0100: 35 full trial(s) fit" in out
+    assert "2 trial(s) at once -> about 1.4 min at full length" in out
     assert "dry run: no trials started" in out
     assert not (tmp_path / "sweeps" / "dry").exists()
     assert held_cpus() == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import textwrap
 from pathlib import Path
 
@@ -160,3 +161,63 @@ def test_pricing_tables_and_trial_rates():
     assert cpu.concurrency({"CPU": 4}) == 1
     cfg = load_config(SweepConfig, REPO / "configs/sweep/tiny.yaml", ["compute.market=spot"])
     assert hourly_rate(cfg.compute, TrialShape(1, 1, 0, 0.5)) == pytest.approx(0.02)
+
+
+def grid_space(tmp_path: Path, points: int) -> SearchSpace:
+    path = sweep_file(tmp_path, """
+        lora.r: {choice: [4, 16]}
+        lora.alpha: {ratio: [1, 2]}
+        train.lr: {loguniform: [1.0e-4, 1.0e-2]}
+        lora.dropout: {uniform: [0.0, 0.3]}
+    """, f"search:\n  algorithm: grid\n  grid_points: {points}\n")
+    cfg = load_config(SweepConfig, path, [])
+    assert cfg.search.grid_points == points
+    return SearchSpace.from_config(cfg)
+
+
+def test_grid_points_are_log_spaced_for_loguniform_and_even_for_uniform(tmp_path):
+    grid = grid_space(tmp_path, 4).grid(4)
+    assert grid["lora.r"] == [4, 16] and grid[ALPHA_PER_R] == [1.0, 2.0]
+    lrs = grid["train.lr"]
+    assert lrs == pytest.approx([1e-4, 4.64159e-4, 2.15443e-3, 1e-2], rel=1e-5)
+    assert lrs[0] == 1e-4 and lrs[-1] == 1e-2  # the range's ends exactly
+    assert [b / a for a, b in itertools.pairwise(lrs)] == pytest.approx([10 ** (2 / 3)] * 3, rel=1e-5)
+    assert grid["lora.dropout"] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    assert grid_space(tmp_path, 2).grid(2)["train.lr"] == [1e-4, 1e-2]
+
+
+def test_grid_sampler_visits_every_point_once_with_alpha_from_ratio(tmp_path):
+    import optuna
+
+    space = grid_space(tmp_path, 3)
+    grid = space.grid(3)
+    assert space.grid_size(3) == 2 * 2 * 3 * 3 == 36
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.GridSampler(grid, seed=0))
+    seen = []
+
+    def objective(trial: optuna.Trial) -> float:
+        dists = space.grid_distributions(3)  # what the sweep's OptunaSearch samples with GridSampler
+        seen.append(tuple(trial.suggest_categorical(key, dist.choices) for key, dist in dists.items()))
+        return 1.0
+
+    study.optimize(objective, n_trials=100)  # the sampler stops the study once the grid is done
+    assert sorted(seen) == sorted(itertools.product(*grid.values()))  # each point exactly once
+    for r, ratio, lr, dropout in seen:
+        job = space.job_overrides({"lora.r": r, ALPHA_PER_R: ratio, "train.lr": lr, "lora.dropout": dropout}, base_r=8)
+        assert job == {"lora.r": r, "train.lr": lr, "lora.dropout": dropout, "lora.alpha": ratio * r}
+
+
+def test_bad_grid_specs_name_the_line_and_fix(tmp_path):
+    path = sweep_file(tmp_path, """
+        lora.r: {choice: [8, 16, 8]}
+        lora.alpha: {ratio: [2, 2.0]}
+        train.lr: {loguniform: [1.0e-4, 1.0e-2]}
+    """, "search:\n  algorithm: grid\n")
+    msg = problems_of(path)
+    assert "2 problems" in msg
+    assert f"{path}:5: space.lora.r: lists 8 more than once; give each value once" in msg
+    assert f"{path}:6: space.lora.alpha: lists 2 more than once" in msg
+    path.write_text(path.read_text() + "  grid_points: 1\n")
+    msg = problems_of(path)
+    assert f"{path}:10: search.grid_points: 1 is invalid: Input should be greater than or equal to 2" in msg
