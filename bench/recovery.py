@@ -12,7 +12,7 @@ runs three trainings of the tiny config with the same settings, one after the ot
     python bench/recovery.py                  # 300 steps, checkpoint_every from the config (40)
     python bench/recovery.py --quick          # 80 steps, checkpoint_every 20: a smoke run, not recorded
     python bench/recovery.py --deadline 20 --set train.checkpoint_every=20
-    python bench/recovery.py --controller-poll-s 0.5   # Train controller polls 4x as often as Ray's default
+    python bench/recovery.py --set failure.poll_interval_s=2   # the Train controller's poll at Ray's default
 
 The tiny model is built into a private FTUNE_HOME under the work folder unless FTUNE_HOME is set (set it
 to reuse a build between runs). Every run starts its own local cluster and never joins another Ray.
@@ -654,12 +654,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--deadline", type=float, default=10.0, help="seconds from the drain to the kill (notice run)"
     )
     parser.add_argument(
-        "--controller-poll-s",
-        type=float,
-        help="RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: how often the Train controller polls the workers and takes their "
-        "reports (Ray's default 2 s)",
-    )
-    parser.add_argument(
         "--set", action="append", default=[], metavar="section.key=value", help="config override"
     )
     parser.add_argument(
@@ -711,9 +705,7 @@ def main(argv: list[str]) -> int:
         "WANDB_MODE": "offline",
         EVENTS_ENV: str(work / "events"),
     }
-    if args.controller_poll_s is not None:
-        env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(args.controller_poll_s)
-    poll = f"{args.controller_poll_s:g} s" if args.controller_poll_s is not None else "2 s (Ray's default)"
+    poll = f"{cfg.failure.poll_interval_s:g} s (failure.poll_interval_s)"
     try:
         with LocalCluster(head_cpus=1, cpus_per_worker=1).up(2) as cluster:
             ray.init(address=cluster.address, runtime_env={"env_vars": env}, log_to_driver=args.verbose)

@@ -39,6 +39,11 @@ from cluster.local_config import HOST, LocalClusterConfig, head_command, worker_
 from ftune.builtin import ftune_home
 from ftune.errors import UserError
 
+NODE_START_ATTEMPTS = 3
+"""Launches per worker node: Ray gives a raylet 30 s (not configurable) to register with the GCS."""
+RAYLET_REGISTRATION_TIMEOUT = "The current node timed out during startup"
+"""What ``ray start`` prints when its raylet missed that window."""
+
 
 class ClusterError(UserError):
     """A local-cluster request that cannot be done as asked (nothing running, unknown node ...)."""
@@ -137,8 +142,7 @@ class LocalCluster:
         try:
             head = self._spawn("head", None, head_command(self.config, self._ports(), self._node_dir("head")))
             self._await_nodes([head])
-            started = [self._spawn_worker() for _ in range(workers)]
-            self._await_nodes(started)
+            self._start_workers(workers)
         except BaseException:
             self.down()
             raise
@@ -148,8 +152,7 @@ class LocalCluster:
     def add_worker(self) -> NodeRecord:
         """Start one more worker node and wait until it is alive; returns its record."""
         self._require_up()
-        record = self._spawn_worker()
-        self._await_nodes([record])
+        (record,) = self._start_workers(1)
         self._save()
         return record
 
@@ -338,6 +341,29 @@ class LocalCluster:
     def _node_dir(self, name: str) -> str:
         return os.path.join(self.base_dir, name)
 
+    def _start_workers(self, count: int) -> list[NodeRecord]:
+        """Start ``count`` worker nodes and wait for them, relaunching (as a cloud autoscaler does) any
+        whose raylet missed Ray's fixed 30 s registration window, which a busy machine can make it miss."""
+        started: list[NodeRecord] = []
+        pending = [self._spawn_worker() for _ in range(count)]
+        for attempt in range(NODE_START_ATTEMPTS):
+            failed = self._await_nodes(pending, relaunchable=attempt + 1 < NODE_START_ATTEMPTS)
+            started += [r for r in pending if r not in failed]
+            if not failed:
+                return started
+            for record in failed:
+                self._remove_failed(record)
+            pending = [self._spawn_worker() for _ in failed]
+        return started  # not reached: the last attempt raises
+
+    def _remove_failed(self, record: NodeRecord) -> None:
+        """Kill what is left of a worker whose start failed and forget it."""
+        with self._lock:
+            processes.kill(processes.node_marker(self.cluster_id, record.name), record.pid)
+            self._reap(record.name, wait=True)
+            record.removed = True
+            self.nodes.remove(record)
+
     def _spawn_worker(self) -> NodeRecord:
         index = self._next_index
         self._next_index += 1
@@ -373,14 +399,21 @@ class LocalCluster:
             self.nodes.append(record)
         return record
 
-    def _await_nodes(self, records: list[NodeRecord]) -> None:
-        """Wait until every record's node is alive in the GCS and note its node id."""
+    def _await_nodes(self, records: list[NodeRecord], relaunchable: bool = False) -> list[NodeRecord]:
+        """Wait until every record's node is alive in the GCS and note its node id.
+
+        Returns the nodes that gave up waiting for their raylet to register (only if ``relaunchable``;
+        otherwise, like any other failed start, that raises).
+        """
         deadline = time.monotonic() + self.config.start_timeout_s
         pending = {r.name: r for r in records}
+        failed: list[NodeRecord] = []
         while pending:
-            for record in pending.values():
+            for record in list(pending.values()):
                 code = self._popen[record.name].poll()
-                if code is not None:
+                if code is not None and relaunchable and RAYLET_REGISTRATION_TIMEOUT in _tail(record.log_path):
+                    failed.append(pending.pop(record.name))
+                elif code is not None:
                     raise RuntimeError(
                         f"node {record.name} exited with code {code} while starting; "
                         f"{record.log_path} ends with:\n{_tail(record.log_path)}"
@@ -398,7 +431,9 @@ class LocalCluster:
                     alive = {}
                 for name in [n for n in pending if n in alive]:
                     pending.pop(name).node_id = alive[name].node_id
-            time.sleep(0.25)
+            if pending:
+                time.sleep(0.25)
+        return failed
 
     def _record(self, node: int | str) -> NodeRecord:
         for record in self.nodes:

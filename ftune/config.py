@@ -124,7 +124,8 @@ class TrainConfig(Section):
     """Checkpoints kept by Ray (the best by eval loss)."""
     report_interval_s: float = Field(2.0, ge=0.0)
     """Seconds between ray.train.report calls (each carries every step since the last). Ray Train's
-    controller drains reports every 2 s, so reporting more often only blocks the workers."""
+    controller collects one report per worker every failure.poll_interval_s, so reporting more often
+    only blocks the workers."""
     preemption_check_interval_s: float = Field(1.0, ge=0.0)
     """Seconds between ray.train.get_preemption_info checks (0: every step). Ray polls notices every 5 s."""
 
@@ -203,6 +204,15 @@ class FailureConfig(Section):
     """Worker or node failures to restart from the last checkpoint (-1: unlimited)."""
     max_preemption_failures: int = Field(10, ge=-1)
     """Spot preemptions to restart from (counted apart from other failures; -1: unlimited)."""
+    poll_interval_s: float = Field(0.5, gt=0.0)
+    """How often Ray Train's controller collects the workers' reports and checks their health (sets
+    RAY_TRAIN_HEALTH_CHECK_INTERVAL_S; Ray's default is 2 s). A checkpoint counts once it is collected, so
+    a fault within one poll of a checkpoint resumes from the one before, and after a preemption notice
+    each step waits for its just-in-time checkpoint to be collected."""
+    worker_start_timeout_s: float = Field(60.0, gt=0.0)
+    """How long a worker group waits for its resources before the attempt fails (sets
+    RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S). An elastic job that lost a node first retries at its old
+    size: this is how long it waits for a replacement before it continues on the workers that fit."""
 
 
 class TrackingConfig(Section):

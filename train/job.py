@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ftune.cli import prog
 from ftune.config import TrainJobConfig
 from ftune.errors import DataError, JobFailed, UserError
 from ftune.yaml_config import load_config
@@ -28,7 +29,7 @@ from train.deepspeed_config import build_deepspeed_config, load_user_config
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Command-line arguments of the training job."""
     parser = argparse.ArgumentParser(
-        prog="python -m train", description="Distributed LoRA/QLoRA/DoRA training on Ray Train + DeepSpeed."
+        prog=prog("python -m train"), description="Distributed LoRA/QLoRA/DoRA training on Ray Train + DeepSpeed."
     )
     parser.add_argument("--config", type=Path, help="YAML job config (e.g. configs/train/tiny.yaml)")
     parser.add_argument("--name", help="run name (same as name=...); re-running a name resumes it")
@@ -85,11 +86,10 @@ def run_staging_dir(storage, name: str) -> Path:
 
 def prepare(cfg: TrainJobConfig, name: str) -> dict[str, Any]:
     """Everything checked before Ray starts: DeepSpeed config, model, data. Returns the loop config."""
+    from ftune.builtin import resolve_builtin
     from ftune.data import prepare_data
     from ftune.model import load_tokenizer, resolve_model_path
     from ftune.storage import Storage
-
-    from ftune.builtin import resolve_builtin
 
     # Workers get concrete paths: builtin models and data are built here, once, never by a worker.
     cfg = cfg.model_copy(deep=True)
@@ -146,11 +146,12 @@ def build_trainer(
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from ftune.storage import Storage
     from train.loop import train_loop_per_worker
     from train.progress import ProgressPrinter
+    from train.trainer import LoraTrainer
 
     loop_config = dict(loop_config)
     loop_config["data"] = ray.put(loop_config.pop("_data"))
@@ -171,7 +172,7 @@ def build_trainer(
         ),
         callbacks=[ProgressPrinter(loop_config["name"]), *(callbacks or [])],
     )
-    return TorchTrainer(
+    return LoraTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray_scaling_config(cfg),
@@ -201,6 +202,7 @@ def run_training(
     import ray.train
 
     from ftune.storage import Storage
+    from train.ray_settings import ray_train_settings
 
     name = name or cfg.name or default_run_name(None)
     loop_config = prepare(cfg, name)
@@ -208,7 +210,8 @@ def run_training(
     trainer = build_trainer(cfg, loop_config, callbacks, stop_signal=stop_signal)
     started = time.perf_counter()
     try:
-        trainer.fit()
+        with ray_train_settings(cfg):
+            trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise JobFailed(f"training run {name!r} failed: {_root_cause(e)}") from e
     storage = Storage(loop_config["storage_uri"], loop_config["endpoint_url"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def marked_processes(cluster_id: str) -> list[int]:
     return pids
 
 
-def test_up_kill_down(tmp_path):
+def test_up_kill_down(tmp_path, monkeypatch):
     import ray
 
     state_path = tmp_path / "local.json"
@@ -84,6 +85,25 @@ def test_up_kill_down(tmp_path):
         reclaimed = cluster.wait_for_state(1, "DEAD", timeout_s=30)
         assert reclaimed.death_reason == "AUTOSCALER_DRAIN_PREEMPTED", "the GCS remembers why it went"
         assert cluster.pids(1) == []
+
+        # A replacement whose raylet misses Ray's 30 s registration window (a busy machine) is relaunched.
+        import cluster.local as local_module
+
+        real_command, calls = local_module.worker_command, []
+
+        def missed_window_once(*args, **kwargs):
+            calls.append(args)
+            if len(calls) > 1:
+                return real_command(*args, **kwargs)
+            message = f"Exception: {local_module.RAYLET_REGISTRATION_TIMEOUT}. This could happen because ..."
+            return [sys.executable, "-c", f"import sys; print({message!r}); sys.exit(1)", "--resources", "{}"]
+
+        monkeypatch.setattr(local_module, "worker_command", missed_window_once)
+        replacement = cluster.add_worker()
+        assert len(calls) == 2 and cluster.node(replacement.name).state == "ALIVE"
+        assert replacement.name not in [r.name for r in cluster.nodes if r.removed]
+        assert [r.name for r in cluster.nodes].count(replacement.name) == 1
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
     finally:
         if ray.is_initialized():
             ray.shutdown()
