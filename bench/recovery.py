@@ -9,10 +9,15 @@ runs three trainings of the tiny config with the same settings, one after the ot
   c. notice         the same node drained with reason PREEMPTION and a deadline, SIGKILLed at the deadline,
                     then replaced; after the notice the loop checkpoints after every step
 
-    python bench/recovery.py                  # 300 steps, checkpoint_every from the config (40)
+    python bench/recovery.py                  # 3000 steps, checkpoint_every 300
     python bench/recovery.py --quick          # 80 steps, checkpoint_every 20: a smoke run, not recorded
     python bench/recovery.py --deadline 20 --set train.checkpoint_every=20
     python bench/recovery.py --set failure.poll_interval_s=2   # the Train controller's poll at Ray's default
+
+Why 3000 steps: on an idle 2-core machine the tiny model trains at ~24 ms a step, so the config's
+own 120-300 steps are shorter than one recovery, and every ratio below would measure the run's
+length instead of the fault's cost. 3000 steps with a checkpoint every 300 (about 7 s of training)
+give a run of ~90 s in which a checkpoint interval is long against one save.
 
 The tiny model is built into a private FTUNE_HOME under the work folder unless FTUNE_HOME is set (set it
 to reuse a build between runs). Every run starts its own local cluster and never joins another Ray.
@@ -646,7 +651,7 @@ def report(base: Outcome, faulted: list[Outcome]) -> tuple[str, list[str], list[
 # ----------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, help="optimizer steps per run (default 300; 80 with --quick)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (default 3000; 80 with --quick)")
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 80 steps, checkpoint_every 20, not recorded"
     )
@@ -675,8 +680,8 @@ def main(argv: list[str]) -> int:
     from cluster.local import LocalCluster
     from ftune.builtin import ensure_sample_dataset, ensure_tiny_model, ftune_home
 
-    steps = args.steps or (80 if args.quick else 300)
-    extra = (["train.checkpoint_every=20"] if args.quick else []) + args.set
+    steps = args.steps or (80 if args.quick else 3000)
+    extra = [f"train.checkpoint_every={20 if args.quick else 300}", *args.set]
     work = Path(args.out or tempfile.mkdtemp(prefix="ftune-bench-recovery-")).resolve()
     (work / "events").mkdir(parents=True, exist_ok=True)
     cfg = job(work / "runs", steps, extra)
