@@ -201,6 +201,7 @@ def run_training(
     """
     import ray.train
 
+    from ftune.interrupts import sigint_handler_restored
     from ftune.storage import Storage
     from train.ray_settings import ray_train_settings
 
@@ -210,7 +211,7 @@ def run_training(
     trainer = build_trainer(cfg, loop_config, callbacks, stop_signal=stop_signal)
     started = time.perf_counter()
     try:
-        with ray_train_settings(cfg):
+        with ray_train_settings(cfg), sigint_handler_restored():
             trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise JobFailed(f"training run {name!r} failed: {_root_cause(e)}") from e

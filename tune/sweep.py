@@ -36,6 +36,7 @@ from typing import Any
 from ftune.cli import prog
 from ftune.config import StorageConfig, TrainJobConfig
 from ftune.errors import ConfigError, JobFailed, UserError
+from ftune.interrupts import sigint_handler_restored
 from ftune.storage import Storage
 from ftune.yaml_config import apply_overrides, load_config
 from tune.budget import BudgetGate, BudgetStopper, SpendLedger, SpendTracker
@@ -318,7 +319,8 @@ def run(sweep: Sweep, *, resume: bool, show_trial_logs: bool) -> dict[str, Any]:
             ),
         )
     try:
-        tuner.fit()
+        with sigint_handler_restored():
+            tuner.fit()
     finally:
         registry.close()  # trials killed at the end of the sweep leave their runs' placement groups behind
         ray.kill(stop_signal)

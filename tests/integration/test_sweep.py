@@ -83,8 +83,19 @@ def _repo_cwd():
 @pytest.fixture(scope="module")
 def tpe_sweep(ray_local, tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tpe")
-    return run_sweep(tmp, "tpe", "search.num_samples=4", "search.tpe_startup_trials=3", "search.asha.reduction_factor=2",
-                     "space.train.lr={loguniform: [1.0e-5, 1.0e-2]}")
+    SIGINT_AROUND_SWEEP["before"] = signal.getsignal(signal.SIGINT)
+    swept = run_sweep(tmp, "tpe", "search.num_samples=4", "search.tpe_startup_trials=3", "search.asha.reduction_factor=2",
+                      "space.train.lr={loguniform: [1.0e-5, 1.0e-2]}")
+    SIGINT_AROUND_SWEEP["after"] = signal.getsignal(signal.SIGINT)
+    return swept
+
+
+SIGINT_AROUND_SWEEP: dict[str, object] = {}
+"""This process's SIGINT handler before and after the shared sweep (Ray Tune installs its own for a run)."""
+
+
+def test_ctrl_c_is_the_process_own_again_after_the_sweep(tpe_sweep):
+    assert SIGINT_AROUND_SWEEP["after"] is SIGINT_AROUND_SWEEP["before"]
 
 
 def test_tpe_asha_completes_and_prunes(tpe_sweep):

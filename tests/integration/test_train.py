@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -34,8 +35,18 @@ def two_worker_run(ray_local, tmp_path_factory):
     """One 2-worker ZeRO-2 run of the tiny config, shared by the checks below."""
     tmp = tmp_path_factory.mktemp("runs")
     cfg = tiny_job(tmp, "train.max_steps=60", "train.eval_every=30", "train.checkpoint_every=20", "train.keep_checkpoints=2")
+    SIGINT_AROUND_RUN["before"] = signal.getsignal(signal.SIGINT)
     summary = run_training(cfg, name="two-workers")
+    SIGINT_AROUND_RUN["after"] = signal.getsignal(signal.SIGINT)
     return cfg, summary, tmp / "two-workers"
+
+
+SIGINT_AROUND_RUN: dict[str, object] = {}
+"""This process's SIGINT handler before and after the shared run (Ray Train installs its own for a run)."""
+
+
+def test_ctrl_c_is_the_process_own_again_after_the_run(two_worker_run):
+    assert SIGINT_AROUND_RUN["after"] is SIGINT_AROUND_RUN["before"]
 
 
 def test_run_records_and_eval_loss_falls(two_worker_run):
