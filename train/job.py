@@ -178,6 +178,7 @@ def build_trainer(
         scaling_config=ray_scaling_config(cfg),
         run_config=run_config,
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        job=cfg,
     )
 
 
@@ -201,9 +202,7 @@ def run_training(
     """
     import ray.train
 
-    from ftune.interrupts import sigint_handler_restored
     from ftune.storage import Storage
-    from train.ray_settings import ray_train_settings
 
     name = name or cfg.name or default_run_name(None)
     loop_config = prepare(cfg, name)
@@ -211,8 +210,7 @@ def run_training(
     trainer = build_trainer(cfg, loop_config, callbacks, stop_signal=stop_signal)
     started = time.perf_counter()
     try:
-        with ray_train_settings(cfg), sigint_handler_restored():
-            trainer.fit()
+        trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise JobFailed(f"training run {name!r} failed: {_root_cause(e)}") from e
     storage = Storage(loop_config["storage_uri"], loop_config["endpoint_url"])

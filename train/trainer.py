@@ -1,16 +1,24 @@
-"""Ray Train's ``TorchTrainer`` as ftune runs it: without the Ray Data machinery it never uses.
+"""Ray Train's ``TorchTrainer`` as ftune runs it.
 
-ftune ships its tokenized data to the workers through the object store (``loop_config["data"]``),
-not as Ray Datasets. Ray Train V2 still sets up Ray Data for every worker group it starts: a
-``DatasetManager`` actor (a process importing ``ray.data``) and a call on every worker that
-installs Ray Data's context (importing ``ray.data`` there too). On a small node that is a few
-CPU-seconds of every start and every restart, so the trainer leaves that callback out when it is
-given no datasets. Anything given datasets gets Ray's behaviour unchanged.
+* **Without the Ray Data machinery it never uses.** ftune ships its tokenized data to the workers
+  through the object store (``loop_config["data"]``), not as Ray Datasets. Ray Train V2 still sets up
+  Ray Data for every worker group it starts: a ``DatasetManager`` actor (a process importing
+  ``ray.data``) and a call on every worker that installs Ray Data's context (importing ``ray.data``
+  there too). On a small node that is a few CPU-seconds of every start and every restart, so the
+  trainer leaves that callback out when it is given no datasets. Anything given datasets gets Ray's
+  behaviour unchanged.
+* **With the job's Ray Train settings.** ``fit()`` runs with the job config's environment-only Ray
+  Train settings (``train.ray_settings``) and gives the process back its SIGINT handler afterwards
+  (``ftune.interrupts``).
 """
 
 from __future__ import annotations
 
 from ray.train.torch import TorchTrainer
+
+from ftune.config import TrainJobConfig
+from ftune.interrupts import sigint_handler_restored
+from train.ray_settings import ray_train_settings
 
 try:  # a private module: if a Ray release moves it, the trainer keeps Ray's default callbacks
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
@@ -19,7 +27,23 @@ except ImportError:  # pragma: no cover - depends on the installed Ray
 
 
 class LoraTrainer(TorchTrainer):
-    """A ``TorchTrainer`` that sets up Ray Data only when it is given datasets."""
+    """A ``TorchTrainer`` that sets up Ray Data only when it is given datasets.
+
+    Args:
+        job: The job's config, whose Ray Train settings ``fit()`` applies (None: Ray's own).
+        *args, **kwargs: As for ``TorchTrainer``.
+    """
+
+    def __init__(self, *args, job: TrainJobConfig | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._job = job
+
+    def fit(self):
+        with sigint_handler_restored():
+            if self._job is None:
+                return super().fit()
+            with ray_train_settings(self._job):
+                return super().fit()
 
     def _create_default_callbacks(self):
         callbacks = super()._create_default_callbacks()

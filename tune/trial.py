@@ -171,7 +171,6 @@ def run_trial(config: dict[str, Any], plan: TrialPlan | None = None, data: dict[
     from ray import tune
 
     from train.job import build_trainer
-    from train.ray_settings import ray_train_settings
 
     assert plan is not None and data is not None, "run_trial is wrapped with tune.with_parameters(plan=, data=)"
     # Train's controller collects worker reports on this period; the loop reports more often in sweeps.
@@ -205,8 +204,7 @@ def run_trial(config: dict[str, Any], plan: TrialPlan | None = None, data: dict[
             adopt=exploit is not None,
             stop_signal=stop_signal,
         )
-        with ray_train_settings(cfg):
-            trainer.fit()
+        trainer.fit()
     except Exception:
         if was_stopped(trial_id):
             return  # Tune stopped the trial and its run was aborted
