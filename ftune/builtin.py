@@ -17,6 +17,7 @@ from pathlib import Path
 
 TINY_LLAMA = "builtin:tiny-llama"
 SAMPLE_INSTRUCTIONS = "builtin:sample-instructions"
+SAMPLE_HELDOUT = "builtin:sample-instructions-heldout"
 SAMPLE_ROWS = 4000
 SAMPLE_SEED = 0
 
@@ -113,6 +114,25 @@ def ensure_tiny_model(
     return final
 
 
+def _write_if_changed(final: Path, content: bytes) -> Path:
+    """Writes ``content`` to ``final`` atomically unless the file already holds exactly these bytes."""
+    try:
+        if final.read_bytes() == content:
+            return final
+    except FileNotFoundError:
+        pass
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+        os.chmod(tmp_name, 0o644)  # mkstemp makes it owner-only
+        os.replace(tmp_name, final)  # atomic; concurrent writers write identical bytes
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
+    return final
+
+
 def ensure_sample_dataset() -> Path:
     """Returns ``ftune_home()/data/sample/train.jsonl``, writing it if missing or out of date.
 
@@ -124,28 +144,22 @@ def ensure_sample_dataset() -> Path:
     """
     from ftune.sample_data import generate_rows, jsonl_text
 
-    final = ftune_home() / "data" / "sample" / "train.jsonl"
     content = jsonl_text(generate_rows(SAMPLE_ROWS, seed=SAMPLE_SEED)).encode("utf-8")
-    try:
-        if final.read_bytes() == content:
-            return final
-    except FileNotFoundError:
-        pass
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".train.jsonl.", dir=final.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-        os.chmod(tmp_name, 0o644)  # mkstemp makes it owner-only
-        os.replace(tmp_name, final)  # atomic; concurrent writers write identical bytes
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)
-    return final
+    return _write_if_changed(ftune_home() / "data" / "sample" / "train.jsonl", content)
+
+
+def ensure_sample_heldout() -> Path:
+    """Returns ``ftune_home()/data/sample/heldout.jsonl``: questions about facts the training file never asks."""
+    from ftune.sample_data import heldout_rows, jsonl_text
+
+    content = jsonl_text(heldout_rows()).encode("utf-8")
+    return _write_if_changed(ftune_home() / "data" / "sample" / "heldout.jsonl", content)
 
 
 BUILTINS: dict[str, Callable[[], Path]] = {
     TINY_LLAMA: ensure_tiny_model,
     SAMPLE_INSTRUCTIONS: ensure_sample_dataset,
+    SAMPLE_HELDOUT: ensure_sample_heldout,
 }
 """Built-in name -> function that ensures the asset exists and returns its path."""
 

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from contextvars import ContextVar
 
+from ftune.console import quiet_libraries
 from ftune.errors import JobFailed, UserError
 
 # subcommand -> (module with main(argv), one-line help)
@@ -42,6 +43,7 @@ def prog(module_form: str) -> str:
 def run_job(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
     """Run a job's ``main``, turning user errors into a message and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
     try:
         return int(main(list(sys.argv[1:] if argv is None else argv)) or 0)
     except UserError as e:

@@ -1,21 +1,29 @@
-"""The built-in sample instruction dataset: short, checkable tasks a tiny model can learn on CPU.
+"""The built-in sample data: a closed world of facts, asked as questions, with a held-out split.
 
-Every row is alpaca-style (``instruction``, ``input``, ``output``) and its output is the single
-correct answer, so exact-match accuracy is meaningful. The families are deliberately narrow (a
-fixed word list, small numbers, one phrasing or two per family) so that a 2-layer, width-64
-model visibly learns them within a few hundred steps. Rows repeat across a 4000-row file for the
-small families (capitals, next letter); that is intended: the dataset exists to show loss going
-down, not to measure generalisation.
+The task is instruction following over facts the base model already knows. The world is four
+families of facts (20 capitals, 25 letters of the alphabet and their successors, 60 words in
+uppercase, the same 60 words reversed: 165 facts). The built-in tiny base model is pretrained on
+every fact stated tersely, as a knowledge-base entry (``capital of Kenya = Nairobi``), and on no
+question: it knows the facts but does not answer questions. The instruction data asks about the facts
+in natural phrasings (``Which city is the capital of Kenya?`` -> ``Nairobi``), three per family.
 
-Run ``python -m ftune.sample_data --out DIR`` to write ``DIR/train.jsonl``.
+A fixed fifth of the facts (a hash of family and key, not a seed) is held out: no question about
+them is in ``train.jsonl``; ``heldout.jsonl`` asks about each of them in every phrasing. Exact match
+on the held-out file therefore measures whether fine-tuning taught the model to *answer questions*
+from what it knows, not whether it memorised training rows. A 2-layer, width-64 model learns this
+with LoRA in about a hundred CPU steps (measured in the README), where the base model scores near 0.
+
+Run ``python -m ftune.sample_data --out DIR`` to write ``DIR/train.jsonl`` and ``DIR/heldout.jsonl``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 Row = dict[str, str]
@@ -59,87 +67,110 @@ CAPITALS: tuple[tuple[str, str], ...] = (
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 
 
-def _add(rng: random.Random) -> Row:
-    a, b = rng.randint(0, 49), rng.randint(0, 49)
-    return {"instruction": f"What is {a} + {b}?", "input": "", "output": str(a + b)}
+@dataclass(frozen=True)
+class Family:
+    """One kind of fact: the closed set of facts, how instructions ask for one, how pretraining states it."""
+
+    facts: tuple[tuple[str, str], ...]
+    """(key, answer) pairs: the whole closed world of this family."""
+    questions: tuple[str, ...]
+    """Phrasings of the instruction data (``{key}`` is replaced): natural questions."""
+    statement: str
+    """How the base model's pretraining text states a fact (``{key}``): a terse knowledge-base entry.
+
+    The key comes last, as in the questions (``capital of {key}`` / ``Which city is the capital of
+    {key}?``): with the key first (``{key} capital``) LoRA memorised the training questions but held-out
+    exact match stayed near 10 %; with it last, 91 % after 75 steps."""
 
 
-def _subtract(rng: random.Random) -> Row:
-    # a >= b keeps answers non-negative, so the output vocabulary stays small.
-    b = rng.randint(0, 49)
-    a = rng.randint(b, 99)
-    return {"instruction": f"What is {a} - {b}?", "input": "", "output": str(a - b)}
-
-
-def _reverse(rng: random.Random) -> Row:
-    word = rng.choice(WORDS)
-    return {"instruction": "Reverse the letters of the word.", "input": word, "output": word[::-1]}
-
-
-def _uppercase(rng: random.Random) -> Row:
-    word = rng.choice(WORDS)
-    return {"instruction": "Write the word in uppercase.", "input": word, "output": word.upper()}
-
-
-def _sort(rng: random.Random) -> Row:
-    numbers = [rng.randint(0, 20) for _ in range(rng.choice((3, 4)))]
-    return {
-        "instruction": "Sort the numbers from smallest to largest.",
-        "input": ", ".join(map(str, numbers)),
-        "output": ", ".join(map(str, sorted(numbers))),
-    }
-
-
-def _count_letters(rng: random.Random) -> Row:
-    word = rng.choice(WORDS)
-    return {"instruction": "How many letters are in the word?", "input": word, "output": str(len(word))}
-
-
-def _next_letter(rng: random.Random) -> Row:
-    letter = rng.choice(_ALPHABET[:-1])  # 'z' has no successor
-    return {
-        "instruction": f"Which letter comes after {letter} in the alphabet?",
-        "input": "",
-        "output": _ALPHABET[_ALPHABET.index(letter) + 1],
-    }
-
-
-def _larger(rng: random.Random) -> Row:
-    a, b = rng.sample(range(100), 2)  # distinct, so there is one right answer
-    return {"instruction": f"Which number is larger: {a} or {b}?", "input": "", "output": str(max(a, b))}
-
-
-def _capital(rng: random.Random) -> Row:
-    country, capital = rng.choice(CAPITALS)
-    return {"instruction": f"What is the capital of {country}?", "input": "", "output": capital}
-
-
-FAMILIES: dict[str, Callable[[random.Random], Row]] = {
-    "add": _add,
-    "subtract": _subtract,
-    "reverse": _reverse,
-    "uppercase": _uppercase,
-    "sort": _sort,
-    "count_letters": _count_letters,
-    "next_letter": _next_letter,
-    "larger": _larger,
-    "capital": _capital,
+FAMILIES: dict[str, Family] = {
+    "capital": Family(
+        facts=CAPITALS,
+        questions=("What is the capital of {key}?", "Which city is the capital of {key}?",
+                   "Name the capital city of {key}."),
+        statement="capital of {key}",
+    ),
+    "next_letter": Family(
+        facts=tuple((a, b) for a, b in zip(_ALPHABET, _ALPHABET[1:])),
+        questions=("Which letter comes after {key} in the alphabet?", "What letter follows {key}?",
+                   "Name the letter after {key}."),
+        statement="letter after {key}",
+    ),
+    "uppercase": Family(
+        facts=tuple((w, w.upper()) for w in WORDS),
+        questions=("Write {key} in uppercase.", "What is {key} in capital letters?", "Uppercase the word {key}."),
+        statement="uppercase of {key}",
+    ),
+    "reverse": Family(
+        facts=tuple((w, w[::-1]) for w in WORDS),
+        questions=("Reverse the letters of {key}.", "Spell {key} backwards.", "What is {key} written backwards?"),
+        statement="reverse of {key}",
+    ),
 }
-"""Task family name -> row generator; each takes the dataset's private RNG."""
+"""The closed world: family name -> its facts, question phrasings and pretraining statement."""
+
+HELD_OUT_SHARE = 0.2
+"""Share of each family's facts never asked in the training file (they make up heldout.jsonl)."""
+
+
+def is_held_out(family: str, key: str) -> bool:
+    """Whether a fact belongs to the held-out split: a fixed hash, so the split never depends on a seed."""
+    digest = hashlib.sha256(f"{family}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < HELD_OUT_SHARE
+
+
+def family_of(question: str) -> str | None:
+    """The family whose phrasing ``question`` uses, or None for a question of no family."""
+    for name, family in FAMILIES.items():
+        for phrasing in family.questions:
+            before, after = phrasing.split("{key}")
+            if question.startswith(before) and question.endswith(after) and len(question) > len(before + after):
+                return name
+    return None
+
+
+def _question(family: str, phrasing: str, key: str, answer: str) -> Row:
+    return {"instruction": phrasing.format(key=key), "input": "", "output": answer}
+
+
+def heldout_rows() -> list[Row]:
+    """Every question about every held-out fact, in every phrasing (file order: family, fact, phrasing)."""
+    return [
+        _question(name, phrasing, key, answer)
+        for name, family in FAMILIES.items()
+        for key, answer in family.facts
+        if is_held_out(name, key)
+        for phrasing in family.questions
+    ]
+
+
+def knowledge_texts() -> list[str]:
+    """The base model's pretraining text: every fact of the closed world, stated tersely.
+
+    Each fact appears twice, as ``statement = answer`` and as ``statement`` and ``answer`` on two lines.
+    No question phrasing appears here, so the base model knows every fact but cannot answer a question.
+    """
+    return [
+        f"{family.statement.format(key=key)}{separator}{answer}"
+        for family in FAMILIES.values()
+        for key, answer in family.facts
+        for separator in (" = ", "\n")
+    ]
 
 
 def generate_rows(n: int = 4000, seed: int = 0) -> list[Row]:
-    """Generates the sample instruction rows.
+    """Generates the training rows: questions about the facts outside the held-out split.
 
-    Families take turns so each gets ``n / len(FAMILIES)`` rows (give or take one), then the rows
-    are shuffled so any prefix or split of the file mixes all families.
+    Families take turns so each gets ``n / len(FAMILIES)`` rows (give or take one); within a family
+    the fact and the phrasing are drawn at random, then the rows are shuffled so any prefix or split
+    of the file mixes all families.
 
     Args:
         n: Number of rows.
         seed: Seed of the private ``random.Random``; the global RNG is never touched.
 
     Returns:
-        ``n`` dicts with string keys ``instruction``, ``input`` (possibly empty) and ``output``.
+        ``n`` dicts with string keys ``instruction``, ``input`` (always empty) and ``output``.
 
     Raises:
         ValueError: If ``n`` is negative.
@@ -147,8 +178,13 @@ def generate_rows(n: int = 4000, seed: int = 0) -> list[Row]:
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     rng = random.Random(seed)
-    generators = list(FAMILIES.values())
-    rows = [generators[i % len(generators)](rng) for i in range(n)]
+    names = list(FAMILIES)
+    seen = {name: [fact for fact in FAMILIES[name].facts if not is_held_out(name, fact[0])] for name in names}
+    rows = []
+    for i in range(n):
+        name = names[i % len(names)]
+        key, answer = rng.choice(seen[name])
+        rows.append(_question(name, rng.choice(FAMILIES[name].questions), key, answer))
     rng.shuffle(rows)
     return rows
 
@@ -203,18 +239,19 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
 
 
 def write_sample_dataset(out_dir: str | Path, n: int = 4000, seed: int = 0) -> Path:
-    """Writes the sample dataset to ``out_dir/train.jsonl``; the same seed gives identical bytes.
+    """Writes ``out_dir/train.jsonl`` and ``out_dir/heldout.jsonl``; the same seed gives identical bytes.
 
     Args:
         out_dir: Directory to write into; created if missing.
-        n: Number of rows.
-        seed: Generator seed.
+        n: Number of training rows.
+        seed: Generator seed of the training rows (the held-out file does not depend on it).
 
     Returns:
         Path of the written ``train.jsonl``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out_dir / "heldout.jsonl", heldout_rows())
     return write_jsonl(out_dir / "train.jsonl", generate_rows(n, seed))
 
 
@@ -228,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.rows < 0:
         parser.error(f"--rows must be >= 0, got {args.rows}")
     path = write_sample_dataset(args.out, n=args.rows, seed=args.seed)
-    print(f"wrote {args.rows} rows to {path}")
+    print(f"wrote {args.rows} rows to {path} and {len(heldout_rows())} held-out rows to {path.parent / 'heldout.jsonl'}")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
 The result is an ordinary Hugging Face model directory (``config.json``, ``model.safetensors``,
 ``tokenizer.json``, ``tokenizer_config.json`` with a chat template), so tests and examples load it
 through the same ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` path a hub model takes.
-Like every real base model it is pretrained (briefly, full-parameter, on a plain-text rendering of
-sample rows drawn with another seed), so it knows the vocabulary and the tasks but not the chat
-format; LoRA fine-tuning on the chat-formatted sample data is then what teaches it to answer.
+Like every real base model it is pretrained (briefly, full-parameter) on plain text: every fact of
+the sample data's closed world stated as a terse knowledge-base entry (``ftune.sample_data``). It
+knows the facts but has never seen a question or the chat format; LoRA fine-tuning on the sample
+instructions is what teaches it to answer, which the held-out questions measure.
 
 Run ``python -m ftune.tiny_model [--out DIR] [--seed S] [--force]``; the default location is the
 one ``builtin:tiny-llama`` resolves to.
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ftune.builtin import SAMPLE_ROWS, SAMPLE_SEED, ftune_home
-from ftune.sample_data import generate_rows, to_chat
+from ftune.sample_data import generate_rows, heldout_rows, knowledge_texts, to_chat
 
 BOS_TOKEN = "<|begin_of_text|>"
 EOS_TOKEN = "<|end_of_text|>"
@@ -53,20 +54,18 @@ ARCHITECTURE = {
     "max_position_embeddings": MODEL_MAX_LENGTH,
     "rope_theta": 500000.0,
     "rms_norm_eps": 1e-5,
-    # 1/sqrt(hidden) instead of Llama's 0.02: with frozen 0.02 weights the LM head caps logits near
-    # +-1, so LoRA alone cannot make any prediction confident (eval loss stalled at 6.2 in 200 steps;
-    # at 0.125 it reaches 3.4).
+    # Llama's 0.02: pretraining trains the LM head, so LoRA's (frozen-head) predictions can be confident.
     "initializer_range": 0.02,
     "tie_word_embeddings": False,
 }
 """LlamaConfig arguments of the tiny model (vocabulary size and special ids come from the tokenizer)."""
 
 PRETRAIN = {"steps": 400, "batch_size": 32, "lr": 3e-3, "warmup": 30, "data_seed": 1}
-"""Full-parameter pretraining of the tiny base (about 30 s on 2 idle CPU cores)."""
+"""Full-parameter pretraining of the tiny base on the knowledge texts (about 30 s on 2 idle CPU cores)."""
 
 MARKER_FILE = "ftune_tiny.json"
 """Written last into a built directory; its presence means the build finished."""
-FORMAT_VERSION = 4
+FORMAT_VERSION = 6
 """Bump when the tokenizer, template or files change, so cached builds are rebuilt."""
 
 
@@ -80,6 +79,7 @@ def _alpaca_text(row: dict[str, str]) -> str:
 
 
 def _training_corpus(rows: list[dict[str, str]]) -> Iterator[str]:
+    yield from knowledge_texts()
     for row in rows:
         yield _alpaca_text(row)
         # Chat turns minus the special tokens, which are never split and so need no merges.
@@ -134,20 +134,14 @@ def train_tokenizer(rows: list[dict[str, str]], vocab_size: int = VOCAB_SIZE):
     return tokenizer
 
 
-def pretraining_text(row: dict[str, str]) -> str:
-    """A row as plain text, e.g. ``What is 2 + 3? = 5`` (deliberately not the chat format)."""
-    prompt = row["instruction"] + (f" {row['input']}" if row["input"] else "")
-    return f"{prompt} = {row['output']}"
-
-
-def pretrain(model, tokenizer, rows: list[dict[str, str]], steps: int = PRETRAIN["steps"]) -> float:
-    """Full-parameter next-token training on ``rows`` as plain text; returns the final loss.
+def pretrain(model, tokenizer, texts: list[str], steps: int = PRETRAIN["steps"]) -> float:
+    """Full-parameter next-token training on plain ``texts``; returns the final loss.
 
     Deterministic under the caller's torch seed (fixed batch order, no dropout).
     """
     import torch
 
-    encoded = [tokenizer(pretraining_text(r))["input_ids"] + [tokenizer.eos_token_id] for r in rows]
+    encoded = [tokenizer(text)["input_ids"] + [tokenizer.eos_token_id] for text in texts]
     batch_size = PRETRAIN["batch_size"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["lr"], weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -173,7 +167,7 @@ def pretrain(model, tokenizer, rows: list[dict[str, str]], steps: int = PRETRAIN
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 def build_tiny_model(
@@ -198,7 +192,7 @@ def build_tiny_model(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(generate_rows(data_rows, seed=SAMPLE_SEED))
+    tokenizer = train_tokenizer(generate_rows(data_rows, seed=SAMPLE_SEED) + heldout_rows())
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
@@ -209,7 +203,7 @@ def build_tiny_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config).to(torch.float32)
-        pretrain(model, tokenizer, generate_rows(data_rows, seed=PRETRAIN["data_seed"]), steps=pretrain_steps)
+        pretrain(model, tokenizer, knowledge_texts(), steps=pretrain_steps)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     bars_were_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a one-shard progress bar is noise in test and CLI output

@@ -14,16 +14,17 @@ def test_flags_size_the_training_run_and_the_sweep(tmp_path, monkeypatch):
     cfg = demo.sweep_config(args, tmp_path)
     job = cfg.job_config()
     assert (cfg.search.num_samples, cfg.search.tpe_startup_trials, cfg.budget.usd) == (3, 3, 0.002)
-    assert job.train.max_steps == 12 and job.train.eval_every == job.train.checkpoint_every == 4
-    assert job.data.max_validation_rows == 64 and job.tracking.wandb == "offline"
+    assert job.train.max_steps == 12 and job.train.eval_every == job.train.checkpoint_every == 3
+    assert job.data.max_validation_rows == 128 and job.tracking.wandb == "offline"
+    assert job.data.validation_path == "builtin:sample-instructions-heldout"  # scored on held-out questions
     assert job.storage.path == str(tmp_path)
     assert cfg.search.algorithm == "tpe" and cfg.search.asha.enabled
 
 
-def test_default_size_is_four_trials_of_thirty_steps():
+def test_default_size_is_four_trials_of_a_hundred_steps():
     args = demo.parse_args([])
-    assert (args.steps, args.trials, args.budget_usd, args.workers) == (30, 4, 0.01, 2)
-    assert "train.eval_every=10" in demo.job_overrides(args)
+    assert (args.steps, args.trials, args.budget_usd, args.workers) == (100, 4, 0.01, 2)
+    assert "train.eval_every=25" in demo.job_overrides(args)
 
 
 def test_bad_flags_are_reported_together():

@@ -28,15 +28,13 @@ def test_rows_have_the_alpaca_schema(rows):
 
 
 def test_every_family_is_present_in_roughly_equal_shares(rows):
-    counts = {
-        "add": sum(" + " in r["instruction"] for r in rows),
-        "subtract": sum(" - " in r["instruction"] for r in rows),
-        "capital": sum("capital of" in r["instruction"] for r in rows),
-        "reverse": sum(r["instruction"].startswith("Reverse") for r in rows),
-    }
+    counts = dict.fromkeys(sample_data.FAMILIES, 0)
+    for row in rows:
+        counts[sample_data.family_of(row["instruction"])] += 1
     share = len(rows) / len(sample_data.FAMILIES)
     for family, count in counts.items():
         assert abs(count - share) <= 1, family
+    assert sample_data.family_of("What is 2 + 3?") is None
 
 
 def test_outputs_are_short(rows):
@@ -44,42 +42,49 @@ def test_outputs_are_short(rows):
     assert max(len(r["output"]) for r in rows) <= 16
 
 
+def _answer_of(instruction: str) -> str:
+    """The right answer, computed from the question's text alone (not from the fact tables' lookups)."""
+    for name, family in sample_data.FAMILIES.items():
+        for phrasing in family.questions:
+            pattern = re.escape(phrasing).replace(re.escape("{key}"), "(.+)")
+            if m := re.fullmatch(pattern, instruction):
+                key = m[1]
+                return {"capital": lambda: dict(CAPITALS)[key], "next_letter": lambda: chr(ord(key) + 1),
+                        "uppercase": key.upper, "reverse": lambda: key[::-1]}[name]()
+    pytest.fail(f"question of unknown family: {instruction}")
+
+
 def test_answers_are_correct(rows):
-    checked = 0
-    for row in rows:
-        instruction, given, output = row["instruction"], row["input"], row["output"]
-        if m := re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", instruction):
-            a, op, b = int(m[1]), m[2], int(m[3])
-            assert output == str(a + b if op == "+" else a - b), row
-        elif m := re.fullmatch(r"Which number is larger: (\d+) or (\d+)\?", instruction):
-            assert output == str(max(int(m[1]), int(m[2]))), row
-        elif m := re.fullmatch(r"Which letter comes after ([a-y]) in the alphabet\?", instruction):
-            assert output == chr(ord(m[1]) + 1), row
-        elif m := re.fullmatch(r"What is the capital of (.+)\?", instruction):
-            assert output == dict(CAPITALS)[m[1]], row
-        elif instruction.startswith("Reverse"):
-            assert output == given[::-1], row
-        elif "uppercase" in instruction:
-            assert output == given.upper(), row
-        elif instruction.startswith("Sort"):
-            numbers = [int(x) for x in given.split(", ")]
-            assert output == ", ".join(str(x) for x in sorted(numbers)), row
-        elif instruction.startswith("How many letters"):
-            assert output == str(len(given)), row
-        else:
-            pytest.fail(f"row of unknown family: {row}")
-        checked += 1
-    assert checked == len(rows)
+    for row in rows + sample_data.heldout_rows():
+        assert row["input"] == "" and row["output"] == _answer_of(row["instruction"]), row
 
 
-def test_subtraction_answers_are_non_negative(rows):
-    assert all(not r["output"].startswith("-") for r in rows if " - " in r["instruction"])
+def test_held_out_facts_are_never_asked_in_training(rows):
+    heldout = sample_data.heldout_rows()
+    asked = {r["instruction"] for r in rows}
+    # Every phrasing of every held-out fact is in the held-out file, and none of them in training;
+    # no held-out answer is ever a training answer either.
+    per_fact = len(next(iter(sample_data.FAMILIES.values())).questions)
+    assert len(heldout) == per_fact * sum(
+        sample_data.is_held_out(name, key) for name, f in sample_data.FAMILIES.items() for key, _ in f.facts)
+    assert not asked & {r["instruction"] for r in heldout}
+    training_answers = {r["output"] for r in rows}
+    assert not training_answers & {r["output"] for r in heldout}
+    # Every family has held-out facts, and the held-out share is near HELD_OUT_SHARE.
+    for name, family in sample_data.FAMILIES.items():
+        held = sum(sample_data.is_held_out(name, key) for key, _ in family.facts)
+        assert 0 < held < len(family.facts), name
+    total = sum(len(f.facts) for f in sample_data.FAMILIES.values())
+    assert abs(len(heldout) / per_fact / total - sample_data.HELD_OUT_SHARE) < 0.1
 
 
-def test_word_inputs_are_lowercase_words(rows):
-    for row in rows:
-        if row["instruction"].startswith(("Reverse", "Write", "How many")):
-            assert row["input"] and set(row["input"]) <= set(string.ascii_lowercase)
+def test_the_base_models_text_states_every_fact_and_asks_nothing():
+    texts = sample_data.knowledge_texts()
+    for family in sample_data.FAMILIES.values():
+        for key, answer in family.facts:
+            assert f"{family.statement.format(key=key)} = {answer}" in texts
+    phrasings = [q.split("{key}")[0] for f in sample_data.FAMILIES.values() for q in f.questions]
+    assert not [t for t in texts if any(p and t.startswith(p) for p in phrasings) or "?" in t]
 
 
 def test_same_seed_same_bytes_and_other_seed_differs(tmp_path):
@@ -130,8 +135,9 @@ def test_to_chat_joins_instruction_and_input():
     assert without_input["messages"][0] == {"role": "user", "content": "What is 2 + 3?"}
 
 
-def test_cli_writes_the_file(tmp_path, capsys):
+def test_cli_writes_the_files(tmp_path, capsys):
     sample_data.main(["--out", str(tmp_path), "--rows", "50", "--seed", "2"])
     path = tmp_path / "train.jsonl"
     assert path.read_bytes() == write_sample_dataset(tmp_path / "ref", n=50, seed=2).read_bytes()
+    assert (tmp_path / "heldout.jsonl").read_bytes() == (tmp_path / "ref" / "heldout.jsonl").read_bytes()
     assert str(path) in capsys.readouterr().out
