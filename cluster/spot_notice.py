@@ -2,10 +2,15 @@
 
 EC2 answers 404 until the instance is scheduled for interruption, then 200 with
 ``{"action": "terminate", "time": "2026-11-21T12:00:00Z"}``, about two minutes ahead.
+
+Whatever the endpoint does (refuse, stall, reset, truncate, send garbage) the client answers with a
+notice, None or a ``NoticeError``, never another exception: the watcher polling it must outlive any
+answer, and a poll that fails is retried at the next interval.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import time
@@ -23,7 +28,11 @@ DEFAULT_DEADLINE_S = 120.0
 TOKEN_TTL_S = 21600
 """IMDSv2 session token lifetime requested (the maximum EC2 allows)."""
 TOKEN_RETRY_S = 300.0
-"""After the token call fails (IMDSv1-only endpoint), how long to use IMDSv1 before trying again."""
+"""After the token call fails (IMDSv1-only endpoint), how long to poll with IMDSv1 before asking for a
+token again. A 401 (IMDSv2 required) asks again at once, within the same poll."""
+_TRANSPORT_ERRORS = (urllib.error.URLError, http.client.HTTPException, OSError, ValueError)
+"""What reading one answer can raise: unreachable, timeout, reset, truncated body (``IncompleteRead``),
+bad status line, header or encoding (``ValueError``)."""
 
 
 class NoticeError(Exception):
@@ -70,7 +79,7 @@ def parse_instance_action(status: int, body: bytes | str) -> SpotNotice | None:
     text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser's stack
         logger.warning("unreadable spot notice (not JSON): %r", text[:200])
         return SpotNotice("unknown", None, text)
     if not isinstance(data, dict):
@@ -90,11 +99,15 @@ def _parse_time(value: object, text: str) -> datetime | None:
     except ValueError:
         logger.warning("spot notice with an unreadable 'time' %r", value)
         return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return parsed.astimezone(timezone.utc) if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
 class InstanceMetadataClient:
     """Polls EC2's instance-action document, IMDSv2 first and IMDSv1 when the token call fails.
+
+    An instance that requires IMDSv2 answers IMDSv1 with 401: the client then asks for a token again
+    at once, so one failed token call never leaves it unable to read a notice beyond the poll it
+    failed in.
 
     Args:
         url: The instance-action URL; the token URL is ``/latest/api/token`` on the same host.
@@ -116,21 +129,24 @@ class InstanceMetadataClient:
         """The current notice, None if there is none.
 
         Raises:
-            NoticeError: the endpoint could not be read.
+            NoticeError: the endpoint could not be read (this poll only: the next one starts afresh).
         """
-        status, body = self._get()
-        if status == 401 and self._token is not None:  # token expired or revoked: once more, fresh
-            self._token = None
-            status, body = self._get()
+        status, body = self._get(self._session_token())
+        if status == 401:
+            # The token expired or was revoked, or IMDSv2 is required and the last token call
+            # failed: ask for a fresh one now rather than polling blind with IMDSv1.
+            self._token, self._token_failed_at = None, None
+            token = self._session_token()
+            if token is None:
+                raise NoticeError(
+                    "instance-action answered HTTP 401 (IMDSv2 required) and the token call failed"
+                )
+            status, body = self._get(token)
         return parse_instance_action(status, body)
 
-    def _get(self) -> tuple[int, bytes]:
-        headers = {}
-        token = self._session_token()
-        if token is not None:
-            headers["X-aws-ec2-metadata-token"] = token
-        request = urllib.request.Request(self.url, headers=headers, method="GET")
-        return self._send(request)
+    def _get(self, token: str | None) -> tuple[int, bytes]:
+        headers = {} if token is None else {"X-aws-ec2-metadata-token": token}
+        return self._send(urllib.request.Request(self.url, headers=headers, method="GET"))
 
     def _session_token(self) -> str | None:
         now = time.monotonic()
@@ -145,22 +161,34 @@ class InstanceMetadataClient:
             status, body = self._send(request)
         except NoticeError as e:
             status, body = 0, str(e).encode()
-        if status != 200 or not body:
-            logger.info(
-                "IMDSv2 token call failed (%s); using IMDSv1", status or body.decode(errors="replace")
-            )
+        token = body.decode("ascii", errors="replace").strip() if status == 200 else ""
+        if not (token and token.isascii() and token.isprintable() and " " not in token):
+            reason = f"HTTP {status}" if status else body.decode(errors="replace")
+            logger.info("IMDSv2 token call failed (%s); using IMDSv1", reason[:200])
             self._token, self._token_failed_at = None, now
             return None
-        self._token = body.decode().strip()
+        self._token = token
         self._token_expires = now + TOKEN_TTL_S - 60
         self._token_failed_at = None
         return self._token
 
     def _send(self, request: urllib.request.Request) -> tuple[int, bytes]:
+        """Status and complete body of one request.
+
+        Raises:
+            NoticeError: no complete answer (unreachable, timeout, reset, truncated or malformed).
+        """
+        try:
+            return self._exchange(request)
+        except urllib.error.URLError as e:
+            raise NoticeError(f"cannot reach {request.full_url}: {e.reason}") from e
+        except _TRANSPORT_ERRORS as e:
+            raise NoticeError(f"unreadable answer from {request.full_url}: {type(e).__name__}: {e}") from e
+
+    def _exchange(self, request: urllib.request.Request) -> tuple[int, bytes]:
         try:
             with self._opener.open(request, timeout=self.timeout_s) as response:
                 return response.status, response.read()
         except urllib.error.HTTPError as e:
-            return e.code, e.read()
-        except (urllib.error.URLError, OSError) as e:
-            raise NoticeError(f"cannot reach {request.full_url}: {e}") from e
+            with e:
+                return e.code, e.read()

@@ -3,10 +3,15 @@
 Runs next to the raylet on every spot worker (``cluster/aws-spot.yaml`` starts it after ``ray start``):
 
     python -m cluster.spot_watcher [--url URL] [--interval S] [--node-id ID] [--address HOST:PORT]
+                                   [--supervise]
 
 * polls EC2's ``spot/instance-action`` (IMDSv2, IMDSv1 fallback); on a notice it drains the node
   once with the notice's time as deadline, then stays idle (or exits with ``--exit-after-drain``);
+  a poll that fails, whatever the endpoint answered, is logged and counts as "no notice";
 * on SIGTERM (the instance or pod is shutting down) it drains with ``--sigterm-deadline-s`` and exits;
+  on SIGINT it exits without draining (the watcher is being replaced, not the node);
+* with ``--supervise`` it runs the watcher as a child process and restarts it whenever it fails
+  (crash, kill), with a backoff; SIGTERM and SIGINT are passed on to the child;
 * with ``--drain-now [--wait]`` it drains at once and exits, with ``--wait`` only once the node is
   gone or the deadline passed (a Kubernetes ``preStop`` hook: the pod is not signalled meanwhile).
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -27,7 +33,13 @@ import time
 import psutil
 
 from cluster import gcs
-from cluster.spot_notice import DEFAULT_DEADLINE_S, DEFAULT_URL, InstanceMetadataClient, NoticeError
+from cluster.spot_notice import (
+    DEFAULT_DEADLINE_S,
+    DEFAULT_URL,
+    InstanceMetadataClient,
+    NoticeError,
+    SpotNotice,
+)
 
 logger = logging.getLogger("cluster.spot_watcher")
 
@@ -65,6 +77,9 @@ class SpotWatcher:
         self.default_deadline_s = default_deadline_s
         self.exit_after_drain = exit_after_drain
         self.drained = False
+        self.cycles = 0
+        """Loop turns completed (polls, and idle turns after a drain): shows the loop is alive."""
+        self._failures = 0
         self._wake = threading.Event()
         self._sigterm = False
         self._stop = False
@@ -72,27 +87,36 @@ class SpotWatcher:
     def run(self) -> int:
         """Poll until drained-and-done, SIGTERM or :meth:`stop`; returns the exit code."""
         logger.info("watching %s every %.1f s", self.client.url, self.interval_s)
-        failures = 0
         while not self._stop:
             if self._sigterm:
                 return self._drain_on_sigterm()
-            if not self.drained:
-                try:
-                    notice = self.client.notice()
-                    failures = 0
-                except NoticeError as e:
-                    failures += 1
-                    if failures in (1, 10) or failures % 100 == 0:  # don't flood the log
-                        logger.warning("cannot read the interruption notice (%d in a row): %s", failures, e)
-                    notice = None
-                if notice is not None:
-                    logger.warning("%s", notice.describe())
-                    deadline_s = notice.deadline_s(default_s=self.default_deadline_s)
-                    if self.drain_now(deadline_s, notice.describe()) and self.exit_after_drain:
-                        return 0
+            notice = None if self.drained else self._poll()
+            if notice is not None:
+                logger.warning("%s", notice.describe())
+                deadline_s = notice.deadline_s(default_s=self.default_deadline_s)
+                if self.drain_now(deadline_s, notice.describe()) and self.exit_after_drain:
+                    return 0
+            self.cycles += 1
             self._wake.wait(self.interval_s)
             self._wake.clear()
         return 0
+
+    def _poll(self) -> SpotNotice | None:
+        """One read of the notice; a failure of any kind is logged and counts as no notice this poll."""
+        try:
+            notice = self.client.notice()
+        except Exception as e:  # noqa: BLE001 - whatever the endpoint sends, the watcher must keep watching
+            self._failures += 1
+            if self._failures in (1, 10) or self._failures % 100 == 0:  # don't flood the log
+                logger.warning(
+                    "cannot read the interruption notice (%d in a row): %s",
+                    self._failures,
+                    e,
+                    exc_info=not isinstance(e, NoticeError),  # an unexpected failure: keep its traceback
+                )
+            return None
+        self._failures = 0
+        return notice
 
     def drain_now(self, deadline_s: float, message: str) -> bool:
         """Drain the node (at most once); returns True once it is drained."""
@@ -118,11 +142,16 @@ class SpotWatcher:
         the node is still alive after ``timeout_s``.
         """
         deadline = time.monotonic() + timeout_s
+        said = False
         while time.monotonic() < deadline:
             try:
                 views = {v.node_id: v for v in gcs.list_nodes(resolve_address(self.address), timeout_s=5)}
                 if self.node_id not in views or not views[self.node_id].alive:
                     return True
+                if not said:
+                    logger.info("node %s is still alive; waiting until it is gone (%.0f s at most)",
+                                self.node_id, timeout_s)  # fmt: skip
+                    said = True
             except Exception as e:  # noqa: BLE001 - the GCS may be going away too; keep waiting
                 logger.info("cannot read the node's state yet: %s", e)
             time.sleep(1.0)
@@ -142,10 +171,79 @@ class SpotWatcher:
         self._sigterm = True
         self._wake.set()
 
-    def stop(self) -> None:
-        """Make :meth:`run` return (tests, embedding)."""
+    def stop(self, *_) -> None:
+        """Make :meth:`run` return without draining (SIGINT, tests, embedding)."""
         self._stop = True
         self._wake.set()
+
+
+class Supervisor:
+    """Runs a watcher command as a child process and restarts it when it fails (systemd's
+    ``Restart=on-failure``): a watcher that died would leave its node blind to the next notice.
+
+    Exit code 0 is a deliberate end (drained on SIGTERM, ``--exit-after-drain``) and ends supervision;
+    anything else (a crash, a kill) restarts the child after a backoff that doubles up to
+    ``max_backoff_s`` and starts over once a child has run for ``healthy_s``. A signal handled with
+    :meth:`pass_on` goes to the child and ends supervision once the child exits.
+
+    Args:
+        command: The child's command line.
+        backoff_s: First wait before a restart.
+        max_backoff_s: Longest wait before a restart.
+        healthy_s: A child that ran this long resets the backoff.
+    """
+
+    def __init__(
+        self,
+        command: list[str],
+        *,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 60.0,
+        healthy_s: float = 300.0,
+    ):
+        self.command = command
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.healthy_s = healthy_s
+        self.starts = 0
+        """Children started so far."""
+        self.child: subprocess.Popen | None = None
+        """The current child process."""
+        self._passed_on: int | None = None
+        self._wake = threading.Event()
+
+    def run(self) -> int:
+        """Run and restart the child until it exits 0 or a signal was passed on.
+
+        Returns:
+            The child's last exit code (128 + N for a child killed by signal N); 0 after SIGINT.
+        """
+        delay = self.backoff_s
+        while self._passed_on is None:
+            started = time.monotonic()
+            self.child = subprocess.Popen(self.command)
+            self.starts += 1
+            if self._passed_on is not None:  # a signal arrived while it was being started
+                self.child.send_signal(self._passed_on)
+            code = self.child.wait()
+            if self._passed_on == signal.SIGINT:
+                return 0
+            if code == 0 or self._passed_on is not None:
+                return code if code >= 0 else 128 - code
+            if time.monotonic() - started >= self.healthy_s:
+                delay = self.backoff_s
+            logger.error("the spot watcher exited with code %d; restarting it in %.3g s", code, delay)
+            self._wake.wait(delay)
+            delay = min(2 * delay, self.max_backoff_s)
+        return 0
+
+    def pass_on(self, signum: int, *_) -> None:
+        """Signal handler: send ``signum`` to the child and restart it no more."""
+        self._passed_on = signum
+        self._wake.set()
+        child = self.child
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
 
 
 def resolve_address(address: str | None) -> str:
@@ -188,13 +286,29 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--wait", action="store_true",
                         help="with --drain-now: return only once the node is gone or the deadline passed")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=2.0, help="HTTP timeout per request")
+    parser.add_argument("--supervise", action="store_true",
+                        help="run the watcher as a child process, restarted whenever it fails")  # fmt: skip
     return parser
+
+
+def supervise(argv: list[str]) -> int:
+    """Run ``python -m cluster.spot_watcher ARGV`` (without ``--supervise``) under a :class:`Supervisor`."""
+    child_argv = [a for a in argv if a != "--supervise"]
+    supervisor = Supervisor([sys.executable, "-m", "cluster.spot_watcher", *child_argv])
+    signal.signal(signal.SIGTERM, supervisor.pass_on)
+    signal.signal(signal.SIGINT, supervisor.pass_on)
+    return supervisor.run()
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m cluster.spot_watcher``."""
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s spot_watcher: %(message)s")
+    if args.supervise:
+        if args.drain_now:
+            _parser().error("--supervise watches for notices; it does not go with --drain-now")
+        return supervise(argv)
     watcher = SpotWatcher(
         InstanceMetadataClient(args.url, timeout_s=args.timeout),
         address=args.address,
@@ -211,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.warning("node still alive at the drain deadline; letting the pod stop")
         return 0
     signal.signal(signal.SIGTERM, watcher.handle_sigterm)
+    signal.signal(signal.SIGINT, watcher.stop)
     return watcher.run()
 
 

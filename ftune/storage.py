@@ -2,18 +2,36 @@
 
 Ray Train gets the same filesystem (``RunConfig(storage_filesystem=...)``), so checkpoints and the
 files ftune writes itself (metrics, summary, adapter) land side by side in the run directory.
+
+Writes are atomic: a file holds its old content or its new content, never part of either. Locally
+the bytes go to a temporary name beside the target, which is renamed over it once complete (also
+for downloads); on S3 the complete bytes go in one PUT, which S3 shows whole or not at all. A JSON
+Lines file is uploaded up to its last newline, so a row still being appended is never uploaded cut.
+
+The S3 region is, first found: ``?region=`` on the URI (``s3://bucket/prefix?region=eu-west-1``),
+AWS_REGION, AWS_DEFAULT_REGION, then for AWS itself the region S3 reports for the bucket; an
+S3-compatible endpoint with none of these gets the AWS SDK's default.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlsplit
 
 import pyarrow.fs as pafs
+from pyarrow import ArrowException
 
 from ftune.config import StorageConfig
+from ftune.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+_BUCKET_REGIONS: dict[str, str | None] = {}
+"""Bucket -> region S3 reported (None: it could not be asked), looked up once per process."""
 
 
 @dataclass(frozen=True)
@@ -25,37 +43,53 @@ class Storage:
 
     @classmethod
     def from_config(cls, cfg: StorageConfig) -> Storage:
-        """Storage for a config's storage section (local paths are made absolute)."""
-        uri = cfg.path if cfg.path.startswith("s3://") else str(Path(cfg.path).expanduser().resolve())
-        return cls(uri=uri, endpoint_url=cfg.endpoint_url)
+        """Storage for a config's storage section (local paths are made absolute).
+
+        Raises:
+            ConfigError: an s3:// path with a query other than ``?region=``.
+        """
+        if not cfg.path.startswith("s3://"):
+            return cls(uri=str(Path(cfg.path).expanduser().resolve()), endpoint_url=cfg.endpoint_url)
+        try:
+            split_s3_uri(cfg.path)
+        except ValueError as e:
+            raise ConfigError(f"storage.path: {e}") from e
+        return cls(uri=cfg.path, endpoint_url=cfg.endpoint_url)
 
     @property
     def is_remote(self) -> bool:
         """True for object storage (files are staged locally, then uploaded)."""
         return self.uri.startswith("s3://")
 
+    @property
+    def region(self) -> str | None:
+        """The region given with ``?region=`` on an s3:// URI, else None."""
+        return split_s3_uri(self.uri)[2] if self.is_remote else None
+
     def filesystem(self) -> tuple[pafs.FileSystem, str]:
         """The pyarrow filesystem and the root path inside it."""
         if not self.is_remote:
             return pafs.LocalFileSystem(), self.uri
-        parsed = urlparse(self.uri)
+        bucket, key, explicit = split_s3_uri(self.uri)
         endpoint = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
         kwargs = {}
         if endpoint:
-            ep = urlparse(endpoint)
+            ep = urlsplit(endpoint)
             kwargs = {"endpoint_override": ep.netloc or ep.path, "scheme": ep.scheme or "https"}
-        region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
-        fs = pafs.S3FileSystem(region=region, **kwargs)
-        return fs, f"{parsed.netloc}/{parsed.path.lstrip('/')}".rstrip("/")
+        region = s3_region(bucket, explicit, endpoint)
+        if region:
+            kwargs["region"] = region
+        return pafs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
 
     def path(self, *parts: str) -> str:
         """Path of ``parts`` below the root, inside the filesystem."""
-        _, root = self.filesystem()
+        root = self.uri if not self.is_remote else "/".join(split_s3_uri(self.uri)[:2])
         return "/".join([root.rstrip("/"), *parts])
 
     def uri_of(self, *parts: str) -> str:
-        """A user-facing location (local path or s3:// URI) of ``parts`` below the root."""
-        return "/".join([self.uri.rstrip("/"), *parts])
+        """Where ``parts`` below the root is, for users: a local path or an s3:// URI (no ``?region=``)."""
+        root = self.uri.split("?", 1)[0] if self.is_remote else self.uri
+        return "/".join([root.rstrip("/"), *parts])
 
     def exists(self, *parts: str) -> bool:
         """Whether a file or directory exists below the root."""
@@ -63,12 +97,8 @@ class Storage:
         return fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
 
     def write_text(self, text: str, *parts: str) -> None:
-        """Write a small text file below the root."""
-        fs, _ = self.filesystem()
-        target = self.path(*parts)
-        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(target) as out:
-            out.write(text.encode("utf-8"))
+        """Write a small text file below the root, atomically."""
+        self._put(text.encode("utf-8"), *parts)
 
     def read_text(self, *parts: str) -> str:
         """Read a small text file below the root."""
@@ -77,21 +107,24 @@ class Storage:
             return f.read().decode("utf-8")
 
     def upload_file(self, local_file: str | Path, *parts: str) -> None:
-        """Copy one local file to ``parts`` below the root."""
-        fs, _ = self.filesystem()
-        target = self.path(*parts)
-        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-        with open(local_file, "rb") as src, fs.open_output_stream(target) as out:
-            out.write(src.read())
+        """Copy one local file to ``parts`` below the root, atomically.
+
+        The file is read once, then written. A JSON Lines file (``.jsonl``) is uploaded up to its
+        last newline: a row being appended while it is read waits for the next upload.
+        """
+        data = Path(local_file).read_bytes()
+        if Path(local_file).suffix == ".jsonl":
+            data = data[: data.rfind(b"\n") + 1]
+        self._put(data, *parts)
 
     def download_file(self, local_file: str | Path, *parts: str) -> bool:
-        """Copy the file at ``parts`` below the root to ``local_file``; False if there is none."""
+        """Copy the file at ``parts`` below the root to ``local_file``, atomically; False if there is none."""
         if not self.exists(*parts):
             return False
         fs, _ = self.filesystem()
-        Path(local_file).parent.mkdir(parents=True, exist_ok=True)
         with fs.open_input_stream(self.path(*parts)) as src:
-            Path(local_file).write_bytes(src.read())
+            data = src.read()
+        replace_file(Path(local_file), data)
         return True
 
     def upload_dir(self, local_dir: str | Path, *parts: str) -> None:
@@ -109,3 +142,83 @@ class Storage:
         Path(local_dir).mkdir(parents=True, exist_ok=True)
         pafs.copy_files(self.path(*parts), str(local_dir), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         return Path(local_dir)
+
+    def _put(self, data: bytes, *parts: str) -> None:
+        """Write ``data`` to ``parts`` below the root: one PUT on S3, a rename locally."""
+        target = self.path(*parts)
+        if not self.is_remote:
+            replace_file(Path(target), data)
+            return
+        fs, _ = self.filesystem()
+        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(target) as out:
+            out.write(data)
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part.
+
+    The bytes go to a hidden temporary file in the same directory, flushed to disk, then renamed
+    over ``path``; if anything fails the temporary file is removed and ``path`` is untouched.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def split_s3_uri(uri: str) -> tuple[str, str, str | None]:
+    """``s3://bucket/key?region=R`` -> (bucket, key, R or None).
+
+    Raises:
+        ValueError: no bucket, or a query parameter other than one ``region``.
+    """
+    parts = urlsplit(uri)
+    if not parts.netloc:
+        raise ValueError(f"{uri!r} names no bucket; write s3://BUCKET/PREFIX")
+    query = parse_qs(parts.query, keep_blank_values=True)
+    unknown = sorted(set(query) - {"region"})
+    if unknown or len(query.get("region", [])) > 1 or query.get("region") == [""]:
+        raise ValueError(
+            f"{uri!r}: the only query an s3:// path takes is one ?region=NAME (e.g. "
+            f"s3://{parts.netloc}{parts.path}?region=eu-west-1); found {parts.query!r}"
+        )
+    region = query.get("region", [None])[0]
+    return parts.netloc, parts.path.lstrip("/"), region
+
+
+def s3_region(bucket: str, explicit: str | None, endpoint: str | None) -> str | None:
+    """The region to reach ``bucket`` in; None leaves it to the AWS SDK (its config, else us-east-1).
+
+    Args:
+        bucket: The bucket.
+        explicit: A region given with the storage location (``?region=``).
+        endpoint: An S3-compatible endpoint, or None for AWS itself.
+    """
+    if explicit:
+        return explicit
+    configured = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if configured:
+        return configured
+    if endpoint:
+        return None  # AWS's bucket-region lookup says nothing about another server's buckets
+    if bucket not in _BUCKET_REGIONS:
+        try:
+            _BUCKET_REGIONS[bucket] = pafs.resolve_s3_region(bucket)
+        except (OSError, ArrowException) as e:
+            logger.warning(
+                "cannot look up the region of bucket %r (%s); using the AWS SDK's default. Set AWS_REGION "
+                "or write s3://%s/...?region=NAME in storage.path",
+                bucket,
+                e,
+                bucket,
+            )
+            _BUCKET_REGIONS[bucket] = None
+    return _BUCKET_REGIONS[bucket]

@@ -58,22 +58,109 @@ def read_yaml(
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} ({missing_hint})")
-    text = path.read_text(encoding="utf-8")
+    text = _decode(path.read_bytes(), path)
+    lines: dict[str, int] = {}
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
+        if isinstance(data, dict):
+            _key_lines(node, "", lines)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"{where}: not valid YAML: {problem}") from e
+        raise ConfigError(f"{_yaml_error_at(e, path, text)}: not valid YAML: {_yaml_problem(e)}") from e
+    except (ValueError, TypeError) as e:  # a tagged or date-like scalar YAML cannot convert (2024-13-45)
+        raise ConfigError(
+            f"{_bad_scalar_at(node, path)}: YAML cannot convert this value ({e}); put it in quotes to "
+            "keep it as text, or write a valid one."
+        ) from e
+    except RecursionError as e:
+        raise ConfigError(
+            f"{path}: nested too deeply to read; a config is sections of keys a few levels deep, so look "
+            "for a run of unclosed [ or {."
+        ) from e
     if data is None:
         return {}, {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: {not_mapping}")
-    lines: dict[str, int] = {}
-    _key_lines(node, "", lines)
     return data, lines
+
+
+_BOMS = (
+    (b"\xff\xfe\x00\x00", "UTF-32"),
+    (b"\x00\x00\xfe\xff", "UTF-32"),
+    (b"\xff\xfe", "UTF-16"),
+    (b"\xfe\xff", "UTF-16"),
+)
+"""Byte-order marks of encodings a config must not be in, longest first."""
+
+
+def _decode(raw: bytes, path: Path) -> str:
+    """The text of a config file, which must be UTF-8.
+
+    Raises:
+        ConfigError: UTF-16/UTF-32 (byte-order mark or NUL bytes) or bytes that are not UTF-8, with the
+            line and the command that converts the file.
+    """
+    converted = path.with_name(f"{path.stem}.utf8{path.suffix}")
+    for bom, encoding in _BOMS:
+        if raw.startswith(bom):
+            raise ConfigError(
+                f"{path}:1: the file is {encoding} text, not UTF-8; convert it, e.g. "
+                f"`iconv -f {encoding} -t UTF-8 {path} > {converted}`, and pass the converted file."
+            )
+    if b"\x00" in raw:
+        line = raw.count(b"\n", 0, raw.index(b"\x00")) + 1
+        encoding = "UTF-16LE" if raw[1:2] == b"\x00" else "UTF-16BE"
+        raise ConfigError(
+            f"{path}:{line}: NUL bytes, which YAML text never holds: the file is UTF-16 without a "
+            f"byte-order mark, or not text at all; save it as UTF-8 "
+            f"(`iconv -f {encoding} -t UTF-8 {path} > {converted}`)."
+        )
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = raw.rfind(b"\n", 0, e.start) + 1
+        line_end = raw.find(b"\n", e.start)
+        line = raw.count(b"\n", 0, e.start) + 1
+        shown = raw[line_start : line_end if line_end >= 0 else len(raw)].decode("utf-8", errors="replace")
+        raise ConfigError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start - line_start + 1} "
+            f"of {shown.strip()!r}); save the file as UTF-8, e.g. "
+            f"`iconv -f LATIN1 -t UTF-8 {path} > {converted}` for a Latin-1 file."
+        ) from None
+
+
+def _yaml_error_at(e: yaml.YAMLError, path: Path, text: str) -> str:
+    """``file:line`` of a YAML error, or the file alone when the error has no position."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is not None:
+        return f"{path}:{mark.line + 1}"
+    if isinstance(e, yaml.reader.ReaderError):
+        return f"{path}:{text.count(chr(10), 0, e.position) + 1}"
+    return str(path)
+
+
+def _bad_scalar_at(node: yaml.Node, path: Path) -> str:
+    """``file:line 'value'`` of the first scalar below ``node`` that YAML cannot convert, else the file."""
+    todo = [node]
+    while todo:
+        item = todo.pop(0)
+        if isinstance(item, yaml.ScalarNode):
+            try:
+                yaml.constructor.SafeConstructor().construct_object(item)
+            except (ValueError, TypeError, yaml.YAMLError):
+                return f"{path}:{item.start_mark.line + 1}: {item.value!r}"
+        elif isinstance(item, yaml.MappingNode):
+            todo += [n for pair in item.value for n in pair]
+        elif isinstance(item, yaml.SequenceNode):
+            todo += item.value
+    return str(path)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    if isinstance(e, yaml.reader.ReaderError):
+        code = e.character if isinstance(e.character, int) else ord(e.character)
+        return f"control character U+{code:04X} is not allowed in YAML; remove it"
+    return getattr(e, "problem", None) or str(e)
 
 
 def _key_lines(node: yaml.Node, prefix: str, out: dict[str, int]) -> None:
@@ -102,7 +189,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         )
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, TypeError, RecursionError):  # not YAML (or 2024-13-45): the text
         value = raw
     return key, value
 

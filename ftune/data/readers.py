@@ -5,22 +5,30 @@ plain text (``.txt``, one example per blank-line-separated paragraph), Parquet (
 directory written by ``datasets.Dataset.save_to_disk``, a hub dataset (``hf:NAME[:SPLIT]``) and
 ``builtin:`` names. Readers never judge a row's schema; a line that is not even JSON becomes a
 ``RawRow`` with ``error`` set, so ``data.skip_bad_rows`` can skip it like any other bad row.
+
+Text files must be UTF-8: a UTF-16, UTF-32 or binary file is refused as a whole, with the command
+that converts it. A line ends at ``\\n``, ``\\r\\n`` or a lone ``\\r`` (old Mac files), as editors count.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ftune.data.encoding import check_text_file
 from ftune.errors import DataError
 
 SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
 """File extensions read by ``read_source`` (directories and ``hf:`` / ``builtin:`` names aside)."""
 
 _WHITESPACE = re.compile(r"\s*")
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+"""Bytes that are not UTF-8, as the ``surrogateescape`` error handler keeps them."""
 
 
 @dataclass
@@ -98,6 +106,8 @@ def _read_local(path: str, setting: str, max_rows: int | None) -> Source:
     if local.is_dir():
         return _read_saved_dataset(local, path, setting, max_rows)
     suffix = local.suffix.lower()
+    if suffix in (".jsonl", ".json", ".txt"):
+        check_text_file(local, path, setting)
     if suffix == ".jsonl":
         return _read_json_lines(local, path, max_rows)
     if suffix == ".json":
@@ -113,37 +123,53 @@ def _read_local(path: str, setting: str, max_rows: int | None) -> Source:
     )
 
 
-def _decode_line(raw: bytes, line: int) -> tuple[str | None, str | None]:
-    """Returns (text, None) or (None, error) for one line of bytes."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return None, f"not valid UTF-8 text (bad byte at column {e.start + 1}); save the file as UTF-8"
-    return (text.lstrip("\ufeff") if line == 1 else text), None
+def _lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
+    """Yields ``(line, text, None)``, or ``(line, None, why)`` for a line that is not UTF-8 text.
+
+    ``\\n``, ``\\r\\n`` and a lone ``\\r`` all end a line; the text keeps one ``\\n`` at its end.
+    """
+    with path.open(encoding="utf-8", errors="surrogateescape", newline=None) as f:
+        for line, text in enumerate(f, start=1):
+            bad = _UNDECODABLE.search(text)
+            if bad is not None:
+                yield line, None, (
+                    f"not valid UTF-8 text (bad byte at column {bad.start() + 1}); save the file as UTF-8"
+                )
+            elif "\x00" in text:
+                yield line, None, (
+                    f"a NUL byte at column {text.index(chr(0)) + 1}, which text never holds (binary data, "
+                    "or a UTF-16 file?); save the file as UTF-8 text"
+                )
+            else:
+                yield line, (text.lstrip("\ufeff") if line == 1 else text), None
+
+
+def _too_deep(what: str) -> str:
+    return (
+        f"{what} nested deeper than the JSON reader allows (about {sys.getrecursionlimit()} levels of "
+        "lists and objects); rows hold strings, so check for a run of unclosed [ or {"
+    )
 
 
 def _read_json_lines(path: Path, name: str, max_rows: int | None) -> Source:
     source = Source(name)
-    with path.open("rb") as f:
-        for line, raw in enumerate(f, start=1):
-            if max_rows is not None and len(source.rows) >= max_rows:
-                break
-            text, error = _decode_line(raw, line)
-            if error is not None:
-                source.rows.append(RawRow(line, error=error))
-                continue
-            if not text.strip():
-                continue  # blank lines are not rows
-            try:
-                source.rows.append(RawRow(line, json.loads(text)))
-            except json.JSONDecodeError as e:
-                source.rows.append(
-                    RawRow(
-                        line,
-                        error=f"invalid JSON: {e.msg} (column {e.colno}); each line must hold "
-                        "one complete JSON object",
-                    )
-                )
+    for line, text, error in _lines(path):
+        if max_rows is not None and len(source.rows) >= max_rows:
+            break
+        if error is not None:
+            source.rows.append(RawRow(line, error=error))
+            continue
+        if not text.strip():
+            continue  # blank lines are not rows
+        try:
+            source.rows.append(RawRow(line, json.loads(text)))
+        except json.JSONDecodeError as e:
+            error = f"invalid JSON: {e.msg} (column {e.colno}); each line must hold one complete JSON object"
+            source.rows.append(RawRow(line, error=error))
+        except RecursionError:
+            source.rows.append(RawRow(line, error=_too_deep("the line is")))
+        except ValueError as e:  # valid syntax Python will not read, e.g. an integer of 5000 digits
+            source.rows.append(RawRow(line, error=f"unreadable JSON: {e}"))
     return source
 
 
@@ -153,15 +179,16 @@ def _read_json(path: Path, name: str, max_rows: int | None) -> Source:
         try:
             text = raw.decode("utf-8").lstrip("\ufeff")
         except UnicodeDecodeError as e:
-            line = raw.count(b"\n", 0, e.start) + 1
+            line = _one_newline(raw[: e.start].decode("utf-8")).count("\n") + 1
             raise DataError(f"{name}:{line}: not valid UTF-8 text; save the file as UTF-8.") from e
+        text = _one_newline(text)  # JSON reads \r as blank space; line numbers count it as a line end
         return _read_json_list(text, _WHITESPACE.match(text).end(), name, max_rows)
     source = _read_json_lines(path, name, max_rows)
     if source.rows and source.rows[0].error is not None:
         # Not JSON Lines; maybe one pretty-printed object (e.g. {"data": [...]}): say so plainly.
         try:
             whole = json.loads(raw.decode("utf-8", errors="replace").lstrip("\ufeff"))
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return source
         if isinstance(whole, dict):
             keys = ", ".join(repr(k) for k in list(whole)[:8])
@@ -171,6 +198,11 @@ def _read_json(path: Path, name: str, max_rows: int | None) -> Source:
                 "key, save that list on its own."
             )
     return source
+
+
+def _one_newline(text: str) -> str:
+    """``\\r\\n`` and a lone ``\\r`` as ``\\n``."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _read_json_list(text: str, start: int, name: str, max_rows: int | None) -> Source:
@@ -190,12 +222,16 @@ def _read_json_list(text: str, start: int, name: str, max_rows: int | None) -> S
     if text[pos : pos + 1] == "]":
         return source
     while max_rows is None or len(source.rows) < max_rows:
+        line += text.count("\n", counted_to, pos)
+        counted_to = pos
         try:
             value, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise fail(e) from e
-        line += text.count("\n", counted_to, pos)
-        counted_to = pos
+        except RecursionError as e:
+            raise DataError(f"{name}:{line}: {_too_deep('the row starting here is')}.") from e
+        except ValueError as e:  # valid syntax Python will not read, e.g. an integer of 5000 digits
+            raise DataError(f"{name}:{line}: unreadable JSON: {e}; fix the row.") from e
         source.rows.append(RawRow(line, value))
         pos = _WHITESPACE.match(text, end).end()
         separator = text[pos : pos + 1]
@@ -218,22 +254,20 @@ def _read_text(path: Path, name: str, max_rows: int | None) -> Source:
             source.rows.append(RawRow(first_line, {"text": "\n".join(paragraph)}))
             paragraph.clear()
 
-    with path.open("rb") as f:
-        for line, raw in enumerate(f, start=1):
-            if max_rows is not None and len(source.rows) >= max_rows:
-                return source
-            text, error = _decode_line(raw, line)
-            if error is not None:
-                close()
-                source.rows.append(RawRow(line, error=error))
-                continue
-            text = text.rstrip("\r\n")
-            if text.strip():
-                if not paragraph:
-                    first_line = line
-                paragraph.append(text.rstrip())
-            else:
-                close()
+    for line, text, error in _lines(path):
+        if max_rows is not None and len(source.rows) >= max_rows:
+            return source
+        if error is not None:
+            close()
+            source.rows.append(RawRow(line, error=error))
+            continue
+        text = text.rstrip("\n")
+        if text.strip():
+            if not paragraph:
+                first_line = line
+            paragraph.append(text.rstrip())
+        else:
+            close()
     if max_rows is None or len(source.rows) < max_rows:
         close()
     return source
@@ -251,7 +285,7 @@ def _read_parquet(path: Path, name: str, max_rows: int | None) -> Source:
                 if max_rows is not None and len(source.rows) >= max_rows:
                     return source
                 source.rows.append(RawRow(len(source.rows) + 1, value))
-    except (pa.ArrowException, OSError) as e:
+    except (pa.ArrowException, OSError, ValueError) as e:  # ValueError: e.g. a string column not UTF-8
         raise DataError(
             f"{name}: cannot be read as Parquet ({e}); check that the file is a complete Parquet file, "
             "or give it the extension of the format it really holds."
@@ -276,6 +310,8 @@ def _read_saved_dataset(path: Path, name: str, setting: str, max_rows: int | Non
             f"{name}: is a directory but not a dataset saved with Dataset.save_to_disk ({e}); point "
             f"{setting} at a data file (.jsonl, .json, .txt, .parquet) or a save_to_disk directory."
         ) from e
+    except Exception as e:  # arrow, JSON and schema errors of a damaged save all mean "cannot read it"
+        raise _damaged_save(name, setting, e) from e
     if isinstance(dataset, datasets.DatasetDict):
         if "train" not in dataset:
             raise DataError(
@@ -283,7 +319,17 @@ def _read_saved_dataset(path: Path, name: str, setting: str, max_rows: int | Non
                 "save the split to train on as 'train', or save that split alone with Dataset.save_to_disk."
             )
         dataset = dataset["train"]
-    return _rows_of_dataset(dataset, name, max_rows)
+    try:
+        return _rows_of_dataset(dataset, name, max_rows)
+    except Exception as e:  # rows are read lazily from the arrow files: damage shows up here
+        raise _damaged_save(name, setting, e) from e
+
+
+def _damaged_save(name: str, setting: str, e: Exception) -> DataError:
+    return DataError(
+        f"{name}: cannot be read as a dataset saved with Dataset.save_to_disk ({type(e).__name__}: {e}); "
+        f"save it again, or point {setting} at a data file (.jsonl, .json, .txt, .parquet)."
+    )
 
 
 def _read_hub(path: str, setting: str, max_rows: int | None) -> Source:

@@ -130,6 +130,15 @@ def _string_field(row: dict, key: str, *, required: bool, label: str | None = No
         raise RowProblem(f"field {label!r} must be a string, got {json_type(value)}{hint}")
     if required and not value.strip():
         raise RowProblem(f"field {label!r} is empty; it must contain text")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad = f"{value[e.start]!r} at character {e.start + 1}"
+            raise RowProblem(
+                f"field {label!r} holds an unpaired surrogate ({bad}), which is not text: a JSON "
+                "\\ud800-\\udfff escape must come in a high-low pair; fix or remove the escape"
+            ) from None
 
 
 def _check_alpaca(row: dict) -> None:

@@ -35,6 +35,7 @@ def test_notice_deadline_is_seconds_until_its_time():
 def test_offsets_and_naive_times_are_utc(time_text):
     notice = parse_instance_action(200, f'{{"action": "stop", "time": "{time_text}"}}')
     assert notice.deadline_s(now=NOW) == pytest.approx(90.0)
+    assert notice.describe() == "spot interruption notice: stop at 2026-11-21T12:00:00Z"
 
 
 def test_a_notice_in_the_past_leaves_no_time():

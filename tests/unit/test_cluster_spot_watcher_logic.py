@@ -60,17 +60,32 @@ def drains(monkeypatch):
     return calls
 
 
-def run_until(watcher: SpotWatcher, condition, timeout_s: float = 5.0) -> int | None:
-    """Run the watcher in a thread until ``condition()``; returns run()'s code if it returned."""
-    result = {}
+def wait_for(condition, what: str, timeout_s: float = 5.0) -> None:
+    """Poll ``condition()`` until it holds; fail naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s:.0f} s waiting for {what}"
+        time.sleep(0.01)
+
+
+def start(watcher: SpotWatcher) -> tuple[threading.Thread, dict]:
+    """Run the watcher in a thread; the dict gets run()'s return value as "code"."""
+    result: dict = {}
     thread = threading.Thread(target=lambda: result.setdefault("code", watcher.run()), daemon=True)
     thread.start()
-    deadline = time.monotonic() + timeout_s
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert condition(), "condition not reached"
+    return thread, result
+
+
+def run_until(watcher: SpotWatcher, condition, timeout_s: float = 5.0, *, idle_cycles: int = 0) -> int | None:
+    """Run the watcher in a thread until ``condition()``, then ``idle_cycles`` more loop turns;
+    returns run()'s code if it returned."""
+    thread, result = start(watcher)
+    wait_for(condition, "the watcher to reach the condition", timeout_s)
+    cycles = watcher.cycles
+    wait_for(lambda: watcher.cycles >= cycles + idle_cycles or not thread.is_alive(), "idle loop turns")
     watcher.stop()
     thread.join(timeout=5)
+    assert not thread.is_alive(), "run() returns once stopped"
     return result.get("code")
 
 
@@ -92,8 +107,8 @@ def test_no_notice_no_drain(drains):
 def test_a_notice_drains_once_with_its_deadline_then_polling_stops(drains):
     client = ScriptedNotices(None, None, notice_in(90))
     w = watcher(client)
-    run_until(w, lambda: len(drains) == 1)
-    time.sleep(0.1)
+    run_until(w, lambda: len(drains) == 1, idle_cycles=10)
+    assert w.cycles >= 13, "the loop kept turning after the drain"
     assert len(drains) == 1, "drained exactly once"
     assert client.calls == 3, "no polling after the drain"
     (call,) = drains
@@ -128,14 +143,13 @@ def test_failed_drain_is_retried_on_the_next_poll(drains):
 
 
 def test_sigterm_drains_with_the_grace_period_and_exits(drains):
-    w = watcher(ScriptedNotices(None), sigterm_deadline_s=25.0)
-    result = {}
-    thread = threading.Thread(target=lambda: result.setdefault("code", w.run()), daemon=True)
-    thread.start()
-    time.sleep(0.05)
+    client = ScriptedNotices(None)
+    w = watcher(client, sigterm_deadline_s=25.0)
+    thread, result = start(w)
+    wait_for(lambda: client.calls >= 2, "the watcher to poll")
     w.handle_sigterm()
     thread.join(timeout=5)
-    assert result["code"] == 0
+    assert result.get("code") == 0, "run() returned 0 after the SIGTERM drain"
     assert [(c["deadline_s"], c["message"]) for c in drains] == [
         (25.0, "SIGTERM: instance/pod is shutting down")
     ]
@@ -143,16 +157,12 @@ def test_sigterm_drains_with_the_grace_period_and_exits(drains):
 
 def test_sigterm_after_a_notice_does_not_drain_again(drains):
     w = watcher(ScriptedNotices(notice_in(60)))
-    result = {}
-    thread = threading.Thread(target=lambda: result.setdefault("code", w.run()), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 5
-    while not drains and time.monotonic() < deadline:
-        time.sleep(0.01)
+    thread, result = start(w)
+    wait_for(lambda: drains, "the drain on the notice")
     w.handle_sigterm()
     thread.join(timeout=5)
-    assert result["code"] == 0
-    assert len(drains) == 1
+    assert result.get("code") == 0, "run() returned 0 after SIGTERM"
+    assert [c["message"].split(":")[0] for c in drains] == ["spot interruption notice"], "no second drain"
 
 
 def test_local_node_id_needs_exactly_one_node_on_this_machine(monkeypatch):

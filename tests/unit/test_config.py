@@ -114,3 +114,47 @@ def test_every_field_is_documented():
                 walk(sub)
 
     walk(TrainJobConfig)
+
+
+def config_error(path) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainJobConfig, path, [])
+    return str(e.value)
+
+
+def test_a_latin1_config_names_the_line_and_the_conversion(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_bytes("model:\n  name_or_path: caf\xe9\n".encode("latin-1"))
+    msg = config_error(path)
+    assert msg.startswith(f"{path}:2: not UTF-8 text (byte 0xe9 at column 20 of 'name_or_path: caf")
+    assert f"iconv -f LATIN1 -t UTF-8 {path} > {tmp_path / 'job.utf8.yaml'}" in msg
+
+
+@pytest.mark.parametrize(
+    ("codec", "named"), [("utf-16", "UTF-16 text"), ("utf-32", "UTF-32 text"), ("utf-16-le", "NUL bytes")]
+)
+def test_a_utf16_or_utf32_config_says_so(tmp_path, codec, named):
+    path = tmp_path / "job.yaml"
+    path.write_bytes("train:\n  lr: 0.1\n".encode(codec))
+    msg = config_error(path)
+    assert msg.startswith(f"{path}:1: {named}" if named == "NUL bytes" else f"{path}:1: the file is {named}")
+    assert "-t UTF-8" in msg
+
+
+def test_a_config_nested_too_deep_is_a_config_error(tmp_path):
+    path = write(tmp_path, "train: " + "[" * 5000 + "\n")
+    assert config_error(path).startswith(f"{path}: nested too deeply to read")
+
+
+def test_a_value_yaml_cannot_convert_names_its_line_and_the_fix(tmp_path):
+    path = write(tmp_path, "train:\n  lr: 0.1\n  seed: 2024-13-45\n")
+    msg = config_error(path)
+    assert msg.startswith(f"{path}:3: '2024-13-45': YAML cannot convert this value") and "quotes" in msg
+    with pytest.raises(ConfigError, match=r"override 'train.seed=2024-13-45': train.seed: '2024-13-45'"):
+        load_config(TrainJobConfig, None, ["train.seed=2024-13-45"])
+
+
+def test_a_control_character_names_its_line(tmp_path):
+    path = write(tmp_path, "train:\n  lr: 0.1\x07\n")
+    expected = f"{path}:2: not valid YAML: control character U+0007 is not allowed in YAML; remove it"
+    assert config_error(path) == expected
