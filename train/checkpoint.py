@@ -12,7 +12,9 @@ Layout of one checkpoint directory (all ranks' files merged by ``ray.train.repor
 Optimizer state is gathered with DeepSpeed's tensor-fragment API (``safe_get_full_optimizer_state``)
 rather than saved as per-rank ZeRO partitions, so a checkpoint loads at any world size (elastic
 restarts) and is read with safetensors only, never unpickled. A checkpoint missing a manifest, or
-whose files do not match it, is rejected.
+whose files do not match it, is rejected; so is one whose files cannot be parsed or do not fit the
+model: every kind of damage is a ``CorruptCheckpoint``, raised before the engine is touched. Checks
+read through a pyarrow filesystem, so they work on a local directory and on object storage alike.
 """
 
 from __future__ import annotations
@@ -20,17 +22,27 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 from safetensors.torch import load_file, save_file
 
 from ftune.errors import UserError
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+CHECKPOINT_NAME = re.compile(r"^checkpoint_step(\d+)(_|$)")
+"""Names the training loop gives checkpoint directories: the step, then optional tags (``_jit``, ``_r1``)."""
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of a checkpoint directory name (``checkpoint_step0000060``, ``..._jit``), else None."""
+    match = CHECKPOINT_NAME.match(name)
+    return int(match.group(1)) if match else None
 
 
 @dataclass
@@ -51,12 +63,74 @@ class TrainState:
     @classmethod
     def from_json(cls, text: str) -> TrainState:
         """Parse a train_state.json, ignoring unknown keys from newer versions."""
-        data = json.loads(text)
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, data: Any) -> TrainState:
+        """A state from its saved form, ignoring unknown keys from newer versions.
+
+        Raises:
+            ValueError: a required field is missing or has the wrong type.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"train_state is {type(data).__name__}, not a mapping")
+        missing = [k for k in REQUIRED_STATE_FIELDS if k not in data]
+        if missing:
+            raise ValueError(f"train_state lacks {', '.join(missing)}")
+        for key in REQUIRED_STATE_FIELDS:
+            if not isinstance(data[key], int) or isinstance(data[key], bool) or data[key] < 0:
+                raise ValueError(f"train_state.{key} is {data[key]!r}, not a count")
+        if data["world_size"] < 1:
+            raise ValueError("train_state.world_size is 0")
+        state = cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+        if not isinstance(state.last_eval, dict) or not isinstance(state.config_fingerprint, str):
+            raise ValueError("train_state.last_eval or config_fingerprint has the wrong type")
+        return state
+
+
+REQUIRED_STATE_FIELDS = ("step", "epoch", "tokens_seen", "world_size", "gradient_accumulation_steps", "total_steps")
+"""Fields every saved train state has (the rest have defaults)."""
 
 
 class CorruptCheckpoint(Exception):
-    """A checkpoint directory that is incomplete or does not match its manifests."""
+    """A checkpoint directory that is incomplete, does not match its manifests, or cannot be parsed."""
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """The parsed ``train_state.json`` of a checkpoint."""
+
+    state: TrainState
+    """Where training stood."""
+    optimizer_step: int
+    """Adam's step counter."""
+    scheduler: dict[str, Any]
+    """The LR scheduler's state (its lambdas left out)."""
+    global_steps: int
+    """DeepSpeed's step counter."""
+    global_samples: int
+    """DeepSpeed's sample counter."""
+
+    @classmethod
+    def parse(cls, text: str, where: str) -> CheckpointMeta:
+        """Parse and check a train_state.json.
+
+        Raises:
+            CorruptCheckpoint: it is not JSON, or a field is missing or of the wrong type.
+        """
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise ValueError(f"it is {type(data).__name__}, not a mapping")
+            counters = {k: data[k] for k in ("optimizer_step", "global_steps", "global_samples")}
+            if any(not isinstance(v, int) or isinstance(v, bool) for v in counters.values()):
+                raise ValueError(f"a counter is not an integer: {counters}")
+            if not isinstance(data["scheduler"], dict):
+                raise ValueError("scheduler is not a mapping")
+            return cls(TrainState.from_dict(data["train_state"]), scheduler=data["scheduler"], **counters)
+        except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+            detail = f"no {e}" if isinstance(e, KeyError) else str(e)
+            raise CorruptCheckpoint(f"{where}: train_state.json is unreadable ({type(e).__name__}: {detail})") from e
 
 
 def _trainable(engine) -> list[tuple[str, torch.nn.Parameter]]:
@@ -107,11 +181,64 @@ def _set_rng_state(plain: dict[str, Any], tensors: dict[str, torch.Tensor]) -> N
 
 
 def _sha256(path: Path) -> str:
+    return _sha256_of(pafs.LocalFileSystem(), str(path))
+
+
+def _sha256_of(fs: pafs.FileSystem, path: str) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    with fs.open_input_stream(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _on(ckpt: str | Path, fs: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and path a checkpoint is read through (a local directory by default)."""
+    return (fs, str(ckpt).rstrip("/")) if fs is not None else (pafs.LocalFileSystem(), str(Path(ckpt).resolve()))
+
+
+def _is_file(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def _read_text(fs: pafs.FileSystem, path: str, where: str) -> str:
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorruptCheckpoint(f"{where}: {path.rsplit('/', 1)[-1]} is not text ({e})") from e
+
+
+def read_meta(ckpt: str | Path, fs: pafs.FileSystem | None = None) -> CheckpointMeta:
+    """The checkpoint's parsed train_state.json.
+
+    Raises:
+        CorruptCheckpoint: it is missing or unreadable.
+    """
+    fs, root = _on(ckpt, fs)
+    if not _is_file(fs, f"{root}/train_state.json"):
+        raise CorruptCheckpoint(f"{root}: no train_state.json")
+    return CheckpointMeta.parse(_read_text(fs, f"{root}/train_state.json", root), root)
+
+
+def _manifest(fs: pafs.FileSystem, root: str, rank: int) -> dict[str, str]:
+    path = f"{root}/manifest_rank{rank}.json"
+    if not _is_file(fs, path):
+        raise CorruptCheckpoint(f"{root}: rank {rank} never finished writing (no manifest)")
+    try:
+        manifest = json.loads(_read_text(fs, path, root))
+    except ValueError as e:
+        raise CorruptCheckpoint(f"{root}: manifest_rank{rank}.json is unreadable ({e})") from e
+    if not isinstance(manifest, dict) or not all(isinstance(v, str) for v in manifest.values()):
+        raise CorruptCheckpoint(f"{root}: manifest_rank{rank}.json is not a mapping of file to checksum")
+    return manifest
+
+
+def _check_files(fs: pafs.FileSystem, root: str, manifest: dict[str, str]) -> None:
+    for rel, digest in manifest.items():
+        path = f"{root}/{rel}"
+        if ".." in Path(rel).parts or not _is_file(fs, path) or _sha256_of(fs, path) != digest:
+            raise CorruptCheckpoint(f"{root}: {rel} is missing or does not match its checksum")
 
 
 def save_checkpoint(engine, state: TrainState, out_dir: Path, *, rank: int) -> None:
@@ -153,25 +280,53 @@ def _scheduler_state(engine) -> dict[str, Any]:
     return {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
 
 
-def verify_checkpoint(ckpt_dir: Path) -> int:
+def verify_checkpoint(ckpt: str | Path, fs: pafs.FileSystem | None = None) -> int:
     """Check every manifest against the files; return the world size the checkpoint was made at.
 
+    Args:
+        ckpt: The checkpoint directory: a local path, or a path inside ``fs``.
+        fs: The filesystem holding it (None: the local one).
+
     Raises:
-        CorruptCheckpoint: a manifest or a file is missing or does not match.
+        CorruptCheckpoint: a manifest or a file is missing, unreadable or does not match.
     """
-    state_file = ckpt_dir / "train_state.json"
-    if not state_file.is_file():
-        raise CorruptCheckpoint(f"{ckpt_dir}: no train_state.json")
-    world = int(json.loads(state_file.read_text())["train_state"]["world_size"])
-    for rank in range(world):
-        manifest_file = ckpt_dir / f"manifest_rank{rank}.json"
-        if not manifest_file.is_file():
-            raise CorruptCheckpoint(f"{ckpt_dir}: rank {rank} never finished writing (no manifest)")
-        for rel, digest in json.loads(manifest_file.read_text()).items():
-            path = ckpt_dir / rel
-            if not path.is_file() or _sha256(path) != digest:
-                raise CorruptCheckpoint(f"{ckpt_dir}: {rel} is missing or does not match its checksum")
+    fs, root = _on(ckpt, fs)
+    world = read_meta(root, fs).state.world_size
+    manifests = [_manifest(fs, root, rank) for rank in range(world)]
+    for manifest in manifests:
+        _check_files(fs, root, manifest)
+    required = [("train_state.json", 0), ("engine_state.safetensors", 0), ("adapter/adapter_config.json", 0)]
+    required += [(f"rng_rank{rank}.{ext}", rank) for rank in range(world) for ext in ("json", "safetensors")]
+    for rel, rank in required:
+        if rel not in manifests[rank]:
+            raise CorruptCheckpoint(f"{root}: manifest_rank{rank}.json does not list {rel}")
     return world
+
+
+def verify_adapter(ckpt: str | Path, fs: pafs.FileSystem | None = None) -> None:
+    """Check just the checkpoint's adapter files against rank 0's manifest (cheaper than the whole checkpoint).
+
+    Raises:
+        CorruptCheckpoint: the manifest lists no complete adapter, or a file does not match it.
+    """
+    fs, root = _on(ckpt, fs)
+    adapter = {rel: digest for rel, digest in _manifest(fs, root, 0).items() if rel.startswith("adapter/")}
+    if not {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= adapter.keys():
+        raise CorruptCheckpoint(f"{root}: manifest_rank0.json lists no complete adapter")
+    _check_files(fs, root, adapter)
+
+
+def newest_readable_meta(fs: pafs.FileSystem, run_path: str) -> tuple[str, CheckpointMeta] | None:
+    """(name, train state) of the newest checkpoint directory in a run directory whose train_state.json
+    parses, or None. Reads one small file per damaged checkpoint, never the weights."""
+    infos = fs.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
+    names = [i.base_name for i in infos if i.type == pafs.FileType.Directory and checkpoint_step(i.base_name) is not None]
+    for name in sorted(names, key=lambda n: (checkpoint_step(n), n), reverse=True):
+        try:
+            return name, read_meta(f"{run_path}/{name}", fs)
+        except CorruptCheckpoint:
+            continue
+    return None
 
 
 def _ensure_optimizer_state(engine) -> None:
@@ -197,25 +352,72 @@ def load_checkpoint(
 ) -> TrainState:
     """Restore engine, scheduler, RNG and train state from a checkpoint made at any world size.
 
+    Everything is read and checked before the engine is changed, so a rejected checkpoint leaves it as it was.
+
     Args:
         adopt_lr: Continue another run's checkpoint (PBT exploit) with this peak learning rate
             instead of the saved one; the config check is skipped.
 
     Raises:
-        CorruptCheckpoint: the checkpoint is incomplete.
+        CorruptCheckpoint: the checkpoint is incomplete, unreadable, or does not fit the model.
         UserError: the checkpoint was made with a different training config.
     """
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
+    ckpt_dir = Path(ckpt_dir).resolve()  # the form every message names it in
     saved_world = verify_checkpoint(ckpt_dir)
-    meta = json.loads((ckpt_dir / "train_state.json").read_text())
-    state = TrainState(**meta["train_state"])
+    meta = read_meta(ckpt_dir)
+    state = meta.state
     if adopt_lr is None and state.config_fingerprint and state.config_fingerprint != fingerprint:
         raise UserError(
             f"checkpoint {ckpt_dir} was made with a different model/lora/data/train config "
             f"({state.config_fingerprint} != {fingerprint}); give the job a new name to start fresh"
         )
-    tensors = load_file(str(ckpt_dir / "engine_state.safetensors"))
+    tensors = _engine_tensors(engine, ckpt_dir)
+    rng = _read_rng(ckpt_dir, rank) if saved_world == world_size else None
+    _apply_engine_state(engine, tensors, meta.optimizer_step)
+    _apply_scheduler(engine, meta.scheduler, adopt_lr)
+    engine.global_steps = meta.global_steps
+    engine.global_samples = meta.global_samples
+    if rng is not None:
+        _set_rng_state(*rng)
+    if adopt_lr is None:
+        state.restarts += 1
+    else:
+        state.config_fingerprint = fingerprint
+    return state
+
+
+def _engine_tensors(engine, ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """The saved parameters and moments, checked against the model's trainable parameters."""
+    try:
+        tensors = load_file(str(ckpt_dir / "engine_state.safetensors"))
+    except Exception as e:  # safetensors raises its own error type for a damaged header
+        raise CorruptCheckpoint(f"{ckpt_dir}: engine_state.safetensors is unreadable ({e})") from e
+    for name, param in _trainable(engine):
+        for key in (f"param/{name}", *(f"{m}/{name}" for m in MOMENTS)):
+            if key not in tensors:
+                if key.startswith("param/"):
+                    raise CorruptCheckpoint(f"{ckpt_dir}: engine_state.safetensors has no {key}")
+                continue
+            if tuple(tensors[key].shape) != tuple(param.shape):
+                raise CorruptCheckpoint(f"{ckpt_dir}: {key} has shape {tuple(tensors[key].shape)}, the model's "
+                                        f"parameter {tuple(param.shape)}")
+    return tensors
+
+
+def _read_rng(ckpt_dir: Path, rank: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    try:
+        plain = json.loads((ckpt_dir / f"rng_rank{rank}.json").read_text())
+        tensors = load_file(str(ckpt_dir / f"rng_rank{rank}.safetensors"))
+        if not {"python", "numpy"} <= plain.keys() or "torch_cpu" not in tensors:
+            raise ValueError("an RNG state is missing")
+        return plain, tensors
+    except Exception as e:  # JSON, key or safetensors errors: all mean the same damage
+        raise CorruptCheckpoint(f"{ckpt_dir}: rng_rank{rank} is unreadable ({e})") from e
+
+
+def _apply_engine_state(engine, tensors: dict[str, torch.Tensor], optimizer_step: int) -> None:
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
     _ensure_optimizer_state(engine)
     for name, param in _trainable(engine):
         value = tensors[f"param/{name}"]
@@ -224,25 +426,19 @@ def load_checkpoint(
         for moment in MOMENTS:
             if f"{moment}/{name}" in tensors:
                 safe_set_full_optimizer_state(param, tensors[f"{moment}/{name}"], moment)
-    step_count = torch.tensor(float(meta["optimizer_step"]))
+    step_count = torch.tensor(float(optimizer_step))
     for opt_state in engine.optimizer.optimizer.state.values():
         if "step" in opt_state:
             opt_state["step"] = step_count.clone()
-    if engine.lr_scheduler is not None and meta["scheduler"]:
-        scheduler = engine.lr_scheduler
-        scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(meta["scheduler"].get("base_lrs", [0]))})
-        if adopt_lr is not None:
-            scheduler.base_lrs = [adopt_lr] * len(scheduler.base_lrs)
-        for group, base, multiplier in zip(engine.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-            group["lr"] = base * multiplier(scheduler.last_epoch)
-        scheduler._last_lr = [group["lr"] for group in engine.optimizer.param_groups]
-    engine.global_steps = meta["global_steps"]
-    engine.global_samples = meta["global_samples"]
-    if saved_world == world_size:
-        rng_plain = json.loads((ckpt_dir / f"rng_rank{rank}.json").read_text())
-        _set_rng_state(rng_plain, load_file(str(ckpt_dir / f"rng_rank{rank}.safetensors")))
-    if adopt_lr is None:
-        state.restarts += 1
-    else:
-        state.config_fingerprint = fingerprint
-    return state
+
+
+def _apply_scheduler(engine, saved: dict[str, Any], adopt_lr: float | None) -> None:
+    scheduler = engine.lr_scheduler
+    if scheduler is None or not saved:
+        return
+    scheduler.load_state_dict({**saved, "lr_lambdas": [None] * len(saved.get("base_lrs", [0]))})
+    if adopt_lr is not None:
+        scheduler.base_lrs = [adopt_lr] * len(scheduler.base_lrs)
+    for group, base, multiplier in zip(engine.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * multiplier(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in engine.optimizer.param_groups]

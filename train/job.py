@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -125,6 +126,34 @@ def prepare(cfg: TrainJobConfig, name: str) -> dict[str, Any]:
     }
 
 
+def check_resumable(loop_config: dict[str, Any]) -> None:
+    """Refuse, before any worker starts, to continue a run whose checkpoints were made with another config.
+
+    A run re-started under its name resumes from its checkpoints. If its model/lora/data/train config
+    changed they cannot be continued: that is for the user to fix, not for Ray to retry
+    ``failure.max_failures`` times in the workers.
+
+    Raises:
+        UserError: the run's newest readable checkpoint has another config fingerprint.
+    """
+    from ftune.storage import Storage
+    from train.checkpoint import newest_readable_meta
+
+    storage = Storage(loop_config["storage_uri"], loop_config["endpoint_url"])
+    fs, _ = storage.filesystem()
+    found = newest_readable_meta(fs, storage.path(loop_config["name"]))
+    if found is None:
+        return
+    name, meta = found
+    saved, now = meta.state.config_fingerprint, loop_config["fingerprint"]
+    if saved and saved != now:
+        raise UserError(
+            f"run {loop_config['name']!r} ({storage.uri_of(loop_config['name'])}) was checkpointed with a different "
+            f"model/lora/data/train config ({name}: {saved}; this job: {now}). Give the job a new name (name=... or "
+            "--name) to start fresh, or run it with the config it was started with to continue it."
+        )
+
+
 def build_trainer(
     cfg: TrainJobConfig,
     loop_config: dict[str, Any],
@@ -153,6 +182,7 @@ def build_trainer(
     from train.progress import ProgressPrinter
     from train.trainer import LoraTrainer
 
+    check_resumable(loop_config)
     loop_config = dict(loop_config)
     loop_config["data"] = ray.put(loop_config.pop("_data"))
     if init_checkpoint is not None:
@@ -186,8 +216,14 @@ def ensure_ray() -> None:
     """Connect to the cluster (RAY_ADDRESS, as under `ray job submit`) or start a local one."""
     import ray
 
+    from ftune.console import announce_ray_logs, ray_logging_level, show_only_ftune_lines
+    from ftune.deepspeed_ops import ensure_built
+
     if not ray.is_initialized():
-        ray.init(log_to_driver=True)
+        if not os.environ.get("RAY_ADDRESS"):  # a local Ray: its workers use this machine's op cache
+            ensure_built(announce=lambda line: print(f"[ftune] {line}", flush=True))
+        ray.init(log_to_driver=True, logging_level=ray_logging_level())
+        announce_ray_logs(show_only_ftune_lines())
 
 
 def run_training(

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import ray.train
 import torch
 import torch.distributed as dist
@@ -30,7 +32,7 @@ from ftune.data.tokenize import pad_token_id
 from ftune.model import load_base_model, load_tokenizer, resolve_precision
 from ftune.storage import Storage
 from train.batching import BatchPlan
-from train.checkpoint import CorruptCheckpoint, TrainState, load_checkpoint, save_checkpoint
+from train.checkpoint import CorruptCheckpoint, TrainState, checkpoint_step, load_checkpoint, save_checkpoint
 from train.deepspeed_config import build_deepspeed_config, gradient_accumulation_steps
 from train.evaluation import evaluate_loss, exact_match, shard
 from train.metrics import RunRecorder
@@ -90,6 +92,117 @@ def build_engine(cfg: TrainJobConfig, world_size: int, steps: int, user_deepspee
     return engine, ds_config
 
 
+def run_checkpoint_paths(latest: ray.train.Checkpoint) -> tuple[list[str], str]:
+    """Ray's latest checkpoint of the run, then the older ones beside it in the run directory, newest first;
+    and a name tag no checkpoint directory of the run has yet (``_r<n>``).
+
+    Ray hands a worker only its latest checkpoint; when that one is damaged the next is the newest
+    older one that loads. Directories newer than Ray's latest were never registered and are left out.
+    """
+    parent, name = latest.path.rstrip("/").rsplit("/", 1)
+    newest = checkpoint_step(name)
+    try:
+        infos = latest.filesystem.get_file_info(pafs.FileSelector(parent))
+    except OSError:
+        infos = []
+    names = [i.base_name for i in infos if i.type == pafs.FileType.Directory and checkpoint_step(i.base_name) is not None]
+    tags = [int(m.group(1)) for n in names if (m := re.search(r"_r(\d+)", n))]
+    tag = f"_r{max(tags, default=0) + 1}"
+    if newest is None:
+        return [latest.path], tag
+    older = sorted(((checkpoint_step(n), n) for n in names if checkpoint_step(n) < newest), reverse=True)
+    return [latest.path, *(f"{parent}/{n}" for _, n in older)], tag
+
+
+def load_first_usable(engine, candidates: list[ray.train.Checkpoint], loop_config: dict[str, Any], *, rank: int,
+                      world: int, adopt_lr: float | None) -> tuple[TrainState | None, int, list[str]]:
+    """Load the first candidate every rank can load: (state, its index, why each earlier one was not).
+
+    Every rank tries each candidate and all ranks exchange their verdicts (one all-gather per candidate), so
+    they agree on the checkpoint, or on none (state None).
+    """
+    rejected = []
+    for index, checkpoint in enumerate(candidates):
+        state, why, local = None, "", None
+        try:
+            with checkpoint.as_directory() as ckpt_dir:
+                local = Path(ckpt_dir).resolve()
+                state = load_checkpoint(engine, local, rank=rank, world_size=world,
+                                        fingerprint=loop_config["fingerprint"], adopt_lr=adopt_lr)
+        except (CorruptCheckpoint, FileNotFoundError) as e:  # damaged, or pruned since it was listed
+            why = str(e).replace(f"{local}: ", "") if local else str(e)  # a download's temporary path says nothing
+        verdicts: list[str] = [""] * world
+        dist.all_gather_object(verdicts, why)
+        problems = sorted({w for w in verdicts if w})
+        if not problems:
+            return state, index, rejected
+        rejected.append(f"{checkpoint.path}: {'; '.join(problems)}")
+    return None, len(candidates), rejected
+
+
+def restore(engine, loop_config: dict[str, Any], cfg: TrainJobConfig, state: TrainState, *, rank: int,
+            world: int) -> tuple[TrainState, str]:
+    """Continue from the run's newest usable checkpoint, or its init checkpoint, or start afresh.
+
+    Returns the train state and a tag for the names of this attempt's checkpoints: after falling back
+    past Ray's latest checkpoint, new ones get names of their own (``_r<n>``) rather than overwrite a
+    damaged one Ray still tracks (and may later delete, with whatever was written over it).
+    """
+    latest, adopt_lr, tag = ray.train.get_checkpoint(), None, ""
+    if latest is not None:
+        found = [run_checkpoint_paths(latest) if rank == 0 else None]
+        dist.broadcast_object_list(found, src=0)  # every rank walks the same list
+        paths, tag = found[0]
+        candidates = [ray.train.Checkpoint(p, filesystem=latest.filesystem) for p in paths]
+    elif loop_config.get("init_checkpoint"):
+        # Start from another run's checkpoint (a sweep trial continuing a better trial's weights).
+        init = loop_config["init_checkpoint"]
+        fs, _ = Storage(loop_config["storage_uri"], loop_config.get("endpoint_url")).filesystem()
+        candidates = [ray.train.Checkpoint(init["path"], filesystem=fs)]
+        adopt_lr = cfg.train.lr if init.get("adopt") else None
+    else:
+        seed_everything(cfg.train.seed + 1000 * rank)  # per-rank dropout streams
+        return state, ""
+    restored, index, rejected = load_first_usable(engine, candidates, loop_config, rank=rank, world=world,
+                                                  adopt_lr=adopt_lr)
+    if rank == 0:
+        for line in rejected:
+            print(f"[ftune] checkpoint unusable, skipped: {line}", flush=True)
+    if restored is None:
+        if latest is None:
+            raise RuntimeError(f"the init checkpoint is unusable: {rejected[0]}")
+        if rank == 0:
+            print("[ftune] no checkpoint of the run is usable: starting again from step 0", flush=True)
+        seed_everything(cfg.train.seed + 1000 * rank)
+        return state, tag
+    _announce_resume(restored, candidates[index].path, cfg, state, rank=rank, fell_back=index > 0)
+    if restored.world_size != world:  # per-rank RNG streams do not map onto a new world size
+        seed_everything(cfg.train.seed + 1000 * rank + restored.step)
+    restored.world_size = state.world_size
+    restored.gradient_accumulation_steps = state.gradient_accumulation_steps
+    restored.total_steps = state.total_steps
+    return restored, tag if index > 0 else ""
+
+
+def _announce_resume(restored: TrainState, path: str, cfg: TrainJobConfig, now: TrainState, *, rank: int,
+                     fell_back: bool) -> None:
+    if rank != 0:
+        return
+    world, accum, steps = now.world_size, now.gradient_accumulation_steps, now.total_steps
+    changed = restored.world_size != world
+    longer = restored.total_steps not in (0, steps)
+    print(
+        f"[ftune] resumed at step {restored.step}/{steps} from {path}"
+        + (" (the newest checkpoint that loads; see the lines above for those skipped)" if fell_back else "")
+        + (f"; workers {restored.world_size} -> {world}, gradient accumulation "
+           f"{restored.gradient_accumulation_steps} -> {accum}, global batch {cfg.train.global_batch_size} kept"
+           if changed else "")
+        + (f"; run length {restored.total_steps} -> {steps} steps, the {cfg.train.lr_schedule} learning-rate "
+           f"schedule now spans {steps} steps" if longer else ""),
+        flush=True,
+    )
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point: rebuild the typed config, restore, train, evaluate, checkpoint, export."""
     cfg = TrainJobConfig.model_validate(loop_config["job"])
@@ -112,38 +225,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         world_size=world, gradient_accumulation_steps=accum, total_steps=steps,
         config_fingerprint=loop_config["fingerprint"],
     )
-    checkpoint, adopt_lr = ray.train.get_checkpoint(), None
-    if checkpoint is None and loop_config.get("init_checkpoint"):
-        # Start from another run's checkpoint (a sweep trial continuing a better trial's weights).
-        init = loop_config["init_checkpoint"]
-        fs, _ = Storage(loop_config["storage_uri"], loop_config.get("endpoint_url")).filesystem()
-        checkpoint = ray.train.Checkpoint(init["path"], filesystem=fs)
-        adopt_lr = cfg.train.lr if init.get("adopt") else None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            try:
-                state = load_checkpoint(
-                    engine, Path(ckpt_dir), rank=rank, world_size=world, fingerprint=loop_config["fingerprint"], adopt_lr=adopt_lr
-                )
-            except CorruptCheckpoint as e:
-                raise RuntimeError(f"latest checkpoint is unusable: {e}") from e
-        if rank == 0:
-            changed = state.world_size != world
-            longer = state.total_steps not in (0, steps)
-            print(
-                f"[ftune] resumed at step {state.step}/{steps} from {checkpoint.path}"
-                + (f"; workers {state.world_size} -> {world}, gradient accumulation "
-                   f"{state.gradient_accumulation_steps} -> {accum}, global batch {cfg.train.global_batch_size} kept"
-                   if changed else "")
-                + (f"; run length {state.total_steps} -> {steps} steps, the {cfg.train.lr_schedule} learning-rate "
-                   f"schedule now spans {steps} steps" if longer else ""),
-                flush=True,
-            )
-        if state.world_size != world:  # per-rank RNG streams do not map onto a new world size
-            seed_everything(cfg.train.seed + 1000 * rank + state.step)
-        state.world_size, state.gradient_accumulation_steps, state.total_steps = world, accum, steps
-    else:
-        seed_everything(cfg.train.seed + 1000 * rank)  # per-rank dropout streams
+    state, retry_suffix = restore(engine, loop_config, cfg, state, rank=rank, world=world)
 
     run_dir = Path(loop_config["local_run_dir"])
     storage = Storage(loop_config["storage_uri"], loop_config.get("endpoint_url"))
@@ -160,14 +242,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
 
     val_shard = shard(validation, rank, world)
-    em_shard = shard([e for e in validation if e.reference][: cfg.train.exact_match_examples], rank, world)
+    em_examples = [e for e in validation if e.reference][: cfg.train.exact_match_examples]
+    em_shard = shard(em_examples, rank, world)
 
     def run_eval() -> dict[str, float]:
         batches = [collate(val_shard[i : i + cfg.train.micro_batch_size]) for i in range(0, len(val_shard), cfg.train.micro_batch_size)]
         if cfg.train.eval_batches:
             batches = batches[: cfg.train.eval_batches]
         out = evaluate_loss(engine.module, batches, device)
-        if cfg.train.exact_match_examples and em_shard:
+        # Decided from the whole list, not this rank's share: a rank whose share is empty (fewer examples
+        # than workers) still joins exact_match's all-reduce.
+        if em_examples:
             out.update(exact_match(engine.module, tokenizer, em_shard, device, batch_size=cfg.train.micro_batch_size))
         return out
 
@@ -251,7 +336,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             report = {**metrics, "eval_loss": state.last_eval.get("eval_loss"), "steps": pending}
             pending = []
             if do_ckpt:
-                _report_with_checkpoint(engine, state, report, rank, jit=jit)
+                _report_with_checkpoint(engine, state, report, rank, jit=jit, suffix=retry_suffix)
                 if recorder:
                     recorder.sync()
             else:
@@ -286,7 +371,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             storage.upload_dir(run_dir, loop_config["name"])
 
 
-def _report_with_checkpoint(engine, state: TrainState, metrics: dict[str, Any], rank: int, *, jit: bool) -> None:
+def _report_with_checkpoint(
+    engine, state: TrainState, metrics: dict[str, Any], rank: int, *, jit: bool, suffix: str = ""
+) -> None:
     with tempfile.TemporaryDirectory(prefix="ftune-ckpt-") as tmp:
         t0 = time.perf_counter()
         save_checkpoint(engine, state, Path(tmp), rank=rank)
@@ -296,7 +383,7 @@ def _report_with_checkpoint(engine, state: TrainState, metrics: dict[str, Any], 
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=f"checkpoint_step{state.step:07d}" + ("_jit" if jit else ""),
+            checkpoint_dir_name=f"checkpoint_step{state.step:07d}" + ("_jit" if jit else "") + suffix,
         )
     if jit:
         # report() returns once the result is queued, not once the controller has taken it in (each

@@ -12,7 +12,7 @@ preemption), summed over segments across pauses, PBT exploits and sweep resumes.
 
 The dollar stop is decided early by what the running trials may spend until then (one reporting
 interval plus the grace period), so final spend stays within the budget plus one interval's cost.
-They run in the sweep driver and find the ledger by sweep directory (``SpendLedger.of``), since Tune
+They run in the sweep driver and find the ledger by the sweep's location (``SpendLedger.of``), since Tune
 pickles searchers, schedulers and callbacks into its experiment state and restores copies on resume.
 """
 
@@ -22,6 +22,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,6 +35,14 @@ from tune.config import BudgetConfig
 SPEND_FILE = "spend.json"
 FINISHED_STATUSES = ("completed", "pruned", "stopped_budget", "stopped", "error")
 """Leaderboard statuses of a trial that will not run again."""
+ACTIVE_STATUSES = ("pending", "running", "paused", "interrupted")
+"""Statuses of a trial that started and may still run (and spend)."""
+
+
+def sweep_key(uri: str | Path) -> str:
+    """The key a sweep's ledger, stop signal and placement groups are found by: its storage URI, or its
+    directory's absolute path."""
+    return str(uri) if "://" in str(uri) else str(Path(uri).resolve())
 
 
 @dataclass
@@ -47,7 +56,8 @@ class TrialSpend:
     rate_usd_per_h: float
     """Dollars per hour while it holds resources."""
     segments: list[list[float]] = field(default_factory=list)
-    """[start, end] wall-clock spans it held resources (end advances while it runs)."""
+    """[start, end] spans it held resources, on the ledger's monotonic clock of the session that ran them
+    (end advances while it runs); only their lengths mean anything across sessions."""
     status: str = "pending"
     """pending, running, paused, interrupted, completed, pruned, stopped_budget, stopped (by the user) or error."""
     config: dict[str, Any] = field(default_factory=dict)
@@ -86,12 +96,17 @@ class TrialSpend:
 
 
 class SpendLedger:
-    """Spend of one sweep: per-trial costs, the budget, and spend over time (``spend.json``)."""
+    """Spend of one sweep: per-trial costs, the budget, and spend over time (``spend.json``).
+
+    Durations come from ``clock`` (monotonic: a step of the wall clock never makes spend negative);
+    every method taking ``now`` reads it on that clock, so tests drive time by hand.
+    """
 
     _open: ClassVar[dict[str, SpendLedger]] = {}
 
     def __init__(self, sweep_dir: str | Path, budget: BudgetConfig, *, rate_usd_per_h: float,
-                 estimate_trial_s: float, report_interval_s: float):
+                 estimate_trial_s: float, report_interval_s: float, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
         self.path = Path(sweep_dir) / SPEND_FILE
         self.budget = budget
         self.rate_usd_per_h = rate_usd_per_h
@@ -100,27 +115,45 @@ class SpendLedger:
         self.trials: dict[str, TrialSpend] = {}
         self.history: list[list[float]] = []  # [elapsed_s, spend_usd]
         self.elapsed_before_s = 0.0
-        self.session_start = time.time()
+        self.session_start = clock()
         self.stop: dict[str, Any] | None = None
         self.exhausted = False  # no further trial fits (set where no searcher can say FINISHED)
         self._last_save = 0.0
+        self.reconciled = False  # interrupted trials checked against the trials Tune restored (reconcile)
 
     @classmethod
-    def open(cls, sweep_dir: str | Path, budget: BudgetConfig, **kwargs: Any) -> SpendLedger:
-        """The sweep's ledger, continued from its spend.json when resuming; registered for ``of``."""
+    def open(cls, sweep_dir: str | Path, budget: BudgetConfig, *, uri: str | None = None, **kwargs: Any) -> SpendLedger:
+        """The sweep's ledger, continued from its spend.json when resuming; registered for ``of``.
+
+        Args:
+            sweep_dir: The local directory of spend.json.
+            uri: Where the sweep lives in storage (default: ``sweep_dir``); what ``of`` finds the ledger by.
+                Tune pickles the sweep's callbacks, searcher and scheduler with this key, so it must not
+                depend on the machine: a sweep on s3:// resumes on any machine under the same key.
+        """
         ledger = cls(sweep_dir, budget, **kwargs)
         if ledger.path.is_file():
             ledger._load(json.loads(ledger.path.read_text()))
-        cls._open[str(Path(sweep_dir).resolve())] = ledger
+        cls._open[sweep_key(uri or sweep_dir)] = ledger
         return ledger
 
     @classmethod
-    def of(cls, sweep_dir: str | Path) -> SpendLedger:
-        """The ledger opened for ``sweep_dir`` in this process."""
-        try:
-            return cls._open[str(Path(sweep_dir).resolve())]
-        except KeyError:
-            raise RuntimeError(f"no spend ledger open for {sweep_dir}; sweeps run through tune.sweep") from None
+    def opened(cls, sweep_uri: str | Path) -> SpendLedger | None:
+        """The ledger opened for the sweep at ``sweep_uri`` in this process, or None."""
+        return cls._open.get(sweep_key(sweep_uri))
+
+    @classmethod
+    def of(cls, sweep_uri: str | Path) -> SpendLedger:
+        """The ledger opened for the sweep at ``sweep_uri`` in this process."""
+        ledger = cls.opened(sweep_uri)
+        if ledger is None:
+            raise RuntimeError(f"no spend ledger open for {sweep_uri}; sweeps run through tune.sweep")
+        return ledger
+
+    @property
+    def sweep_dir(self) -> Path:
+        """The local directory of the sweep's files (spend.json, pbt_exploits.jsonl, ...)."""
+        return self.path.parent
 
     def _load(self, data: dict[str, Any]) -> None:
         self.history = data.get("history", [])
@@ -131,20 +164,22 @@ class SpendLedger:
             if trial.status in ("running", "pending", "paused"):
                 trial.status = "interrupted"  # the driver died; the last saved end of each segment stands
             self.trials[trial.trial_id] = trial
+        self.stop = data.get("stop")  # a budget stop stands unless the budget was raised (tune.sweep.open_ledger)
 
     # -- figures -----------------------------------------------------------------------------
 
     def elapsed(self, now: float | None = None) -> float:
         """Seconds the sweep has run, earlier sessions included."""
-        return self.elapsed_before_s + ((time.time() if now is None else now) - self.session_start)
+        return self.elapsed_before_s + ((self.clock() if now is None else now) - self.session_start)
 
     def spend(self) -> float:
         """Dollars spent by every trial so far (open segments counted up to the last sync)."""
         return sum(t.cost() for t in self.trials.values())
 
     def active(self) -> list[TrialSpend]:
-        """Trials started and not finished (pending, running or paused)."""
-        return [t for t in self.trials.values() if t.status in ("pending", "running", "paused")]
+        """Trials started and not finished (pending, running, paused, or interrupted by a driver that died:
+        a resumed sweep runs them again, so their projected cost stays reserved)."""
+        return [t for t in self.trials.values() if t.status in ACTIVE_STATUSES]
 
     def projected_trial_usd(self) -> float:
         """Cost of one full trial: the mean of completed trials, else the configured estimate."""
@@ -168,7 +203,7 @@ class SpendLedger:
 
     def admit(self, trial_id: str, now: float | None = None) -> str:
         """Whether a new trial may start: ``start``, ``wait`` (maybe after running ones end) or ``finished``."""
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         b, active = self.budget, self.active()
         if self.stop is not None:
             return "finished"
@@ -194,7 +229,7 @@ class SpendLedger:
 
     def should_stop(self, now: float | None = None) -> str | None:
         """Why the sweep must stop now (dollar or time budget reached), or None."""
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         b = self.budget
         # Stopped trials may run for the grace period, and Tune checks between loop steps (about one
         # reporting interval): stop early by both so spend at the end stays within budget + one interval.
@@ -209,7 +244,7 @@ class SpendLedger:
 
     def mark_stopped(self, reason: str, now: float) -> None:
         """Record a budget stop; the trials active now end as stopped_budget unless they complete first."""
-        self.stop = {"reason": reason, "at": now, "at_elapsed_s": self.elapsed(now), "spend_usd": self.spend(),
+        self.stop = {"reason": reason, "at": time.time(), "at_elapsed_s": self.elapsed(now), "spend_usd": self.spend(),
                      "interval_cost_usd": self.interval_cost(), "grace_s": self.budget.stop_grace_s,
                      "grace_cost_usd": self.grace_cost(), "stopped_trials": [t.trial_id for t in self.active()],
                      "killed_trials": []}
@@ -218,7 +253,7 @@ class SpendLedger:
         """After a budget stop: True once no trial runs or the grace period is over (recording who is killed)."""
         assert self.stop is not None
         running = [t.trial_id for t in self.trials.values() if t.running]
-        if running and now < self.stop.get("at", 0.0) + self.stop.get("grace_s", 0.0):
+        if running and self.elapsed(now) < self.stop.get("at_elapsed_s", 0.0) + self.stop.get("grace_s", 0.0):
             return False
         if running and not self.stop.get("killed_trials"):
             self.stop["killed_trials"] = running
@@ -227,9 +262,25 @@ class SpendLedger:
 
     # -- syncing with Tune -------------------------------------------------------------------
 
+    def reconcile(self, trials: list) -> None:
+        """After a resume, settle the interrupted trials Tune's restored state does not know (all of ``trials``).
+
+        Tune saves its state every few seconds: a trial the dead driver admitted (or even started) after the
+        last save will never run again, so it must not stay reserved. One that never ran is forgotten; one
+        that ran is stopped, its cost kept.
+        """
+        known = {trial.trial_id for trial in trials}
+        for entry in list(self.trials.values()):
+            if entry.status == "interrupted" and entry.trial_id not in known:
+                if entry.segments:
+                    entry.status, entry.error = "stopped", "lost with the sweep driver before Tune recorded it"
+                else:
+                    del self.trials[entry.trial_id]
+        self.reconciled = True
+
     def sync(self, trials: list, now: float | None = None) -> bool:
         """Bring every trial's segments and status in line with Tune's; True if a status changed."""
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         changed = False
         for trial in trials:
             entry = self.trials.get(trial.trial_id)
@@ -306,7 +357,7 @@ class SpendLedger:
 
     def save(self, now: float | None = None) -> None:
         """Write spend.json atomically."""
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         self._last_save = now
         data = self.to_json(now)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
@@ -315,7 +366,7 @@ class SpendLedger:
 
     def to_json(self, now: float | None = None) -> dict[str, Any]:
         """The ledger as written to spend.json."""
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         trials = sorted(self.trials.values(), key=lambda t: t.number)
         return {
             "currency": "USD",
@@ -346,17 +397,19 @@ def _error_text(trial) -> str | None:
 class SpendTracker(tune.Callback):
     """Keeps the ledger in step with Tune: segments every loop step, metrics on every result."""
 
-    def __init__(self, sweep_dir: str, metric: str):
-        self.sweep_dir = sweep_dir
+    def __init__(self, sweep_uri: str, metric: str):
+        self.sweep_uri = sweep_uri
         self.metric = metric
 
     @property
     def ledger(self) -> SpendLedger:
         """The sweep's ledger."""
-        return SpendLedger.of(self.sweep_dir)
+        return SpendLedger.of(self.sweep_uri)
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
-        """Advance running trials' segments."""
+        """Advance running trials' segments (the first time, settle trials a dead driver left behind)."""
+        if not self.ledger.reconciled:
+            self.ledger.reconcile(trials)
         self.ledger.sync(trials)
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
@@ -379,7 +432,7 @@ class SpendTracker(tune.Callback):
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         """Final sync and save."""
         self.ledger.sync(trials)
-        self.ledger._record(time.time())
+        self.ledger._record(self.ledger.clock())
 
 
 class BudgetStopper(tune.Stopper):
@@ -387,13 +440,13 @@ class BudgetStopper(tune.Stopper):
 
     _signals: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, sweep_dir: str):
-        self.sweep_dir = sweep_dir
+    def __init__(self, sweep_uri: str):
+        self.sweep_uri = sweep_uri
 
     @classmethod
-    def attach(cls, sweep_dir: str, signal: Any) -> None:
+    def attach(cls, sweep_uri: str, signal: Any) -> None:
         """The ``train.stop.StopSignal`` every trial's training run polls (Tune pickles stoppers, not handles)."""
-        cls._signals[sweep_dir] = signal
+        cls._signals[sweep_key(sweep_uri)] = signal
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         """Single trials are never stopped here (ASHA and the budget decide)."""
@@ -402,8 +455,8 @@ class BudgetStopper(tune.Stopper):
     def stop_all(self) -> bool:
         """Checked every Tune loop step: once the budget is spent, signal the trials to checkpoint and
         finish; True (Tune stops the rest) when none runs any more or the grace period is over."""
-        ledger = SpendLedger.of(self.sweep_dir)
-        now = time.time()
+        ledger = SpendLedger.of(self.sweep_uri)
+        now = ledger.clock()
         if ledger.stop is None:
             for trial in ledger.active():  # count the time since the last sync
                 if trial.running:
@@ -413,7 +466,7 @@ class BudgetStopper(tune.Stopper):
                 return False
             ledger.mark_stopped(reason, now)
             ledger._record(now)
-            signal = self._signals.get(self.sweep_dir)
+            signal = self._signals.get(sweep_key(self.sweep_uri))
             if signal is not None:
                 signal.request.remote(reason)
         return ledger.stop_settled(now)
@@ -422,9 +475,9 @@ class BudgetStopper(tune.Stopper):
 class BudgetGate(Searcher):
     """Wraps a Searcher: a new trial is suggested only if its projected cost fits the budget left."""
 
-    def __init__(self, searcher: Searcher, sweep_dir: str):
+    def __init__(self, searcher: Searcher, sweep_uri: str):
         self.searcher = searcher
-        self.sweep_dir = sweep_dir
+        self.sweep_uri = sweep_uri
         super().__init__(metric=searcher.metric, mode=searcher.mode)
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
@@ -437,7 +490,7 @@ class BudgetGate(Searcher):
 
     def suggest(self, trial_id: str) -> dict | str | None:
         """The wrapped searcher's suggestion if the trial fits; None to wait; FINISHED when nothing more fits."""
-        ledger = SpendLedger.of(self.sweep_dir)
+        ledger = SpendLedger.of(self.sweep_uri)
         decision = ledger.admit(trial_id)
         if decision == "wait":
             return None
@@ -462,11 +515,11 @@ class BudgetGate(Searcher):
 
     def get_state(self) -> dict:
         """Nothing of its own: the ledger persists itself."""
-        return {"sweep_dir": self.sweep_dir}
+        return {"sweep_uri": self.sweep_uri}
 
     def set_state(self, state: dict) -> None:
-        """Restore the sweep directory."""
-        self.sweep_dir = state["sweep_dir"]
+        """Restore the sweep's location."""
+        self.sweep_uri = state["sweep_uri"]
 
     def save(self, checkpoint_path: str) -> None:
         """Delegated."""

@@ -4,7 +4,8 @@ Rows come from the spend ledger (one per trial: status, steps, cost, settings) a
 directories (adapters). A finished run's adapter is ``<run>/adapter``, and so is that of a run the
 budget stop ended (it checkpoints and exports at the step it reached); a pruned run, or one killed
 after the stop's grace period, has none, so its row points at the adapter inside its latest
-checkpoint. ``serve.sweep`` reads ``trial``, ``eval_loss``, ``status`` and ``adapter_path`` of these rows.
+checkpoint whose adapter files match the checkpoint's manifest (a partly written or uploaded
+checkpoint never becomes ``best/adapter``). ``serve.sweep`` reads ``trial``, ``eval_loss``, ``status`` and ``adapter_path`` of these rows.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from ftune.storage import Storage
+from train.checkpoint import CorruptCheckpoint, verify_adapter
 from tune.space import SearchSpace, format_value
 
 LEADERBOARD_JSON = "leaderboard.json"
@@ -27,8 +29,9 @@ BEST_ADAPTER = Path("best") / "adapter"
 
 
 def adapter_of(storage: Storage, run: str, step: int) -> str | None:
-    """The run's exported adapter, else the adapter of its latest checkpoint at or before ``step`` (the
-    last step the sweep saw: a stopped run may save one more checkpoint before it dies), else None."""
+    """The run's exported adapter, else the adapter of its latest verified checkpoint at or before ``step``
+    (the last step the sweep saw: a stopped run may save one more checkpoint before it dies), else of its
+    latest verified checkpoint, else None."""
     if storage.exists(run, "adapter", "adapter_config.json"):
         return storage.uri_of(run, "adapter")
     fs, _ = storage.filesystem()
@@ -37,9 +40,15 @@ def adapter_of(storage: Storage, run: str, step: int) -> str | None:
     except (FileNotFoundError, OSError):
         return None
     checkpoints = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_step"))
-    usable = [n for n in checkpoints if storage.exists(run, n, "adapter", "adapter_config.json")]
-    seen = [n for n in usable if int(n.removeprefix("checkpoint_step")[:7]) <= step]
-    return storage.uri_of(run, (seen or usable)[-1], "adapter") if usable else None
+    seen = [n for n in checkpoints if int(n.removeprefix("checkpoint_step")[:7]) <= step]
+    later = [n for n in checkpoints if n not in seen]
+    for name in [*reversed(seen), *reversed(later)]:
+        try:
+            verify_adapter(storage.path(run, name), fs)
+        except (CorruptCheckpoint, OSError):
+            continue
+        return storage.uri_of(run, name, "adapter")
+    return None
 
 
 def _finite(value: Any) -> float | None:

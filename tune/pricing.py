@@ -9,11 +9,12 @@ included, that is the trial's cost.
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from ftune.errors import ConfigError
 from ftune.yaml_config import Section, load_config
@@ -38,6 +39,18 @@ class InstanceType(Section):
     """Typical spot dollars per hour (spot prices move); None if not offered."""
     per_worker: bool = False
     """A pseudo type priced per training worker (CPU clusters) instead of per node."""
+
+    @field_validator("on_demand", "spot", mode="before")
+    @classmethod
+    def _finite_price(cls, value: object, info: ValidationInfo) -> object:
+        # An infinite or NaN price makes every cost NaN, and a NaN budget check never stops the sweep.
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return value  # not a number: pydantic says so
+        if not (math.isfinite(number) and number > 0):
+            raise ValueError(f"{info.field_name} is not a price; write dollars per hour as a finite number > 0")
+        return value
 
 
 class PricingTable(Section):

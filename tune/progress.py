@@ -33,8 +33,8 @@ def best_trial(ledger: SpendLedger, mode: str) -> TrialSpend | None:
 class SweepProgress(tune.Callback):
     """Prints a line whenever a trial changes state, with counts, spend against budget and the best so far."""
 
-    def __init__(self, sweep_dir: str, space: SearchSpace, base_r: int, metric: str, mode: str):
-        self.sweep_dir = sweep_dir
+    def __init__(self, sweep_uri: str, space: SearchSpace, base_r: int, metric: str, mode: str):
+        self.sweep_uri = sweep_uri
         self.space = space
         self.base_r = base_r
         self.metric = metric
@@ -45,7 +45,7 @@ class SweepProgress(tune.Callback):
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         """Report every status change since the last step."""
-        ledger = SpendLedger.of(self.sweep_dir)
+        ledger = SpendLedger.of(self.sweep_uri)
         if ledger.stop is not None and not self._stop_reported:
             self._stop_reported = True
             stopped = ledger.stop["stopped_trials"]

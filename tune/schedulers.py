@@ -11,7 +11,9 @@ exploiting trial a pointer checkpoint
 (``exploit.json``); the trial restarts its TorchTrainer in run ``<trial>-xNN`` with
 ``init_checkpoint=<copy>, adopt=True``: the donor's weights, optimizer state and step, and the
 trial's own perturbed learning rate and alpha. Every exploit is appended to the sweep directory's
-``pbt_exploits.jsonl``.
+``pbt_exploits.jsonl``. Ray Train may prune the donor's checkpoint before (or while) it is copied: a
+copy that fails or does not verify against its manifests is removed and the exploit skipped, with a
+line saying so; the trial continues unchanged.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import json
 import logging
 import random
 import time
-from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -28,6 +29,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining, TrialScheduler
 
 from ftune.storage import Storage
+from train.checkpoint import CorruptCheckpoint, verify_checkpoint
 from tune.budget import SpendLedger
 from tune.trial import EXPLOIT_FILE, Exploit
 
@@ -39,9 +41,9 @@ EXPLOITS_FILE = "pbt_exploits.jsonl"
 class FinalStepASHA(ASHAScheduler):
     """ASHA on the optimizer step that lets a trial reaching its last step finish (and export its adapter)."""
 
-    def __init__(self, *, sweep_dir: str, total_steps: int, **kwargs: Any):
+    def __init__(self, *, sweep_uri: str, total_steps: int, **kwargs: Any):
         super().__init__(time_attr="step", max_t=total_steps, stop_last_trials=False, brackets=1, **kwargs)
-        self.sweep_dir = sweep_dir
+        self.sweep_uri = sweep_uri
         self.total_steps = total_steps
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
@@ -50,16 +52,16 @@ class FinalStepASHA(ASHAScheduler):
             return TrialScheduler.CONTINUE
         decision = super().on_trial_result(tune_controller, trial, result)
         if decision == TrialScheduler.STOP:
-            SpendLedger.of(self.sweep_dir).mark_pruned(trial.trial_id, int(result.get("step", 0)))
+            SpendLedger.of(self.sweep_uri).mark_pruned(trial.trial_id, int(result.get("step", 0)))
         return decision
 
 
 class CheckpointPBT(PopulationBasedTraining):
     """PopulationBasedTraining over sweep trials (time attribute: the optimizer step)."""
 
-    def __init__(self, *, sweep_dir: str, storage: Storage, total_steps: int, population_fits: bool, **kwargs: Any):
+    def __init__(self, *, sweep_uri: str, storage: Storage, total_steps: int, population_fits: bool, **kwargs: Any):
         super().__init__(time_attr="step", require_attrs=False, log_config=False, **kwargs)
-        self.sweep_dir = sweep_dir
+        self.sweep_uri = sweep_uri
         self.storage = storage
         self.total_steps = total_steps
         self.population_fits = population_fits
@@ -80,7 +82,7 @@ class CheckpointPBT(PopulationBasedTraining):
 
     def choose_trial_to_run(self, tune_controller):
         """Paused trials first by training time; a population member starts only if the budget admits it."""
-        ledger = SpendLedger.of(self.sweep_dir)
+        ledger = SpendLedger.of(self.sweep_uri)
         if ledger.stop is not None:
             return None  # the budget stop is under way: nothing (re)starts
         waiting = [t for t in tune_controller.get_trials() if t.status in ("PENDING", "PAUSED")]
@@ -107,7 +109,10 @@ class CheckpointPBT(PopulationBasedTraining):
             log.info("[pbt] no donor has a checkpoint yet; trial %s continues unchanged", trial.trial_id)
             return
         donor = random.choice(donors)
-        self._trial_state[donor].last_checkpoint = self._pointer(trial, donor)
+        pointer = self._pointer(trial, donor)
+        if pointer is None:
+            return  # the donor's checkpoint is gone: no exploit this time
+        self._trial_state[donor].last_checkpoint = pointer
         self._exploit(tune_controller, trial, donor)
 
     def _exploit(self, tune_controller, trial, trial_to_clone) -> None:
@@ -117,7 +122,7 @@ class CheckpointPBT(PopulationBasedTraining):
         exploit = Exploit.read(pointer)
         row = {"time": time.time(), **(exploit.__dict__ if exploit else {}), "config_before": before,
                "donor_config": dict(trial_to_clone.config), "config_after": dict(trial.config)}
-        with (Path(self.sweep_dir) / EXPLOITS_FILE).open("a") as f:
+        with (SpendLedger.of(self.sweep_uri).sweep_dir / EXPLOITS_FILE).open("a") as f:
             f.write(json.dumps(row, default=str) + "\n")
         from tune.progress import say
 
@@ -125,8 +130,9 @@ class CheckpointPBT(PopulationBasedTraining):
         say(f"PBT: trial {trial.trial_id} continues {trial_to_clone.trial_id}'s checkpoint at step "
             f"{exploit.donor_step if exploit else '?'} ({changed or 'same settings'})")
 
-    def _pointer(self, trial, donor) -> tune.Checkpoint:
-        """Copy the donor's latest Train checkpoint and write the exploit pointer for ``trial``."""
+    def _pointer(self, trial, donor) -> tune.Checkpoint | None:
+        """Copy the donor's latest Train checkpoint and write the exploit pointer for ``trial``; None (and a
+        line saying why) if that checkpoint is gone or its copy does not verify."""
         source, step = self.latest[donor.trial_id]
         storage = self.storage
         fs, _ = storage.filesystem()
@@ -135,9 +141,23 @@ class CheckpointPBT(PopulationBasedTraining):
             n += 1
         run = f"{trial.trial_id}-x{n:02d}"
         target = storage.path(PBT_DIR, run)
-        fs.create_dir(f"{target}/checkpoint", recursive=True)
-        pafs.copy_files(source, f"{target}/checkpoint", source_filesystem=fs, destination_filesystem=fs)
-        ledger = SpendLedger.of(self.sweep_dir)
+        try:
+            fs.create_dir(f"{target}/checkpoint", recursive=True)
+            pafs.copy_files(source, f"{target}/checkpoint", source_filesystem=fs, destination_filesystem=fs)
+            verify_checkpoint(f"{target}/checkpoint", fs)
+        except (OSError, CorruptCheckpoint) as e:
+            try:
+                fs.delete_dir(target)
+            except OSError:
+                pass  # nothing was created
+            if self.latest.get(donor.trial_id, (None,))[0] == source:
+                del self.latest[donor.trial_id]  # Ray pruned it; the donor's next checkpoint replaces it
+            from tune.progress import say
+
+            say(f"PBT: trial {trial.trial_id} does not exploit {donor.trial_id}: its checkpoint at step {step} "
+                f"({source}) is gone or incomplete ({e}); the trial continues unchanged")
+            return None
+        ledger = SpendLedger.of(self.sweep_uri)
         donor_run = ledger.trials[donor.trial_id].run if donor.trial_id in ledger.trials else donor.trial_id
         exploit = Exploit(trial.trial_id, donor.trial_id, donor_run, step, run, f"{target}/checkpoint")
         storage.write_text(exploit.to_json(), PBT_DIR, run, EXPLOIT_FILE)

@@ -8,6 +8,7 @@ donor's Train checkpoint -- under a dollar / time / trial budget (tune/budget.py
     python -m tune --config configs/sweep/tiny.yaml --dry-run            # cost estimate, no trials
     ftune sweep --config configs/sweep/tiny.yaml search.algorithm=pbt budget.usd=0.02
     ftune sweep --resume ~/ftune_runs/sweeps/tiny-20260101-120000     # after the driver died
+    ftune sweep --resume s3://bucket/runs/sweeps/tiny-20260101-120000  # on any machine (storage on S3)
     ray job submit --working-dir . -- python -m tune --config configs/sweep/tiny.yaml
 
 The sweep directory, <job storage.path>/sweeps/<name>/:
@@ -21,6 +22,10 @@ The sweep directory, <job storage.path>/sweeps/<name>/:
     trials/<trial id>/    each trial's training run: checkpoints, metrics.jsonl, summary.json, adapter/
     pbt/<trial>-xNN/      PBT: the donor checkpoint an exploiting trial continued (pbt_exploits.jsonl)
     tune/                 Ray Tune's experiment state (Tuner.restore)
+
+With storage.path on s3:// the driver works in FTUNE_HOME/sweeps/<name> and keeps its files (all but
+trials/ and pbt/, which are in the bucket already) in the bucket too: pushed at trial checkpoints and
+ends, pulled by --resume s3://... (tune/sweep_state.py).
 """
 
 from __future__ import annotations
@@ -43,10 +48,10 @@ from tune.budget import BudgetGate, BudgetStopper, SpendLedger, SpendTracker
 from tune.config import SweepConfig
 from tune.pricing import TrialShape, hourly_rate
 from tune.space import SearchSpace, format_value, pbt_mutated
+from tune.sweep_state import SWEEP_FILE, SweepState, SweepStateSync, SweepStudyStorage, pull_sweep
 from tune.train_runs import PlacementGroupRegistry
 from tune.trial import PER_RUN_KEYS, TRIALS_DIR, TrialPlan, trial_trainable
 
-SWEEP_FILE = "sweep.json"
 TUNE_DIR = "tune"
 
 
@@ -56,7 +61,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                      description="Budgeted LoRA hyperparameter sweeps on Ray Tune.")
     parser.add_argument("--config", type=Path, help="sweep YAML (e.g. configs/sweep/tiny.yaml)")
     parser.add_argument("--name", help="sweep name (same as name=...)")
-    parser.add_argument("--resume", type=Path, metavar="DIR", help="continue an interrupted sweep from its directory")
+    parser.add_argument("--resume", metavar="DIR", help="continue an interrupted sweep from its directory (or s3:// URI)")
     parser.add_argument("--dry-run", action="store_true", help="print the cost estimate and exit without trials")
     parser.add_argument("--show-trial-logs", action="store_true", help="stream every trial's worker output")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (on --resume: budget.* only)")
@@ -83,6 +88,16 @@ class Sweep:
     """Resources of one trial."""
     rate_usd_per_h: float
     """Dollars per hour of one trial."""
+
+    @property
+    def uri(self) -> str:
+        """Where the sweep lives in storage: the key its ledger, callbacks and scheduler find it by, on any machine."""
+        return self.storage.uri
+
+    @property
+    def state(self) -> SweepState:
+        """The driver's files and their copy in storage."""
+        return SweepState(self.sweep_dir, self.storage)
 
     @property
     def trials(self) -> Storage:
@@ -203,16 +218,16 @@ def make_searcher(sweep: Sweep, concurrency: int):
     s, space = sweep.cfg.search, sweep.plan.space
     if s.algorithm == "pbt":
         return BasicVariantGenerator(max_concurrent=concurrency, random_state=s.seed)
-    url = s.storage_url or f"sqlite:///{sweep.sweep_dir / 'optuna.db'}"
     if s.algorithm == "grid":
         sampler, dists = optuna.samplers.GridSampler(space.grid(s.grid_points), seed=s.seed), space.grid_distributions(s.grid_points)
     elif s.algorithm == "tpe":
         sampler, dists = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.tpe_startup_trials), space.optuna_distributions()
     else:
         sampler, dists = optuna.samplers.RandomSampler(seed=s.seed), space.optuna_distributions()
+    storage = optuna.storages.RDBStorage(s.storage_url) if s.storage_url else SweepStudyStorage(sweep.uri, sweep.sweep_dir)
     searcher = OptunaSearch(space=dists, metric=s.metric, mode=s.mode, sampler=sampler, study_name=sweep.name,
-                            storage=optuna.storages.RDBStorage(url))
-    return ConcurrencyLimiter(BudgetGate(searcher, str(sweep.sweep_dir)), max_concurrent=concurrency)
+                            storage=storage)
+    return ConcurrencyLimiter(BudgetGate(searcher, sweep.uri), max_concurrent=concurrency)
 
 
 def make_scheduler(sweep: Sweep, concurrency: int):
@@ -225,14 +240,14 @@ def make_scheduler(sweep: Sweep, concurrency: int):
     if s.algorithm == "pbt":
         mutate = pbt_mutated(sweep.cfg)
         return CheckpointPBT(
-            sweep_dir=str(sweep.sweep_dir), storage=sweep.storage, total_steps=sweep.plan.total_steps,
+            sweep_uri=sweep.uri, storage=sweep.storage, total_steps=sweep.plan.total_steps,
             population_fits=s.num_samples <= concurrency, metric=s.metric, mode=s.mode,
             perturbation_interval=s.pbt.perturbation_interval_steps or job.train.checkpoint_every,
             burn_in_period=s.pbt.burn_in_steps, hyperparam_mutations=sweep.plan.space.pbt_mutations(mutate),
             quantile_fraction=s.pbt.quantile_fraction, resample_probability=s.pbt.resample_probability,
         )
     if s.asha.enabled:
-        return FinalStepASHA(sweep_dir=str(sweep.sweep_dir), total_steps=sweep.plan.total_steps, metric=s.metric, mode=s.mode,
+        return FinalStepASHA(sweep_uri=sweep.uri, total_steps=sweep.plan.total_steps, metric=s.metric, mode=s.mode,
                              grace_period=s.asha.grace_period_steps or job.train.eval_every,
                              reduction_factor=s.asha.reduction_factor)
     return FIFOScheduler()
@@ -276,7 +291,7 @@ def concurrency_of(sweep: Sweep) -> int:
 def open_ledger(sweep: Sweep) -> SpendLedger:
     """The sweep's spend ledger (continued from spend.json on resume)."""
     est = estimate(sweep)
-    ledger = SpendLedger.open(sweep.sweep_dir, sweep.cfg.budget, rate_usd_per_h=sweep.rate_usd_per_h,
+    ledger = SpendLedger.open(sweep.sweep_dir, sweep.cfg.budget, uri=sweep.uri, rate_usd_per_h=sweep.rate_usd_per_h,
                               estimate_trial_s=est.trial_s, report_interval_s=sweep.plan.job["train"]["report_interval_s"])
     if ledger.stop is not None and ledger.should_stop() is None:
         ledger.stop = None  # resumed with a larger budget
@@ -291,15 +306,25 @@ def run(sweep: Sweep, *, resume: bool, show_trial_logs: bool) -> dict[str, Any]:
     from train.stop import create_stop_signal
     from tune.progress import SweepProgress, say
 
+    from ftune.console import announce_ray_logs, ray_log_dir, ray_logging_level, show_only_ftune_lines, verbose_requested
+
     if not ray.is_initialized():
-        ray.init(log_to_driver=show_trial_logs)
+        ray.init(log_to_driver=show_trial_logs or verbose_requested(), logging_level=ray_logging_level())
+        announce_ray_logs(show_only_ftune_lines(verbose=show_trial_logs) or ray_log_dir())
+    if not verbose_requested():
+        # Tune's own tables and banners (its "new output" prints an experiment box even at verbose=0)
+        # and Optuna's per-study INFO lines: the sweep prints its own progress lines instead.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # experiment state fresh enough for --resume
     concurrency = concurrency_of(sweep)
     print_estimate(sweep, estimate(sweep), concurrency)
     ledger = open_ledger(sweep)
-    registry = PlacementGroupRegistry.open(str(sweep.sweep_dir))
+    registry = PlacementGroupRegistry.open(sweep.uri)
     stop_signal = create_stop_signal()  # raised by BudgetStopper; every trial's training run polls it
-    BudgetStopper.attach(str(sweep.sweep_dir), stop_signal)
+    BudgetStopper.attach(sweep.uri, stop_signal)
     if resume:
         say(f"resuming {sweep.name}: ${ledger.spend():.4f} spent so far over {len(ledger.trials)} trial(s)")
         tuner = tune.Tuner.restore(str(sweep.sweep_dir / TUNE_DIR), resume_unfinished=True,
@@ -312,9 +337,10 @@ def run(sweep: Sweep, *, resume: bool, show_trial_logs: bool) -> dict[str, Any]:
             tune_config=tune.TuneConfig(search_alg=make_searcher(sweep, concurrency), scheduler=make_scheduler(sweep, concurrency),
                                         num_samples=num_trials(sweep), trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(
-                name=TUNE_DIR, storage_path=str(sweep.sweep_dir), verbose=0, stop=BudgetStopper(str(sweep.sweep_dir)),
-                callbacks=[SpendTracker(str(sweep.sweep_dir), metric), registry,
-                           SweepProgress(str(sweep.sweep_dir), sweep.plan.space, sweep.plan.base_r, metric, s.mode)],
+                name=TUNE_DIR, storage_path=str(sweep.sweep_dir), verbose=0, stop=BudgetStopper(sweep.uri),
+                callbacks=[SpendTracker(sweep.uri, metric), registry,
+                           SweepProgress(sweep.uri, sweep.plan.space, sweep.plan.base_r, metric, s.mode),
+                           *([SweepStateSync(sweep.uri, sweep.storage.endpoint_url)] if sweep.storage.is_remote else [])],
                 failure_config=tune.FailureConfig(max_failures=0),  # Ray Train retries inside the trial
             ),
         )
@@ -347,6 +373,9 @@ def finish(sweep: Sweep, ledger: SpendLedger) -> dict[str, Any]:
     if best:
         say(f"best: #{best['number']} {best['trial']} eval loss {best['eval_loss']:.4f} -> {sweep.sweep_dir / 'best' / 'adapter'}")
     say(f"report: {report}")
+    if sweep.storage.is_remote:
+        sweep.state.push()
+        say(f"sweep state kept in {sweep.uri} (resume anywhere with --resume {sweep.uri})")
     if rows and all(r["status"] == "error" for r in rows):
         raise JobFailed(f"every trial failed; first error: {rows[0]['error']} (see {sweep.sweep_dir / TUNE_DIR})")
     return {"sweep_dir": str(sweep.sweep_dir), "spent_usd": spend["spent_usd"], "best": best, "rows": rows, "stop": spend["stop"]}
@@ -361,32 +390,46 @@ def start(cfg: SweepConfig, name: str, *, dry_run: bool = False, show_trial_logs
         print_estimate(sweep, estimate(sweep), cfg.search.max_concurrent_trials)
         say("dry run: no trials started")
         return None
-    if (sweep.sweep_dir / TUNE_DIR).exists():
-        raise UserError(f"sweep directory {sweep.sweep_dir} already holds a sweep; continue it with "
-                        f"`ftune sweep --resume {sweep.sweep_dir}` or pick another name (name=...)")
+    if (sweep.sweep_dir / TUNE_DIR).exists() or (sweep.storage.is_remote and sweep.storage.exists(SWEEP_FILE)):
+        where = sweep.uri if sweep.storage.is_remote else sweep.sweep_dir
+        raise UserError(f"sweep {where} already exists; continue it with `ftune sweep --resume {where}` or pick "
+                        "another name (name=...)")
     sweep.sweep_dir.mkdir(parents=True, exist_ok=True)
     config = cfg.model_dump(mode="json")
     config["compute"]["pricing"] = str(Path(cfg.compute.pricing).resolve())  # --resume may run elsewhere
-    saved = {"name": name, "created": time.time(), "config": config, "job": cfg.job_config().model_dump(mode="json")}
+    saved = {"name": name, "created": time.time(), "config": config, "job": cfg.job_config().model_dump(mode="json"),
+             "pricing_as_given": cfg.compute.pricing}
     (sweep.sweep_dir / SWEEP_FILE).write_text(json.dumps(saved, indent=2))
+    if sweep.storage.is_remote:
+        sweep.state.push()
     return run(sweep, resume=False, show_trial_logs=show_trial_logs)
 
 
-def resume(sweep_dir: Path, overrides: list[str], *, show_trial_logs: bool = False) -> dict[str, Any]:
-    """Continue an interrupted sweep: finished trials stay finished, spend carries on from spend.json."""
-    sweep_dir = sweep_dir.expanduser().resolve()
+def resume(location: str | Path, overrides: list[str], *, show_trial_logs: bool = False) -> dict[str, Any]:
+    """Continue an interrupted sweep: finished trials stay finished, spend carries on from spend.json.
+
+    Args:
+        location: The sweep's directory, or for a sweep on S3 its URI (``s3://.../sweeps/<name>``): then its
+            state is fetched from the bucket, so the sweep continues on any machine.
+    """
+    remote = str(location).startswith("s3://")
+    sweep_dir = pull_sweep(str(location)) if remote else Path(location).expanduser().resolve()
     if not (sweep_dir / SWEEP_FILE).is_file() or not (sweep_dir / TUNE_DIR).is_dir():
-        raise UserError(f"--resume {sweep_dir}: not a sweep directory (no {SWEEP_FILE} and {TUNE_DIR}/ there)")
+        raise UserError(f"--resume {location}: not a sweep directory (no {SWEEP_FILE} and {TUNE_DIR}/ there)")
     bad = [o for o in overrides if not o.startswith("budget.")]
     if bad:
         raise ConfigError(f"--resume only takes budget.* overrides (the space and job are fixed), got {' '.join(bad)}")
     saved = json.loads((sweep_dir / SWEEP_FILE).read_text())
     data = {**saved["config"], "base": None, "job": saved["job"]}
+    given = saved.get("pricing_as_given")
+    if not Path(data["compute"]["pricing"]).is_file() and given and Path(given).is_file():
+        data["compute"]["pricing"] = given  # another machine: the table where the sweep was started from
     apply_overrides(data, overrides)
     cfg = load_config(SweepConfig, None, [], base=data)
     sweep = prepare_sweep(cfg, saved["name"])
-    if sweep.sweep_dir != sweep_dir:
-        raise UserError(f"--resume {sweep_dir}: its sweep.json places the sweep at {sweep.sweep_dir}; resume it there")
+    if (sweep.storage.uri_of() != Storage(str(location)).uri_of()) if remote else (sweep.sweep_dir != sweep_dir):
+        raise UserError(f"--resume {location}: its sweep.json places the sweep at "
+                        f"{sweep.storage.uri_of() if remote else sweep.sweep_dir}; resume it there")
     return run(sweep, resume=True, show_trial_logs=show_trial_logs)
 
 

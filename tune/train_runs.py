@@ -111,32 +111,32 @@ def abort_run(trial_id: str, timeout_s: float = 120.0) -> None:
 class PlacementGroupRegistry(tune.Callback):
     """Driver side: the placement groups of the sweep's Train runs; removes those of ended trials.
 
-    Found by sweep directory (``of``) because Tune pickles its callbacks into the experiment state.
+    Found by the sweep's location (``_open``) because Tune pickles its callbacks into the experiment state.
     """
 
     _open: ClassVar[dict[str, PlacementGroupRegistry]] = {}
 
-    def __init__(self, sweep_dir: str):
-        self.sweep_dir = sweep_dir
+    def __init__(self, sweep_uri: str):
+        self.sweep_uri = sweep_uri
         self.queue: Queue | None = None
         self.groups: dict[str, list[Any]] = {}
 
     @classmethod
-    def open(cls, sweep_dir: str) -> PlacementGroupRegistry:
+    def open(cls, sweep_uri: str) -> PlacementGroupRegistry:
         """A registry for this driver's run of the sweep (needs Ray)."""
-        registry = cls(sweep_dir)
+        registry = cls(sweep_uri)
         registry.queue = Queue(actor_options={"num_cpus": 0})
-        cls._open[sweep_dir] = registry
+        cls._open[sweep_uri] = registry
         return registry
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"sweep_dir": self.sweep_dir}
+        return {"sweep_uri": self.sweep_uri}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.sweep_dir, self.queue, self.groups = state["sweep_dir"], None, {}
+        self.sweep_uri, self.queue, self.groups = state["sweep_uri"], None, {}
 
     def _live(self) -> PlacementGroupRegistry | None:
-        return self if self.queue is not None else self._open.get(self.sweep_dir)
+        return self if self.queue is not None else self._open.get(self.sweep_uri)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
         """Remove the ended trial's placement groups that are still there."""
@@ -170,7 +170,7 @@ class PlacementGroupRegistry(tune.Callback):
     def close(self) -> int:
         """Remove every remaining placement group and the registry's queue."""
         removed = self.release()
-        self._open.pop(self.sweep_dir, None)
+        self._open.pop(self.sweep_uri, None)
         if self.queue is not None:
             ray.kill(self.queue.actor)
             self.queue = None

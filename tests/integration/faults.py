@@ -39,6 +39,15 @@ def train_worker_pids() -> list[int]:
     return sorted(pids)
 
 
+def worker_output() -> str:
+    """What the Ray workers of *our* local Ray instance printed (their log files; streaming to the driver is lossy)."""
+    import ray
+
+    node = ray._private.worker._global_node
+    logs = Path(node.get_session_dir_path()) / "logs"
+    return "".join(path.read_text(errors="replace") for path in sorted(logs.glob("worker-*.out")))
+
+
 def last_step(run_dir: Path) -> int:
     """Highest step recorded in a run's metrics.jsonl so far (0 if none)."""
     path = run_dir / "metrics.jsonl"

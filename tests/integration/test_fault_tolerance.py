@@ -1,9 +1,11 @@
-"""Exact resume after a worker dies or the driver restarts; S3 storage; corrupt checkpoints skipped."""
+"""Exact resume after a worker dies or the driver restarts; a damaged latest checkpoint is skipped for the
+newest one that verifies; a changed config is refused in the driver; corrupt checkpoints are rejected."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from faults import Background, curve, has_registered_checkpoint, kill, last_step, train_worker_pids, wait_for
+from faults import (
+    Background,
+    curve,
+    has_registered_checkpoint,
+    kill,
+    last_step,
+    train_worker_pids,
+    wait_for,
+    worker_output,
+)
 from safetensors.torch import load_file
 
 from ftune.config import TrainJobConfig
@@ -80,12 +91,40 @@ def test_driver_restart_resumes_same_name(ray_local, baseline, tmp_path):
     assert_same_adapter(run_dir / "adapter", baseline / "adapter")
 
 
+def test_damaged_latest_checkpoint_resumes_from_the_newest_that_verifies(ray_local, tmp_path):
+    # Two workers, checkpoints at steps 2 and 4. The finished run's latest checkpoint (4) is damaged; a re-run
+    # under the name (Ray restores its latest) continues from 2 and trains 3 and 4 again, exactly as before.
+    short = ("train.max_steps=4", "train.checkpoint_every=2", "failure.max_failures=0")
+    run_dir = tmp_path / "damaged"
+    first = run_training(job(tmp_path, *short), name="damaged")
+    assert (first["steps"], first["restarts"]) == (4, 0)
+    shutil.copytree(run_dir / "adapter", tmp_path / "first-adapter")
+    first_curve = curve(run_dir)
+    state = run_dir / "checkpoint_step0000004" / "train_state.json"
+    state.write_bytes(state.read_bytes()[:100])  # a truncated write
+    again = run_training(job(tmp_path, *short), name="damaged")
+    assert (again["steps"], again["restarts"]) == (4, 1), again
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 3, 4]
+    for row in rows[-2:]:
+        assert row["loss"] == pytest.approx(first_curve[row["step"]], abs=1e-6), row["step"]
+    assert_same_adapter(run_dir / "adapter", tmp_path / "first-adapter")
+    # The damaged directory Ray still tracks is not written over: the new checkpoint has a name of its own.
+    assert (run_dir / "checkpoint_step0000004_r1" / "manifest_rank1.json").is_file()
+    logs = worker_output()
+    assert (f"checkpoint unusable, skipped: {run_dir}/checkpoint_step0000004: train_state.json is unreadable "
+            "(JSONDecodeError") in logs
+    assert f"resumed at step 2/4 from {run_dir}/checkpoint_step0000002 (the newest checkpoint that loads" in logs
+
+
 def test_corrupt_latest_checkpoint_is_rejected(tmp_path):
     from train.checkpoint import CorruptCheckpoint, verify_checkpoint
 
     good = tmp_path / "ckpt"
     good.mkdir()
-    (good / "train_state.json").write_text('{"train_state": {"world_size": 2}}')
+    counts = {"step": 0, "epoch": 0, "tokens_seen": 0, "world_size": 2, "gradient_accumulation_steps": 1, "total_steps": 0}
+    (good / "train_state.json").write_text(json.dumps(
+        {"train_state": counts, "optimizer_step": 0, "scheduler": {}, "global_steps": 0, "global_samples": 0}))
     (good / "manifest_rank0.json").write_text("{}")
     with pytest.raises(CorruptCheckpoint, match="rank 1 never finished"):
         verify_checkpoint(good)

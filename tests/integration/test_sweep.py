@@ -2,13 +2,15 @@
 
 TPE + ASHA prunes; PBT's exploit continues the donor's checkpoint with perturbed settings; the
 budget stop holds (on a grid search); --dry-run prints a grid's size and per-trial cost and starts
-nothing; a random search whose driver is killed resumes without re-running finished trials or losing spend.
+nothing; a random search whose driver is killed resumes without re-running finished trials or losing spend,
+and so does one on S3 (a moto server on 127.0.0.1) from the bucket alone, on "another machine".
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from faults import wait_for
 
 from ftune.yaml_config import load_config
 from tune.config import SweepConfig
@@ -26,6 +29,8 @@ pytestmark = pytest.mark.timeout(1800)
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_SWEEP = REPO / "configs" / "sweep" / "tiny.yaml"
+BUCKET = "ftune-sweeps"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "ftune-test", "AWS_SECRET_ACCESS_KEY": "ftune-test", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def small(tmp: Path, *overrides: str) -> list[str]:
@@ -56,6 +61,15 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def completed(spend_json: Path) -> list[str]:
+    """Trials spend.json records as completed (none while it is missing or being replaced)."""
+    try:
+        spend = json.loads(spend_json.read_text())
+    except (OSError, ValueError):
+        return []
+    return [t["trial_id"] for t in spend["trials"] if t["status"] == "completed"]
+
+
 def held_cpus() -> float:
     """CPUs reserved on the local Ray (trial drivers, Train workers' placement groups)."""
     import ray
@@ -69,6 +83,49 @@ def wait_until_released(timeout_s: float = 60.0) -> float:
     while (held := held_cpus()) > 0 and time.time() < deadline:
         time.sleep(1.0)
     return held
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _s3_credentials():
+    # Set before the module's Ray starts, so its workers (the trials' Train workers) inherit them.
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in CREDENTIALS.items():
+            env.setenv(key, value)
+        env.delenv("AWS_ENDPOINT_URL", raising=False)
+        yield
+
+
+@pytest.fixture
+def s3():
+    """(endpoint, boto3 client) of an S3-compatible server (moto) on 127.0.0.1 with an empty bucket."""
+    import threading
+
+    import boto3
+    from moto.server import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import WSGIRequestHandler, make_server
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_request(self, *args, **kwargs) -> None:
+            pass
+
+    server = make_server("127.0.0.1", 0, DomainDispatcherApplication(create_backend_app), threaded=True,
+                         request_handler=QuietHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_port}"
+    client = boto3.client("s3", endpoint_url=endpoint)
+    client.create_bucket(Bucket=BUCKET)
+    try:
+        yield endpoint, client
+    finally:
+        server.shutdown()
+
+
+def bucket_json(client, key: str):
+    """A JSON object of the bucket, or None while there is none."""
+    try:
+        return json.loads(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    except client.exceptions.NoSuchKey:
+        return None
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -255,17 +312,9 @@ def test_resume_after_driver_killed(ray_local, tiny_model_dir, tmp_path):
     sweep_dir = tmp_path / "sweeps" / "resume"
     driver = subprocess.Popen([sys.executable, "-m", "tune", "--config", str(TINY_SWEEP), "--name", "resume", *args],
                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 400
-    spend: dict = {}
-    while time.time() < deadline and driver.poll() is None:
-        time.sleep(1.0)
-        try:
-            spend = json.loads((sweep_dir / "spend.json").read_text())
-        except (OSError, ValueError):
-            continue
-        statuses = [t["status"] for t in spend["trials"]]
-        if "completed" in statuses and "running" in statuses:
-            break
+    # Killed as soon as a trial has completed. Two trials run at once and the third starts only when one
+    # ends, so at the kill the third has a whole trial (start-up included) still to run.
+    wait_for(lambda: completed(sweep_dir / "spend.json") or driver.poll() is not None, 400, "a completed trial")
     assert driver.poll() is None, "the sweep ended before it could be interrupted"
     driver.send_signal(signal.SIGKILL)
     driver.wait()
@@ -287,3 +336,52 @@ def test_resume_after_driver_killed(ray_local, tiny_model_dir, tmp_path):
     assert after["spent_usd"] > before["spent_usd"] >= sum(t["cost_usd"] for t in done.values())
     rows = json.loads((sweep_dir / "leaderboard.json").read_text())
     assert len(rows) == 3 and (sweep_dir / "best" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_resume_from_the_bucket_on_another_machine(ray_local, tiny_model_dir, sample_data_path, s3, tmp_path):
+    import optuna
+
+    endpoint, client = s3
+    uri, prefix = f"s3://{BUCKET}/runs/sweeps/s3", "runs/sweeps/s3/"
+    # Model and data by path: the second machine's FTUNE_HOME has neither (and must not build them).
+    args = small(f"s3://{BUCKET}/runs", f"job.storage.endpoint_url={endpoint}", f"job.model.name_or_path={tiny_model_dir}",
+                 f"job.data.path={sample_data_path}", "search.algorithm=random", "search.num_samples=2",
+                 "search.max_concurrent_trials=1", "search.asha.enabled=false", "budget.usd=1.0",
+                 "job.train.max_steps=6", "job.train.eval_every=3", "job.train.checkpoint_every=3")
+    base_env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
+    first_home, second_home = tmp_path / "machine1", tmp_path / "machine2"
+    driver = subprocess.Popen([sys.executable, "-m", "tune", "--config", str(TINY_SWEEP), "--name", "s3", *args],
+                              cwd=REPO, env={**base_env, "FTUNE_HOME": str(first_home)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def first_done_in_bucket() -> bool:
+        spend = bucket_json(client, f"{prefix}spend.json")
+        return bool(spend) and any(t["status"] == "completed" for t in spend["trials"])
+
+    # One trial at a time: the bucket's state is the one pushed when the first trial ended; the second
+    # trial has its whole run ahead of it when the driver dies.
+    wait_for(lambda: first_done_in_bucket() or driver.poll() is not None, 400, "the first trial's end in the bucket")
+    assert driver.poll() is None, "the sweep ended before it could be interrupted"
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    shutil.rmtree(first_home)  # nothing of the first machine is left but the bucket
+    before = bucket_json(client, f"{prefix}spend.json")
+    done = {t["trial_id"]: t for t in before["trials"] if t["status"] == "completed"}
+    assert len(done) == 1 and before["spent_usd"] > 0
+
+    resumed = subprocess.run([sys.executable, "-m", "tune", "--resume", uri], cwd=REPO, capture_output=True, text=True,
+                             env={**base_env, "FTUNE_HOME": str(second_home), "AWS_ENDPOINT_URL": endpoint}, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resuming s3: ${before['spent_usd']:.4f} spent so far" in resumed.stdout
+    assert (second_home / "sweeps" / "s3" / "tune").is_dir()
+    after = bucket_json(client, f"{prefix}spend.json")
+    trials = {t["trial_id"]: t for t in after["trials"]}
+    assert len(trials) == 2 and all(t["status"] == "completed" for t in trials.values()), trials
+    for tid, t in done.items():  # not re-run: same time, same cost
+        assert trials[tid]["segments"] == t["segments"] and trials[tid]["cost_usd"] == pytest.approx(t["cost_usd"])
+    assert after["spent_usd"] > before["spent_usd"]
+    rows = bucket_json(client, f"{prefix}leaderboard.json")
+    assert len(rows) == 2 and bucket_json(client, f"{prefix}best/adapter/adapter_config.json") is not None
+    client.download_file(BUCKET, f"{prefix}optuna.db", str(tmp_path / "optuna.db"))
+    study = optuna.load_study(study_name="s3", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert sorted(t.value is not None for t in study.trials) == [True, True], study.trials

@@ -121,3 +121,45 @@ def test_qlora_and_dora_train(ray_local, tmp_path, variant):
     assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.2, summary
     adapter_config = json.loads((tmp_path / "variant" / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["use_dora"] is cfg.lora.use_dora
+    if cfg.model.load_in_4bit:
+        assert_trained_on_nf4_base(cfg, summary)
+
+
+def assert_trained_on_nf4_base(cfg: TrainJobConfig, summary: dict) -> None:
+    """The base the run trained on was bitsandbytes NF4: its linear layers are Linear4bit with an NF4 quant state.
+
+    The model is rebuilt the way the workers built it; its frozen-weight checksum equals the run's, so these
+    are the packed 4-bit weights the run trained over (an unquantized base has other bytes).
+    """
+    import bitsandbytes as bnb
+
+    from ftune.model import resolve_precision
+    from train.loop import frozen_weights_sha256
+
+    torch.manual_seed(cfg.train.seed)
+    model = add_adapter(load_base_model(cfg.model, dtype=resolve_precision(cfg.train.precision, cfg.scaling.use_gpu)),
+                        cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    wrapped = {name: m.base_layer for name, m in model.named_modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")}
+    assert wrapped, "no LoRA-wrapped layer"
+    for name, base in wrapped.items():
+        assert isinstance(base, bnb.nn.Linear4bit), f"{name} is {type(base).__name__}, not bitsandbytes Linear4bit"
+        assert base.weight.quant_state is not None and base.weight.quant_state.quant_type == "nf4", name
+        packed_bytes = base.weight.numel() * base.weight.element_size()  # two 4-bit values a byte
+        assert packed_bytes * 2 == base.in_features * base.out_features, f"{name} is not packed 4-bit"
+    assert frozen_weights_sha256(model) == summary["base_weights_sha256"]
+
+
+def test_fewer_exact_match_examples_than_workers_runs_every_collective_on_every_rank(ray_local, tmp_path):
+    # One reference example for two workers: rank 1's share is empty, yet it must join the exact-match
+    # all-reduce, or the ranks' collectives pair up wrongly (an error or a hang).
+    from faults import Background
+
+    cfg = tiny_job(tmp_path, "train.max_steps=2", "train.eval_every=1000", "train.checkpoint_every=1000",
+                   "train.exact_match_examples=1", "data.max_validation_rows=16", "failure.max_failures=0")
+    run = Background(lambda: run_training(cfg, name="em-one"))
+    summary = run.join(240)  # before every rank joined every collective, the run hung here
+    assert summary["steps"] == 2 and summary["world_size"] == 2
+    rows = [r for r in read_metrics(tmp_path / "em-one") if "exact_match" in r]
+    assert [r["step"] for r in rows] == [0, 2]
+    assert all(r["exact_match_examples"] == 1 for r in rows), rows
+    assert summary["exact_match_after"] in (0.0, 1.0)

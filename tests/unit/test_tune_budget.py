@@ -15,9 +15,10 @@ from tune.report import pareto_front
 RATE = 36.0  # $/h: one cent per second keeps the arithmetic readable
 
 
-def ledger(tmp_path, **budget) -> SpendLedger:
+def ledger(tmp_path, clock=None, **budget) -> SpendLedger:
+    extra = {"clock": clock} if clock is not None else {}
     return SpendLedger.open(tmp_path, BudgetConfig(**budget), rate_usd_per_h=RATE, estimate_trial_s=10.0,
-                            report_interval_s=0.5)
+                            report_interval_s=0.5, **extra)
 
 
 def stub(trial_id: str, status: str, **config) -> Trial:
@@ -135,6 +136,110 @@ def test_resume_keeps_spend_and_closes_interrupted_segments(tmp_path):
     assert len(again.trials["a"].segments) == 2
     saved = json.loads((tmp_path / "spend.json").read_text())
     assert saved["spent_usd"] == pytest.approx(0.05) and saved["trials"][0]["cost_usd"] == pytest.approx(0.05)
+
+
+def test_resume_keeps_interrupted_trials_reserved(tmp_path):
+    book = ledger(tmp_path, usd=0.25)  # a projected trial costs $0.10
+    for trial_id in ("a", "b"):
+        book.admit(trial_id, now=0.0)
+        t = stub(trial_id, "RUNNING")
+        book.sync([t], now=0.0)
+        book.sync([t], now=3.0)
+    book.save(now=3.0)  # the driver dies: $0.06 spent, both trials mid-run
+    again = ledger(tmp_path, usd=0.25)
+    assert {t.trial_id for t in again.active()} == {"a", "b"}
+    # Both will run again: $0.06 + 2 x $0.07 still to come + $0.10 for a third is over $0.25.
+    assert again.admit("c", now=0.0) == "wait"
+    assert "c" not in again.trials
+
+
+def test_resume_settles_interrupted_trials_tune_never_recorded(tmp_path):
+    book = ledger(tmp_path, usd=1.0)
+    for trial_id in ("kept", "ran", "admitted"):
+        book.admit(trial_id, now=0.0)
+    for trial_id in ("kept", "ran"):
+        t = stub(trial_id, "RUNNING")
+        book.sync([t], now=0.0)
+        book.sync([t], now=2.0)
+    book.save(now=2.0)  # the driver dies; Tune's last saved state knows only "kept"
+    again = ledger(tmp_path, usd=1.0)
+    assert {t.trial_id for t in again.active()} == {"kept", "ran", "admitted"}
+    again.reconcile([stub("kept", "PENDING")])
+    assert [t.trial_id for t in again.active()] == ["kept"]
+    assert "admitted" not in again.trials  # never ran: forgotten
+    assert again.trials["ran"].status == "stopped" and again.trials["ran"].cost() == pytest.approx(0.02)
+    assert again.spend() == pytest.approx(0.04)
+
+
+def test_resume_keeps_the_budget_stop(tmp_path):
+    book = ledger(tmp_path, usd=0.1, stop_grace_s=4.0)
+    book.admit("a", now=0.0)
+    a = stub("a", "RUNNING")
+    book.sync([a], now=0.0)
+    book.sync([a], now=5.6)
+    book.mark_stopped(book.should_stop(now=5.6), now=5.6)
+    a.status = "TERMINATED"
+    book.sync([a], now=6.0)
+    book.save(now=6.0)
+    again = ledger(tmp_path, usd=0.1, stop_grace_s=4.0)
+    assert again.stop == json.loads((tmp_path / "spend.json").read_text())["stop"]
+    assert again.stop["reason"].startswith("budget reached")
+    assert again.admit("b", now=0.0) == "finished" and "b" not in again.trials
+    assert again.stop_settled(now=0.0)  # nothing runs
+
+
+class ManualClock:
+    """A monotonic clock the test advances by hand."""
+
+    def __init__(self, start: float = 500.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_spans_use_the_monotonic_clock_not_the_wall_clock(tmp_path, monkeypatch):
+    import time
+
+    clock = ManualClock()
+    book = ledger(tmp_path, clock=clock, usd=1.0)
+    book.admit("a")
+    a = stub("a", "RUNNING")
+    book.sync([a])
+    wall = iter([2_000_000_000.0, 2_000_000_000.0 - 3600.0])  # NTP steps the wall clock back an hour
+    monkeypatch.setattr(time, "time", lambda: next(wall, 2_000_000_000.0 - 3600.0))
+    clock.now += 2.0
+    book.sync([a])
+    assert book.trials["a"].wall_s() == pytest.approx(2.0) and book.spend() == pytest.approx(0.02)
+    assert book.elapsed() == pytest.approx(2.0)
+    (tmp_path / "default").mkdir()
+    default = ledger(tmp_path / "default", usd=1.0)  # the real default clock, under the same wall-clock step
+    wall = iter([2_000_000_000.0, 2_000_000_000.0 - 3600.0])
+    default.admit("b")
+    b = stub("b", "RUNNING")
+    default.sync([b])
+    default.sync([b])
+    assert default.spend() >= 0.0 and default.trials["b"].wall_s() >= 0.0
+
+
+def test_budget_stopper_reads_the_ledger_clock(tmp_path):
+    from tune.budget import BudgetStopper
+
+    clock = ManualClock()
+    book = ledger(tmp_path, clock=clock, usd=0.1, stop_grace_s=4.0)
+    book.admit("a")
+    a = stub("a", "RUNNING")
+    book.sync([a])
+    stopper = BudgetStopper(str(tmp_path))
+    clock.now += 5.0
+    assert stopper.stop_all() is False and book.stop is None  # $0.05: not yet within grace + interval of $0.1
+    clock.now += 0.6
+    assert stopper.stop_all() is False  # the stop is declared; the trial gets its grace period
+    assert book.stop["at_elapsed_s"] == pytest.approx(5.6) and book.spend() == pytest.approx(0.056)
+    clock.now += 3.9
+    assert stopper.stop_all() is False
+    clock.now += 0.2
+    assert stopper.stop_all() is True and book.stop["killed_trials"] == ["a"]
 
 
 def test_leaderboard_order_and_pareto_front(tmp_path):

@@ -15,12 +15,12 @@ def test_trial_stopped_before_its_run_starts_never_starts_it():
     assert not was_stopped("another-trial")
 
 
-def test_registry_pickles_to_its_sweep_dir_and_finds_the_live_one(tmp_path):
+def test_registry_pickles_to_its_sweep_uri_and_finds_the_live_one(tmp_path):
     live = PlacementGroupRegistry(str(tmp_path))  # what open() registers, minus its Ray queue
     PlacementGroupRegistry._open[str(tmp_path)] = live
     try:
         copy = pickle.loads(pickle.dumps(live))
-        assert copy.queue is None and copy.groups == {} and copy.sweep_dir == str(tmp_path)
+        assert copy.queue is None and copy.groups == {} and copy.sweep_uri == str(tmp_path)
         assert copy._live() is live
     finally:
         PlacementGroupRegistry._open.pop(str(tmp_path), None)

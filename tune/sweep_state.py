@@ -1,0 +1,184 @@
+"""The sweep driver's own files, kept with the sweep in storage so ``--resume`` works from the bucket on any machine.
+
+With ``storage.path`` on s3:// the trials' runs go to ``<storage>/sweeps/<name>/trials/`` while the driver
+works in a local directory (``FTUNE_HOME/sweeps/<name>``). ``SweepState`` copies the driver's part next to
+the trials::
+
+    sweep.json            what --resume reads
+    spend.json            the ledger: spend carries on from it
+    optuna.db             the Optuna study, as a consistent snapshot (SQLite's backup API)
+    tune/                 Ray Tune's experiment state (Tuner.restore)
+    pbt_exploits.jsonl, leaderboard.json/csv, report.html, best/     the sweep's results
+
+``SweepStateSync`` (a Tune callback) pushes them when a trial reports a checkpoint (at most every
+``min_interval_s``) and whenever a trial ends; the driver pushes once more when the sweep ends. ``pull``
+fetches them into the local directory of the machine that resumes. Tune pickles the sweep's searcher
+into its state, Optuna study included: ``SweepStudyStorage`` finds the study again in the resuming
+machine's directory, wherever that is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sqlite3
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pyarrow.fs as pafs
+from pyarrow import ArrowException
+from ray import tune
+
+from ftune.errors import UserError
+from ftune.storage import Storage
+from tune.budget import SPEND_FILE, SpendLedger
+
+log = logging.getLogger("ftune.tune")
+SWEEP_FILE = "sweep.json"
+OPTUNA_DB = "optuna.db"
+FILES = (SWEEP_FILE, SPEND_FILE, "pbt_exploits.jsonl", "leaderboard.json", "leaderboard.csv", "report.html")
+"""Single files of the driver's directory kept in storage."""
+DIRS = ("tune", "best")
+"""Directories of the driver's directory kept in storage."""
+
+
+@dataclass(frozen=True)
+class SweepState:
+    """The driver's directory of a sweep and the sweep's place in storage."""
+
+    local_dir: Path
+    """Where the driver reads and writes the files."""
+    storage: Storage
+    """The sweep's root in storage (``<storage.path>/sweeps/<name>``)."""
+
+    def push(self) -> None:
+        """Copy the driver's files to storage (each file whole; the study as a consistent snapshot)."""
+        for name in FILES:
+            if (self.local_dir / name).is_file():
+                self.storage.upload_file(self.local_dir / name, name)
+        if (self.local_dir / OPTUNA_DB).is_file():
+            with tempfile.TemporaryDirectory(prefix="ftune-optuna-") as tmp:
+                snapshot = Path(tmp) / OPTUNA_DB
+                _backup(self.local_dir / OPTUNA_DB, snapshot)
+                self.storage.upload_file(snapshot, OPTUNA_DB)
+        fs, _ = self.storage.filesystem()
+        for name in DIRS:
+            if (self.local_dir / name).is_dir():
+                fs.create_dir(self.storage.path(name), recursive=True)
+                # One thread: pyarrow's threaded uploads to S3 are not safe (apache/arrow#32372).
+                pafs.copy_files(str(self.local_dir / name), self.storage.path(name), source_filesystem=pafs.LocalFileSystem(),
+                                destination_filesystem=fs, use_threads=False)
+
+    def pull(self) -> bool:
+        """Replace the driver's files with the copies in storage; False if storage holds no sweep there."""
+        if not self.storage.exists(SWEEP_FILE):
+            return False
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        for name in (*FILES, OPTUNA_DB):
+            if not self.storage.download_file(self.local_dir / name, name):
+                (self.local_dir / name).unlink(missing_ok=True)
+        for name in DIRS:
+            shutil.rmtree(self.local_dir / name, ignore_errors=True)  # no state of another session mixed in
+            if self.storage.exists(name):
+                self.storage.download_dir(self.local_dir / name, name)
+        return True
+
+
+def pull_sweep(uri: str) -> Path:
+    """Fetch a sweep's driver files from storage into this machine's ``FTUNE_HOME/sweeps/<name>``; return it.
+
+    The endpoint of an S3-compatible store comes from ``AWS_ENDPOINT_URL``, as for every ftune command.
+    """
+    from ftune.builtin import ftune_home
+
+    storage = Storage(uri.rstrip("/"))
+    try:
+        name = json.loads(storage.read_text(SWEEP_FILE))["name"]
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"--resume {uri}: no readable {SWEEP_FILE} there ({e}); give the sweep's location, "
+                        "<storage.path>/sweeps/<name>") from e
+    local = ftune_home() / "sweeps" / name
+    SweepState(local, storage).pull()
+    return local
+
+
+def _backup(db: Path, out: Path) -> None:
+    """A consistent copy of a SQLite database another connection may be writing."""
+    source, target = sqlite3.connect(f"file:{db}?mode=ro", uri=True), sqlite3.connect(out)
+    try:
+        with target:
+            source.backup(target)
+    finally:
+        source.close()
+        target.close()
+
+
+class SweepStateSync(tune.Callback):
+    """Pushes the sweep's driver files to storage whenever a trial changes status (starts, ends, pauses) and,
+    while trials report checkpoints, at most every ``min_interval_s``.
+
+    It pushes at the end of a Tune step, after ``SpendTracker`` has brought the ledger up to date (Tune calls
+    ``on_trial_complete`` while the trial still counts as running). A push that fails is logged and retried
+    ``min_interval_s`` later: storage trouble never fails a trial.
+    """
+
+    def __init__(self, sweep_uri: str, endpoint_url: str | None, min_interval_s: float = 10.0):
+        self.sweep_uri = sweep_uri
+        self.endpoint_url = endpoint_url
+        self.min_interval_s = min_interval_s
+        self._pushed_statuses: dict[str, str] | None = None
+        self._checkpointed = False
+        self._failed = False
+        self._last_attempt = float("-inf")
+
+    def push(self) -> bool:
+        """Push now; False (and a warning) if storage refused."""
+        self._last_attempt = time.monotonic()
+        local = SpendLedger.of(self.sweep_uri).sweep_dir
+        try:
+            SweepState(local, Storage(self.sweep_uri, self.endpoint_url)).push()
+        except (OSError, ArrowException) as e:
+            log.warning("could not keep the sweep's state in %s (retrying in %.0f s): %s", self.sweep_uri,
+                        self.min_interval_s, e)
+            return False
+        return True
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info: Any) -> None:
+        """Note a reported checkpoint (pushed at the end of the step, if the last push is old enough)."""
+        if result.get("checkpoint_path"):
+            self._checkpointed = True
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        """Push if a trial's status changed since the last push, or a checkpoint came in a while after it."""
+        statuses = {t.trial_id: t.status for t in SpendLedger.of(self.sweep_uri).trials.values()}
+        recent = time.monotonic() - self._last_attempt < self.min_interval_s
+        if self._failed and recent:
+            return  # back off after a failed push
+        if statuses == self._pushed_statuses and not (self._checkpointed and not recent):
+            return
+        self._failed = not self.push()
+        if not self._failed:
+            self._pushed_statuses, self._checkpointed = statuses, False
+
+
+class SweepStudyStorage(optuna.storages.RDBStorage):
+    """The sweep's Optuna study in ``<driver directory>/optuna.db``, found again there after Tune unpickles it.
+
+    Tune restores the searcher (and with it this storage) from pickles; the driver directory of a sweep
+    resumed on another machine is elsewhere, so the database path is taken from the sweep's open ledger.
+    """
+
+    def __init__(self, sweep_uri: str, sweep_dir: Path):
+        self.sweep_uri = sweep_uri
+        super().__init__(f"sqlite:///{Path(sweep_dir) / OPTUNA_DB}")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        ledger = SpendLedger.opened(state["sweep_uri"])
+        if ledger is not None:
+            state = {**state, "url": f"sqlite:///{ledger.sweep_dir / OPTUNA_DB}"}
+        super().__setstate__(state)
