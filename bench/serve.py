@@ -230,7 +230,7 @@ def concurrent_run(url: str, models: list[str], clients: int, per_client: int, m
 def batching_stats(url: str) -> dict:
     import requests
 
-    return requests.get(url + "/healthz", timeout=10).json()["batching"]
+    return requests.get(url + "/stats", timeout=10).json()["batching"]  # the bench deploys without an API key
 
 
 # ---------------------------------------------------------------------------------------- report

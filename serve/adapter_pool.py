@@ -5,6 +5,9 @@ different adapter to each row (peft's ``adapter_names``). Serve's ``@serve.multi
 which adapters stay; this pool does the loading and unloading it asks for, and defers unloading an
 adapter until the requests already using it have finished.
 
+A load that fails (a damaged file) is undone before the error is raised: the base model and the
+other adapters stay exactly as they were.
+
 Threads: forward passes, loads and deletes each hold one model lock (a ``threading.Lock``), so a load
 can slip in between two decode steps but never into one. Loads and deletes are also ordered among
 themselves on the event loop (an ``asyncio.Lock``: unload-then-reload of one name stays in that
@@ -88,14 +91,36 @@ class AdapterPool:
         from ftune.adapters import load_adapter
 
         start = time.perf_counter()
-        if self._peft is None:
-            self._peft = load_adapter(self._base, adapter_dir, name=name)
-        else:
-            self._peft.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
+        try:
+            if self._peft is None:
+                self._peft = load_adapter(self._base, adapter_dir, name=name)
+            else:
+                self._peft.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
+        except BaseException:
+            self._discard(name)
+            raise
         self._peft.eval()
         self._restack()
         self.last_load_s = time.perf_counter() - start
         log.info("loaded adapter %s from %s in %.1f ms", name, adapter_dir, 1000 * self.last_load_s)
+
+    def _discard(self, name: str) -> None:
+        """Undo a load that failed half-way (model lock held): peft injects an adapter's layers before
+        reading its weights, so a bad file would otherwise leave an empty adapter of that name behind."""
+        from peft.tuners.tuners_utils import delete_adapter
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            delete_adapter(self._base, name, prefix="lora_")
+        configs = getattr(self._base, "peft_config", None)  # peft keeps the configs on the base model too
+        if isinstance(configs, dict):
+            configs.pop(name, None)
+            if not configs and self._peft is None:
+                del self._base.peft_config  # as before the first load
+        if self._peft is not None:
+            self._peft.peft_config.pop(name, None)
+            self._restack()
+        log.warning("loading adapter %s failed; the model is back as it was", name)
 
     async def evict(self, name: str) -> None:
         """Unload adapter ``name`` now, or once the requests using it have finished."""

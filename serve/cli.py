@@ -5,10 +5,12 @@
     ftune serve --adapter support=runs/support/adapter --adapter sql=s3://bucket/sql --api-key-env FTUNE_API_KEY
     python -m serve --config configs/serve/tiny.yaml limits.max_tokens=64 autoscaling.max_replicas=2
     ftune serve --config configs/serve/tiny.yaml --direct-ingress    # also each replica's own port
+    ftune serve --adapter a=DIR --host 0.0.0.0 --api-key-env FTUNE_API_KEY  # beyond loopback: a key
 
 Adapters from --sweep and --adapter are added to those of --config; trailing ``key=value`` overrides
 set any ServingConfig field. Without --config the base model is the one the adapters were trained
-on (their adapter_config.json), unless --base names another.
+on (their adapter_config.json), unless --base names another. A host other than loopback needs an API
+key, unless --allow-unauthenticated says otherwise.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ftune.yaml_config import apply_overrides
 from serve.config import (
     IMPORT_PATH,
     ServingConfig,
+    exposure_problem,
     read_yaml_with_lines,
     validate_serve_file,
     validate_serving_args,
@@ -75,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, help="HTTP port (default: the config's http_options, else 8000)")
     parser.add_argument("--api-key-env", help="require 'Authorization: Bearer $VAR' from clients")
     parser.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="serve on a host other than loopback without an API key (refused otherwise)",
+    )
+    parser.add_argument(
         "--direct-ingress",
         action="store_true",
         help="also answer on each replica's own port, skipping the proxy hop (Ray Serve's direct ingress)",
@@ -117,6 +125,27 @@ def _pick_application(data: dict[str, Any], name: str | None, source: str) -> in
     return names.index(name)
 
 
+def _apply_flags(args: argparse.Namespace, app_args: dict[str, Any], source: str) -> None:
+    """Add the adapters of --sweep and --adapter, and the --api-key-env, --allow-unauthenticated and
+    --base settings, to an application's args."""
+    extra = adapters_from_sweep(args.sweep, args.top_k) if args.sweep else {}
+    for name, src in _parse_adapter_flags(args.adapter).items():
+        if name in extra:
+            raise UserError(f"--adapter {name!r} clashes with an adapter of --sweep; pick another name")
+        extra[name] = src
+    adapters = app_args.setdefault("adapters", {}) or {}
+    for name in extra:
+        if name in adapters:
+            raise UserError(f"adapter {name!r} is already in {source}; pick another name")
+    app_args["adapters"] = {**adapters, **extra}
+    if args.api_key_env:
+        app_args["api_key_env"] = args.api_key_env
+    if args.allow_unauthenticated:
+        app_args["allow_unauthenticated"] = True
+    if args.base:
+        app_args.setdefault("model", {})["name_or_path"] = args.base
+
+
 def plan_from_args(argv: list[str]) -> ServePlan:
     """Parse ``ftune serve`` arguments into a validated plan (no Ray needed).
 
@@ -141,23 +170,15 @@ def plan_from_args(argv: list[str]) -> ServePlan:
     app_args = data["applications"][index].setdefault("args", {})
     if not isinstance(app_args, dict):
         raise UserError(f"{source}: applications.{index}.args must be a mapping of serving settings")
-    extra = adapters_from_sweep(args.sweep, args.top_k) if args.sweep else {}
-    for name, src in _parse_adapter_flags(args.adapter).items():
-        if name in extra:
-            raise UserError(f"--adapter {name!r} clashes with an adapter of --sweep; pick another name")
-        extra[name] = src
-    adapters = app_args.setdefault("adapters", {}) or {}
-    for name in extra:
-        if name in adapters:
-            raise UserError(f"adapter {name!r} is already in {source}; pick another name")
-    app_args["adapters"] = {**adapters, **extra}
-    if args.api_key_env:
-        app_args["api_key_env"] = args.api_key_env
-    if args.base:
-        app_args.setdefault("model", {})["name_or_path"] = args.base
+    _apply_flags(args, app_args, source)
     if args.config:
         prefix = f"applications.{index}.args."
         origins = {prefix + key: text for key, text in apply_overrides(app_args, args.overrides).items()}
+        options = data.setdefault("http_options", {})
+        for flag, key in ((args.host, "host"), (args.port, "port")):
+            if flag and isinstance(options, dict):
+                options[key] = flag
+                origins[f"http_options.{key}"] = f"--{key} {flag}"
         file_config = validate_serve_file(data, source=source, lines=lines, origins=origins)
         app = file_config.applications[index]
         config, host, port, app_name, route_prefix = (
@@ -169,7 +190,10 @@ def plan_from_args(argv: list[str]) -> ServePlan:
         )
     else:
         config = validate_serving_args(app_args, source=source, overrides=args.overrides)
-        host, port, app_name, route_prefix = "127.0.0.1", 8000, APP_NAME, "/"
+        host, port, app_name, route_prefix = args.host or "127.0.0.1", args.port or 8000, APP_NAME, "/"
+        exposed = exposure_problem(host, config)  # a config file's host is checked with the file
+        if exposed:
+            raise UserError(exposed)
     if not args.config and not args.base and config.adapters:
         registry = AdapterRegistry(config.adapters, cache_dir=".", endpoint_url=config.storage.endpoint_url)
         base = common_base_model(registry.inspect())
@@ -180,9 +204,7 @@ def plan_from_args(argv: list[str]) -> ServePlan:
         config.model.name_or_path = base
     if config.api_key_env and not os.environ.get(config.api_key_env) and not os.environ.get("RAY_ADDRESS"):
         raise UserError(f"api_key_env is {config.api_key_env!r} but that environment variable is not set")
-    return ServePlan(
-        config, args.host or host, args.port or port, app_name, route_prefix, args.direct_ingress
-    )
+    return ServePlan(config, host, port, app_name, route_prefix, args.direct_ingress)
 
 
 def main(argv: list[str]) -> int:

@@ -10,6 +10,7 @@ truth, checked, instead of a separate ``deployments:`` override that nothing val
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import re
 import typing
 from pathlib import Path
@@ -26,6 +27,9 @@ ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """What an adapter (and so an OpenAI model id) may be called: it is only ever a registry key."""
 RESERVED_NAMES = frozenset({"__base__"})
 """peft's name for "no adapter" in a mixed batch."""
+SPARE_REQUESTS = 8
+"""Requests a replica takes beyond those it admits for generation: health checks, /v1/models, and the
+requests it turns away with its own 503 (which must reach it to get an OpenAI error body)."""
 
 
 class BatchingConfig(Section):
@@ -70,12 +74,15 @@ class LimitsConfig(Section):
     """Prompt plus completion tokens per request; None uses the model's max_position_embeddings."""
     max_stop_sequences: int = Field(4, ge=0)
     """Stop strings a request may give (OpenAI allows 4)."""
+    max_stop_chars: int = Field(128, ge=1)
+    """Characters one stop string may have (matching costs grow with it); more is a 400."""
     max_request_bytes: int = Field(1_000_000, ge=1024)
-    """Largest request body; more is a 413."""
+    """Largest request body; more is a 413, answered from Content-Length before the body is read."""
     max_ongoing_requests: int = Field(16, ge=1)
-    """Requests one replica works on at once (Serve's max_ongoing_requests); at least a full batch."""
+    """Completions one replica decodes or holds for its next batch at once; at least a full batch."""
     max_queued_requests: int = Field(64, ge=-1)
-    """Requests waiting for a free replica before new ones get HTTP 503 at once (-1: unbounded)."""
+    """Completions a replica holds beyond max_ongoing_requests; more get HTTP 503 at once, with an OpenAI
+    error body and Retry-After (-1: unbounded, they wait in Serve's queue instead)."""
 
 
 class ResourcesConfig(Section):
@@ -113,6 +120,13 @@ class ServingConfig(Section):
     """Weights dtype: auto is bf16 on GPUs that support it, fp32 on CPU."""
     api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     """Environment variable holding the API key clients must send as a Bearer token; None: no key."""
+    allow_unauthenticated: bool = False
+    """Serve without api_key_env on a host other than loopback; without it such a bind is refused."""
+    docs: bool = False
+    """Serve FastAPI's /docs, /redoc and /openapi.json (they need no API key)."""
+    max_adapter_rank: int = Field(256, ge=1, le=4096)
+    """Largest LoRA rank an adapter may have (checked at deploy time); every loaded adapter is padded to
+    the largest rank loaded."""
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     """Dynamic batching."""
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
@@ -194,12 +208,28 @@ def validate_serving_args(
     return config
 
 
+def admitted_requests(limits: LimitsConfig) -> int | None:
+    """Completions one replica holds at once before it answers 503 itself (None: no limit of its own)."""
+    if limits.max_queued_requests < 0:
+        return None
+    return limits.max_ongoing_requests + limits.max_queued_requests
+
+
 def deployment_options(config: ServingConfig) -> dict[str, Any]:
-    """Serve deployment options (``Deployment.options(**...)``) derived from the typed config."""
-    a = config.autoscaling
+    """Serve deployment options (``Deployment.options(**...)``) derived from the typed config.
+
+    With a queue limit the replica turns away what it cannot hold (an OpenAI 503), so Serve hands it a
+    few more requests than it admits; Serve's own queue (plain-text 503s) is then only a backstop.
+    """
+    a, limits = config.autoscaling, config.limits
+    admitted = admitted_requests(limits)
+    if admitted is None:
+        ongoing, queued = limits.max_ongoing_requests, -1
+    else:
+        ongoing, queued = admitted + SPARE_REQUESTS, admitted
     return {
-        "max_ongoing_requests": config.limits.max_ongoing_requests,
-        "max_queued_requests": config.limits.max_queued_requests,
+        "max_ongoing_requests": ongoing,
+        "max_queued_requests": queued,
         "autoscaling_config": {
             "min_replicas": a.min_replicas,
             "initial_replicas": max(a.min_replicas, 1),
@@ -229,6 +259,27 @@ class HttpOptions(Section):
     """End-to-end timeout of a request at the proxy; None waits as long as it takes."""
     keep_alive_timeout_s: float | None = Field(None, gt=0)
     """How long the proxy keeps an idle HTTP connection open."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is only reachable from this machine (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def exposure_problem(host: str, config: ServingConfig) -> str | None:
+    """Why serving ``config`` on ``host`` is refused (None when it is allowed): beyond loopback, a key."""
+    if is_loopback(host) or config.api_key_env or config.allow_unauthenticated:
+        return None
+    return (
+        f"host {host} serves beyond this machine, but no API key is set: set api_key_env to the name of an "
+        "environment variable holding a key (ftune serve --api-key-env VAR), or bind 127.0.0.1; to serve "
+        "without a key on purpose set allow_unauthenticated: true (ftune serve --allow-unauthenticated)"
+    )
 
 
 class ServeApplicationConfig(Section):
@@ -284,6 +335,9 @@ class ServeFileConfig(Section):
         names = [app.name for app in self.applications]
         prefixes = [app.route_prefix for app in self.applications]
         for i, app in enumerate(self.applications):
+            exposed = exposure_problem(self.http_options.host, app.args)
+            if exposed:
+                out.append(("http_options.host", f"application {app.name!r}: {exposed}"))
             if names.index(app.name) != i:
                 out.append((f"applications.{i}.name", f"{app.name!r} is used by another application"))
             if prefixes.index(app.route_prefix) != i:

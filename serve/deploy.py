@@ -15,7 +15,7 @@ import os
 import time
 
 from ftune.errors import UserError
-from serve.config import ServingConfig
+from serve.config import ServingConfig, exposure_problem
 
 APP_NAME = "ftune"
 """Serve application name used unless another is given."""
@@ -54,15 +54,19 @@ def deploy(
         The OpenAI base URL (``http://host:port/<prefix>/v1``); ``/healthz`` is beside ``/v1``.
 
     Raises:
-        ConfigError: an adapter is missing, incomplete or not LoRA.
-        UserError: a replica failed to start (the message carries its error), or direct ingress was
-            asked of a running Ray that was started without it.
+        ConfigError: an adapter is missing, incomplete, not LoRA or made for another model.
+        UserError: ``host`` is not loopback and the config has no API key (nor allow_unauthenticated), a
+            replica failed to start (the message carries its error), or direct ingress was asked of a
+            running Ray that was started without it.
     """
     import ray
     from ray import serve
 
     from serve.app import build_application
 
+    exposed = exposure_problem(host, config)
+    if exposed:
+        raise UserError(exposed)
     app = build_application(config)
     if direct_ingress and not ray.is_initialized():
         os.environ.setdefault(DIRECT_INGRESS_ENV, "1")

@@ -1,8 +1,8 @@
 """The OpenAI wire format: request models, response and stream-chunk bodies, error bodies, SSE framing.
 
 Requests are validated strictly (wrong types are errors, not coerced; unknown fields are rejected as
-OpenAI does), and every problem becomes an ``ApiError`` carrying the HTTP status and OpenAI's error
-body ``{"error": {"message", "type", "param", "code"}}``.
+OpenAI does; numbers stay within OpenAI's ranges), and every problem becomes an ``ApiError`` carrying
+the HTTP status and OpenAI's error body ``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from pydantic import Field
 
 SSE_DONE = b"data: [DONE]\n\n"
 """Last event of every stream."""
+INT64 = (-(2**63), 2**63 - 1)
+"""OpenAI's range of ``seed``."""
 
 
 class ApiError(Exception):
@@ -32,6 +34,7 @@ class ApiError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status = status
@@ -39,6 +42,8 @@ class ApiError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.headers = headers
+        """Extra response headers (Retry-After)."""
 
     def body(self) -> dict[str, Any]:
         """The JSON body: ``{"error": {message, type, param, code}}``."""
@@ -52,23 +57,33 @@ def error_body(
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def json_body(body: Any) -> bytes:
+    """A JSON response body, non-ASCII escaped: text echoed from a request (even a lone surrogate) cannot
+    break its encoding."""
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+STRICT = pydantic.ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+"""Wrong types are errors, unknown fields too, and numbers are finite."""
+
+
 class StreamOptions(pydantic.BaseModel):
     """``stream_options`` of a request."""
 
-    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+    model_config = STRICT
     include_usage: bool = False
 
 
 class _Request(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+    model_config = STRICT
 
-    model: str
+    model: str = Field(max_length=256)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = 1
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64[0], le=INT64[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -115,7 +130,7 @@ class CompletionRequest(_Request):
 class TextPart(pydantic.BaseModel):
     """A text part of a message's content list."""
 
-    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+    model_config = STRICT
     type: Literal["text"]
     text: str
 
@@ -123,7 +138,7 @@ class TextPart(pydantic.BaseModel):
 class ChatMessage(pydantic.BaseModel):
     """One message of a chat."""
 
-    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+    model_config = STRICT
     role: Literal["system", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
@@ -288,6 +303,35 @@ def models_body(model_ids: list[str], owner: str = "ftune") -> dict[str, Any]:
 def sse_event(data: dict[str, Any]) -> bytes:
     """One server-sent event: ``data: <json>`` and a blank line."""
     return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def completion_events(
+    id: str, body: CompletionRequest, deltas: AsyncIterator[Any], prompt_tokens: int
+) -> AsyncIterator[bytes]:
+    """The events of a streamed completion, from the decoder's deltas (text, finish_reason, tokens so far)."""
+    used = 0
+    async for delta in deltas:
+        used = delta.completion_tokens
+        if delta.text or delta.finish_reason:
+            yield sse_event(completion_chunk(id, body.model, delta.text, delta.finish_reason))
+    if body.include_usage:
+        yield sse_event(usage_chunk(id, body.model, "text_completion", prompt_tokens, used))
+
+
+async def chat_events(
+    id: str, body: ChatCompletionRequest, deltas: AsyncIterator[Any], prompt_tokens: int
+) -> AsyncIterator[bytes]:
+    """The events of a streamed chat completion: the role first, then the content, then the finish."""
+    yield sse_event(chat_chunk(id, body.model, {"role": "assistant", "content": ""}, None))
+    used = 0
+    async for delta in deltas:
+        used = delta.completion_tokens
+        if delta.text:
+            yield sse_event(chat_chunk(id, body.model, {"content": delta.text}, None))
+        if delta.finish_reason:
+            yield sse_event(chat_chunk(id, body.model, {}, delta.finish_reason))
+    if body.include_usage:
+        yield sse_event(usage_chunk(id, body.model, "chat.completion.chunk", prompt_tokens, used))
 
 
 async def sse_stream(events: AsyncIterator[bytes], log: logging.Logger) -> AsyncIterator[bytes]:

@@ -3,13 +3,15 @@
 Requests only ever carry an adapter *name*; the path behind it was fixed at deploy time, so no
 request can make a replica read an arbitrary file. Adapters must be plain LoRA in PEFT's
 safetensors format (``adapter_config.json`` + ``adapter_model.safetensors``): pickled ``.bin``
-weights are never loaded, and DoRA cannot share a mixed-adapter batch.
+weights are never loaded, and DoRA cannot share a mixed-adapter batch. Given the base model's layout,
+each adapter is also compared with it (serve/adapter_checks.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -17,7 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from ftune.errors import ConfigError
+from serve.adapter_checks import (
+    BaseModelLayout,
+    adapter_problems,
+    local_safetensors_header,
+    other_base_model,
+    read_safetensors_header,
+    weights_problems,
+)
 
+log = logging.getLogger(__name__)
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
@@ -69,10 +80,29 @@ def read_local_adapter(path: Path) -> tuple[list[str], dict[str, Any] | None]:
     return [], config
 
 
-def check_local_adapter(path: Path) -> tuple[list[str], dict[str, Any] | None]:
-    """Why a local adapter directory cannot be served (empty if it can), and its adapter_config.json."""
+def check_local_adapter(
+    path: Path, base: BaseModelLayout | None = None, max_rank: int = 0, *, read_weights: bool = False
+) -> tuple[list[str], dict[str, Any] | None]:
+    """Why a local adapter directory cannot be served (empty if it can), and its adapter_config.json.
+
+    Args:
+        path: The adapter directory.
+        base: The base model to compare the adapter with; None checks the files alone.
+        max_rank: Largest rank allowed (with ``base``).
+        read_weights: Also read every weight and refuse NaN or infinite values.
+    """
     problems, config = read_local_adapter(path)
-    return (problems or adapter_config_problems(config or {})), config
+    problems = problems or adapter_config_problems(config or {})
+    if problems or base is None:
+        return problems, config
+    try:
+        tensors = local_safetensors_header(path / WEIGHTS_FILE)
+    except (OSError, ValueError) as e:
+        return [f"{WEIGHTS_FILE}: {e}"], config
+    problems = adapter_problems(config, tensors, base, max_rank)
+    if not problems and read_weights:
+        problems = weights_problems(path / WEIGHTS_FILE)
+    return problems, config
 
 
 def require_safetensors(model_path: str) -> None:
@@ -94,29 +124,34 @@ def _s3_client(endpoint_url: str | None):
     return boto3.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None)
 
 
-def _list_s3_files(client, uri: str) -> dict[str, str]:
-    """{file name: ETag} of the objects directly under an s3:// prefix (not in sub-folders)."""
+def _list_s3_files(client, uri: str) -> dict[str, tuple[str, int]]:
+    """{file name: (ETag, size)} of the objects directly under an s3:// prefix (not in sub-folders)."""
     bucket, prefix = split_s3_uri(uri)
     files = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
             name = obj["Key"][len(prefix) :]
             if name and "/" not in name:
-                files[name] = obj["ETag"]
+                files[name] = (obj["ETag"], obj["Size"])
     return files
 
 
-def check_s3_adapter(uri: str, endpoint_url: str | None) -> tuple[list[str], dict[str, Any] | None]:
-    """Problems with an s3:// adapter (reachable, complete, LoRA), and its adapter_config.json."""
+def check_s3_adapter(
+    uri: str, endpoint_url: str | None, base: BaseModelLayout | None = None, max_rank: int = 0
+) -> tuple[list[str], dict[str, Any] | None]:
+    """Problems with an s3:// adapter (reachable, complete, LoRA, fits ``base``), and its adapter_config.json.
+
+    Only the config and the header of the weights are fetched (range requests), never the weights.
+    """
     from botocore.exceptions import BotoCoreError, ClientError
 
+    bucket, prefix = split_s3_uri(uri)
     try:
         client = _s3_client(endpoint_url)
         files = _list_s3_files(client, uri)
         missing = [name for name in REQUIRED_FILES if name not in files]
         if missing:
             return [f"{uri} lacks {', '.join(missing)}"], None
-        bucket, prefix = split_s3_uri(uri)
         body = client.get_object(Bucket=bucket, Key=prefix + CONFIG_FILE)["Body"].read()
     except (BotoCoreError, ClientError, ValueError) as e:
         return [f"cannot read {uri}: {e}"], None
@@ -124,7 +159,21 @@ def check_s3_adapter(uri: str, endpoint_url: str | None) -> tuple[list[str], dic
         config = json.loads(body)
     except ValueError as e:
         return [f"{uri}{CONFIG_FILE} is not valid JSON: {e}"], None
-    return adapter_config_problems(config), config
+    problems = adapter_config_problems(config)
+    if problems or base is None:
+        return problems, config
+
+    def read(offset: int, length: int) -> bytes:
+        span = f"bytes={offset}-{offset + length - 1}"
+        return client.get_object(Bucket=bucket, Key=prefix + WEIGHTS_FILE, Range=span)["Body"].read()
+
+    try:
+        tensors = read_safetensors_header(read, files[WEIGHTS_FILE][1])
+    except (BotoCoreError, ClientError) as e:
+        return [f"cannot read {uri}{WEIGHTS_FILE}: {e}"], config
+    except ValueError as e:
+        return [f"{WEIGHTS_FILE}: {e}"], config
+    return adapter_problems(config, tensors, base, max_rank), config
 
 
 def download_s3_adapter(uri: str, cache_dir: Path, endpoint_url: str | None) -> Path:
@@ -135,7 +184,7 @@ def download_s3_adapter(uri: str, cache_dir: Path, endpoint_url: str | None) -> 
     concurrent replica never sees a half-written adapter.
     """
     client = _s3_client(endpoint_url)
-    files = {name: etag for name, etag in _list_s3_files(client, uri).items() if name in REQUIRED_FILES}
+    files = {name: etag for name, (etag, _) in _list_s3_files(client, uri).items() if name in REQUIRED_FILES}
     missing = [name for name in REQUIRED_FILES if name not in files]
     if missing:
         raise FileNotFoundError(f"{uri} lacks {', '.join(missing)}")
@@ -188,21 +237,29 @@ class AdapterRegistry:
         """The local path or s3 URI registered under ``name``."""
         return self._sources[name]
 
-    def inspect(self) -> dict[str, dict[str, Any]]:
+    def inspect(self, base: BaseModelLayout | None = None, max_rank: int = 0) -> dict[str, dict[str, Any]]:
         """Check every adapter and return its adapter_config.json, by name.
 
+        Args:
+            base: The base model's layout: each adapter must fit it (modules, shapes, rank).
+            max_rank: Largest LoRA rank allowed (with ``base``).
+
         Raises:
-            ConfigError: listing every adapter that is missing, incomplete, unreadable or not LoRA.
+            ConfigError: listing every adapter that is missing, incomplete, unreadable, not LoRA, or
+                (given ``base``) made for another model or of too high a rank.
         """
         problems, configs = [], {}
         for name, source in self._sources.items():
             if is_s3(source):
-                found, config = check_s3_adapter(source, self._endpoint_url)
+                found, config = check_s3_adapter(source, self._endpoint_url, base, max_rank)
             else:
-                found, config = check_local_adapter(Path(source))
+                found, config = check_local_adapter(Path(source), base, max_rank)
             problems += [f"  - adapters.{name}: {p}" for p in found]
             if config is not None:
                 configs[name] = config
+                note = other_base_model(config, base) if base is not None and not found else None
+                if note:
+                    log.warning("adapters.%s %s", name, note)
         if problems:
             noun = "problem" if len(problems) == 1 else "problems"
             raise ConfigError(f"{len(problems)} adapter {noun}:\n" + "\n".join(problems))

@@ -157,10 +157,10 @@ def test_train_job_overrides_are_valid_for_its_config():
 
 
 def test_rayservice_runs_the_serve_app_with_a_valid_serve_config():
-    from serve.config import ServeFileConfig
+    from serve.config import validate_serve_file
 
     serve_config = yaml.safe_load(RAYSERVICE["spec"]["serveConfigV2"])
-    parsed = ServeFileConfig.model_validate(serve_config)
+    parsed = validate_serve_file(serve_config, source="rayservice.yaml serveConfigV2")  # 0.0.0.0 needs a key
     tiny = yaml.safe_load((REPO / "configs" / "serve" / "tiny.yaml").read_text())
     assert [a["import_path"] for a in serve_config["applications"]] == [
         a["import_path"] for a in tiny["applications"]
@@ -172,3 +172,31 @@ def test_rayservice_runs_the_serve_app_with_a_valid_serve_config():
     assert attr in functions, f"{app.import_path} does not exist"
     assert app.args.autoscaling.min_replicas >= 2, "replicas on spot: keep one while another is drained"
     assert parsed.http_options.host == "0.0.0.0"
+
+
+def test_rayservice_reads_the_api_key_from_a_secret_on_every_ray_container():
+    from serve.config import ServeFileConfig
+
+    (app,) = ServeFileConfig.model_validate(yaml.safe_load(RAYSERVICE["spec"]["serveConfigV2"])).applications
+    assert app.args.api_key_env and not app.args.allow_unauthenticated
+    assert app.args.api_key_env not in app.runtime_env.get("env_vars", {}), "a key in the file is no secret"
+    containers = all_containers(RAYSERVICE)
+    assert len(containers) == 2, "the head and the worker group: replicas may run on either"
+    for container in containers:
+        by_name = {e["name"]: e for e in container["env"]}
+        key = by_name[app.args.api_key_env]
+        assert "value" not in key, f"{container['name']}: the API key must come from a Secret, not the file"
+        secret = key["valueFrom"]["secretKeyRef"]
+        assert secret["name"] and secret["name"] != "ftune-ray-auth" and secret["key"]
+
+
+def test_a_public_serve_config_without_a_key_is_refused():
+    from ftune.errors import ConfigError
+    from serve.config import validate_serve_file
+
+    serve_config = yaml.safe_load(RAYSERVICE["spec"]["serveConfigV2"])
+    del serve_config["applications"][0]["args"]["api_key_env"]
+    with pytest.raises(ConfigError, match="allow_unauthenticated"):
+        validate_serve_file(serve_config, source="rayservice.yaml")
+    serve_config["applications"][0]["args"]["allow_unauthenticated"] = True
+    validate_serve_file(serve_config, source="rayservice.yaml")

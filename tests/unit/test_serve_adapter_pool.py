@@ -1,8 +1,11 @@
-"""AdapterPool: adapters share one peft model; eviction waits for the requests using an adapter."""
+"""AdapterPool: adapters share one peft model; eviction waits for the requests using an adapter; a load
+that fails half-way leaves the model as it was."""
 
 from __future__ import annotations
 
 import asyncio
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +153,37 @@ def test_dora_adapter_is_not_stacked(pool, adapters, tiny_model_dir, tmp_path):
     assert not pool.gathered and "DoRA" in pool._gathered.reason  # peft's loop (which refuses mixed DoRA batches)
     asyncio.run(pool.evict("d"))
     assert pool.gathered
+
+
+def truncated_copy(adapter: Path, where: Path) -> Path:
+    from serve.registry import WEIGHTS_FILE
+
+    copy = shutil.copytree(adapter, where)
+    (copy / WEIGHTS_FILE).write_bytes((adapter / WEIGHTS_FILE).read_bytes()[:-1000])
+    return copy
+
+
+def test_a_failed_first_load_leaves_the_base_model_exactly_as_it_was(
+    pool, adapters, tiny_tokenizer, tmp_path
+):
+    before = last_logits(pool, tiny_tokenizer, ["__base__"])
+    with pytest.raises(Exception, match="(?i)safetensor|deserializ|incomplete"):
+        asyncio.run(pool.load("cut", truncated_copy(adapters["a"], tmp_path / "cut")))
+    assert pool.resident == [] and pool.loaded == []
+    assert torch.equal(last_logits(pool, tiny_tokenizer, ["__base__"]), before)
+    asyncio.run(pool.load("a", adapters["a"]))  # the model still takes adapters
+    assert pool.resident == ["a"]
+
+
+def test_a_failed_load_leaves_the_other_adapters_exactly_as_they_were(
+    pool, adapters, tiny_tokenizer, tmp_path
+):
+    asyncio.run(pool.load("a", adapters["a"]))
+    names = ["a", "__base__"]
+    before = last_logits(pool, tiny_tokenizer, names)
+    with pytest.raises(Exception, match="(?i)safetensor|deserializ|incomplete"):
+        asyncio.run(pool.load("cut", truncated_copy(adapters["b"], tmp_path / "cut")))
+    assert pool.resident == ["a"] and pool.loaded == ["a"] and pool.gathered
+    assert torch.equal(last_logits(pool, tiny_tokenizer, names), before)
+    asyncio.run(pool.load("b", adapters["b"]))
+    assert pool.resident == ["a", "b"]

@@ -1,4 +1,5 @@
-"""`ftune serve` argument handling (no Ray): config file, --adapter, --sweep, overrides, errors."""
+"""`ftune serve` argument handling (no Ray): config file, --adapter, --sweep, overrides, errors, and the
+refusal to serve beyond loopback without an API key."""
 
 from __future__ import annotations
 
@@ -75,3 +76,44 @@ def test_api_key_variable_must_be_set(adapters, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(UserError, match="FTUNE_TEST_UNSET_KEY"):
         plan_from_args(["--config", TINY, "--api-key-env", "FTUNE_TEST_UNSET_KEY"])
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "::", "serve.example.com"])
+def test_a_bind_beyond_loopback_without_a_key_is_refused_with_the_fix(adapters, host, monkeypatch):
+    with pytest.raises(UserError) as info:
+        plan_from_args(["--adapter", f"a={adapters['a']}", "--host", host])
+    message = str(info.value)
+    assert f"host {host} serves beyond this machine" in message
+    assert "--api-key-env" in message and "--allow-unauthenticated" in message and "127.0.0.1" in message
+    monkeypatch.setenv("FTUNE_TEST_SERVE_KEY", "k")
+    argv = ["--adapter", f"a={adapters['a']}", "--host", host]
+    assert plan_from_args([*argv, "--api-key-env", "FTUNE_TEST_SERVE_KEY"]).host == host
+    on_purpose = plan_from_args([*argv, "--allow-unauthenticated"])
+    assert on_purpose.config.allow_unauthenticated and on_purpose.config.api_key_env is None
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_loopback_needs_no_key(adapters, host):
+    assert plan_from_args(["--adapter", f"a={adapters['a']}", "--host", host]).host == host
+
+
+def test_a_config_file_bind_is_checked_with_the_host_that_will_be_used(tmp_path):
+    public = tmp_path / "public.yaml"
+    public.write_text(Path(TINY).read_text().replace("host: 127.0.0.1", "host: 0.0.0.0"))
+    with pytest.raises(ConfigError) as info:
+        plan_from_args(["--config", str(public)])
+    assert f"{public}:" in str(info.value) and "http_options.host" in str(info.value)
+    assert plan_from_args(["--config", str(public), "--host", "127.0.0.1"]).host == "127.0.0.1"
+    with pytest.raises(ConfigError, match="override '--host 0.0.0.0'"):
+        plan_from_args(["--config", TINY, "--host", "0.0.0.0"])
+
+
+def test_deploy_refuses_a_public_bind_without_a_key_before_starting_anything():
+    import ray
+
+    from serve.config import ServingConfig
+    from serve.deploy import deploy
+
+    with pytest.raises(UserError, match="serves beyond this machine"):
+        deploy(ServingConfig(), host="0.0.0.0")
+    assert not ray.is_initialized()

@@ -105,8 +105,23 @@ def test_deployment_options_are_accepted_by_serve():
     scaling = AutoscalingConfig(**options["autoscaling_config"])  # unknown keys would raise here
     assert (scaling.min_replicas, scaling.max_replicas, scaling.upscale_delay_s) == (1, 3, 1.0)
     assert scaling.target_ongoing_requests == 2
-    assert options["max_queued_requests"] == 5 and options["max_ongoing_requests"] == 8
     assert options["ray_actor_options"]["num_cpus"] == 0.5
+
+
+def test_a_queue_limit_is_kept_by_the_replica_and_serve_hands_it_the_excess():
+    from serve.config import SPARE_REQUESTS, admitted_requests
+
+    config = ServingConfig(limits={"max_queued_requests": 5, "max_ongoing_requests": 8})
+    assert admitted_requests(config.limits) == 13
+    options = deployment_options(config)
+    # Serve gives the replica more than it admits, so the replica answers the excess itself (an OpenAI
+    # 503); Serve's own queue (a plain-text 503) is only the backstop.
+    assert options["max_ongoing_requests"] == 13 + SPARE_REQUESTS
+    assert options["max_queued_requests"] == 13
+    unbounded = ServingConfig(limits={"max_queued_requests": -1, "max_ongoing_requests": 8})
+    assert admitted_requests(unbounded.limits) is None
+    options = deployment_options(unbounded)
+    assert (options["max_ongoing_requests"], options["max_queued_requests"]) == (8, -1)
 
 
 def test_build_app_fails_on_a_typo_before_any_replica_starts():
@@ -121,3 +136,26 @@ def test_serve_file_config_loads_through_load_config():
 
     config = load_config(ServeFileConfig, TINY, [])
     assert config.application()[1].args.base_model_id == "base"
+
+
+def test_only_loopback_hosts_serve_without_a_key():
+    from serve.config import exposure_problem, is_loopback
+
+    assert [is_loopback(h) for h in ("127.0.0.1", "127.9.9.9", "::1", "localhost", "LOCALHOST")] == [True] * 5
+    assert [is_loopback(h) for h in ("0.0.0.0", "::", "10.0.0.1", "my-host", "")] == [False] * 5
+    open_config = ServingConfig()
+    assert exposure_problem("127.0.0.1", open_config) is None
+    assert "allow_unauthenticated: true" in exposure_problem("0.0.0.0", open_config)
+    assert exposure_problem("0.0.0.0", ServingConfig(api_key_env="KEY")) is None
+    assert exposure_problem("0.0.0.0", ServingConfig(allow_unauthenticated=True)) is None
+
+
+def test_a_public_serve_file_without_a_key_names_the_host_line(tmp_path):
+    text = TINY.read_text().replace("host: 127.0.0.1", "host: 0.0.0.0")
+    path = tmp_path / "public.yaml"
+    path.write_text(text)
+    line = next(i for i, row in enumerate(text.splitlines(), 1) if "host: 0.0.0.0" in row)
+    data, lines = read_yaml_with_lines(path)
+    with pytest.raises(ConfigError) as info:
+        validate_serve_file(data, source=str(path), lines=lines)
+    assert f"{path}:{line}" in str(info.value) and "api_key_env" in str(info.value)

@@ -1,4 +1,5 @@
-"""Batched decoding: stop strings, finish reasons, sampling, and mixed-adapter batches on the tiny model."""
+"""Batched decoding: stop strings, finish reasons, sampling, mixed-adapter batches on the tiny model, and
+rows that fail or are cancelled without taking their batch with them."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from serve.generation import (
     BatchDecoder,
     Delta,
     GenerationRequest,
+    RowError,
     SamplingParams,
     StopMatcher,
     TextStream,
@@ -236,3 +238,129 @@ def test_ignore_eos_generates_exactly_max_tokens():
 def test_deltas_of_one_request_join_into_one():
     joined = Delta("Hel", None, 5, 1).then(Delta("", None, 5, 2)).then(Delta("lo", "length", 5, 3))
     assert joined == Delta("Hello", "length", 5, 3)
+
+
+# ---- one row's failure or departure is its own ------------------------------------------------------
+
+
+class UniformModel(ScriptedModel):
+    """Equal logits over the 8 letters: every draw depends on the seed."""
+
+    def __call__(self, input_ids, attention_mask, position_ids, cache, adapter_names):
+        self.calls.append((tuple(input_ids.shape), list(adapter_names)))
+        logits = torch.full((input_ids.shape[0], 10), -1e9)
+        logits[:, :8] = 0.0
+        return logits
+
+
+class MixedModel(ScriptedModel):
+    """The scripted alphabet, and NaN logits for rows whose adapter is "nan" (a broken adapter)."""
+
+    def __call__(self, input_ids, attention_mask, position_ids, cache, adapter_names):
+        logits = super().__call__(input_ids, attention_mask, position_ids, cache, adapter_names)
+        logits[[i for i, name in enumerate(adapter_names) if name == "nan"]] = float("nan")
+        return logits
+
+
+class PickyTokenizer(CharTokenizer):
+    """Fails to decode token 7 ('h'), as a tokenizer may fail on an id it cannot render."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        if 7 in ids:
+            raise KeyError("token 7")
+        return super().decode(ids, skip_special_tokens)
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 3e-260, 1e-45, 1e-30, 2.0])
+def test_any_temperature_in_openai_range_gives_a_token_not_nan(temperature):
+    logits = torch.tensor([0.1, 3.0, 2.9, -50.0])
+    params = SamplingParams(max_tokens=1, temperature=temperature, top_p=0.5)
+    token = sample_token(logits, params, torch.Generator().manual_seed(0))
+    assert token in {1, 2}
+    if temperature < 1e-3:  # the shifted logits make a tiny temperature greedy, never inf/inf
+        assert token == 1
+
+
+@pytest.mark.parametrize("top_p", [5e-324, 1e-50, 1e-9])
+def test_a_tiny_top_p_keeps_the_most_likely_token(top_p):
+    logits = torch.tensor([0.1, 3.0, 2.9])
+    params = SamplingParams(max_tokens=1, temperature=2.0, top_p=top_p)
+    assert sample_token(logits, params, torch.Generator().manual_seed(0)) == 1
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_logits_are_a_row_error(bad):
+    logits = torch.tensor([0.1, bad, 2.9])
+    for temperature in (0.0, 1.0):
+        with pytest.raises(RowError, match="non-finite"):
+            sample_token(logits, SamplingParams(1, temperature=temperature), torch.Generator())
+    with pytest.raises(RowError):
+        sample_token(torch.full((3,), float("-inf")), SamplingParams(1, temperature=1.0), torch.Generator())
+
+
+def test_any_integer_seed_decodes_and_seeds_wrap_at_2_to_the_64():
+    def sampled(seed):
+        request = GenerationRequest((0,), SamplingParams(8, temperature=2.0, seed=seed, ignore_eos=True))
+        return decode([request], UniformModel())[0][0]
+
+    for seed in (2**70, -(2**63), 2**64 - 1):  # torch's manual_seed refuses 2**70
+        assert len(sampled(seed)) == 8
+    assert sampled(2**64 + 5) == sampled(5)
+
+
+def test_a_row_with_nan_logits_fails_alone_and_its_neighbours_finish_as_alone():
+    broken = GenerationRequest((0,), SamplingParams(5, temperature=1.0, seed=1), "nan")
+    others = [req("a"), req("ab", stop=("ef",))]
+    alone = [decode([r])[0][0] for r in others]
+    model = MixedModel()
+    batch = [others[0], broken, others[1]]
+    decoder = BatchDecoder(batch, model, CharTokenizer(), eos_token_ids=[EOS], pad_token_id=PAD)
+    texts, errors = ["", "", ""], [None, None, None]
+    while not decoder.done:
+        for i, delta in enumerate(decoder.step()):
+            if delta is not None:
+                texts[i] += delta.text
+                errors[i] = delta.error
+    assert [texts[0], texts[2]] == alone and errors[0] is None and errors[2] is None
+    assert "non-finite" in errors[1] and texts[1] == ""
+    assert decoder.failed == 1 and decoder.cancelled == 0
+    assert [shape[0] for shape, _ in model.calls][:2] == [3, 2], "the failed row left the batch at once"
+
+
+def test_a_row_that_cannot_start_fails_alone():
+    good, unreadable = req("a", max_tokens=3), req("h")
+    model = ScriptedModel()
+    decoder = BatchDecoder([unreadable, good], model, PickyTokenizer(), eos_token_ids=[EOS], pad_token_id=PAD)
+    first = decoder.step()
+    assert first[0].error and "could not start decoding" in first[0].error
+    assert first[1].text == "b" and first[1].error is None
+    while not decoder.done:
+        decoder.step()
+    assert all(shape[0] == 1 for shape, _ in model.calls), "the failed row never reached the model"
+
+
+def test_a_cancelled_row_leaves_the_batch_before_the_next_forward_pass():
+    rows = [req("a"), req("a")]
+    model = ScriptedModel()
+    decoder = BatchDecoder(rows, model, CharTokenizer(), eos_token_ids=[EOS], pad_token_id=PAD)
+    texts = ["", ""]
+    for i, delta in enumerate(decoder.step()):
+        texts[i] += delta.text
+    rows[0].cancelled.set()  # its caller went away
+    while not decoder.done:
+        for i, delta in enumerate(decoder.step()):
+            if delta is not None:
+                texts[i] += delta.text
+    assert texts == ["b", "bcdefgh"]
+    assert [shape[0] for shape, _ in model.calls] == [2] + [1] * 7
+    assert decoder.cancelled == 1 and decoder.failed == 0
+
+
+def test_a_batch_whose_callers_all_left_ends_without_a_forward_pass():
+    rows = [req("a"), req("b")]
+    for row in rows:
+        row.cancelled.set()
+    model = ScriptedModel()
+    decoder = BatchDecoder(rows, model, CharTokenizer(), eos_token_ids=[EOS], pad_token_id=PAD)
+    assert decoder.step() == [None, None]
+    assert decoder.done and decoder.cancelled == 2 and model.calls == []

@@ -13,6 +13,7 @@ from serve.openai_api import (
     CompletionRequest,
     chat_chunk,
     completion_body,
+    json_body,
     parse_request,
     sse_event,
 )
@@ -125,3 +126,29 @@ def test_error_body_shape():
             "code": "model_not_found",
         }
     }
+
+
+@pytest.mark.parametrize(
+    "body, param, fragment",
+    [
+        ('{"model": "a", "prompt": "hi", "seed": 1180591620717411303424}', "seed", "less than or equal to"),
+        ('{"model": "a", "prompt": "hi", "seed": -9223372036854775809}', "seed", "greater than or equal to"),
+        ('{"model": "a", "prompt": "hi", "temperature": NaN}', "temperature", "finite number"),
+        ('{"model": "a", "prompt": "hi", "top_p": Infinity}', "top_p", "finite number"),
+        ('{"model": "%s", "prompt": "hi"}' % ("m" * 257), "model", "at most 256 characters"),
+    ],
+)
+def test_values_outside_openai_ranges_are_400(body, param, fragment):
+    error = rejected(CompletionRequest, body)
+    assert error.param == param and fragment in error.message
+
+
+def test_seeds_span_openai_int64_range():
+    for seed in (-(2**63), 2**63 - 1):
+        body = json.dumps({"model": "a", "prompt": "x", "seed": seed}).encode()
+        assert parse_request(CompletionRequest, body).seed == seed
+
+
+def test_json_bodies_survive_text_no_utf_8_encoder_takes():
+    body = json_body(ApiError(404, "the model '\ud800' does not exist", param="model").body())
+    assert json.loads(body)["error"]["message"] == "the model '\ud800' does not exist"

@@ -184,3 +184,23 @@ def test_model_directories_without_safetensors_are_refused(tmp_path, tiny_model_
     (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(RuntimeError, match="only safetensors"):
         require_safetensors(str(tmp_path))
+
+
+def test_s3_adapters_are_compared_with_the_base_model_from_their_header_alone(
+    adapters, tmp_path, s3, tiny_model_dir
+):
+    from ftune.config import ModelConfig
+    from serve.adapter_checks import base_model_layout
+    from serve.registry import WEIGHTS_FILE
+
+    layout = base_model_layout(ModelConfig(name_or_path=str(tiny_model_dir)))
+    cut = shutil.copytree(adapters["a"], tmp_path / "cut")
+    (cut / WEIGHTS_FILE).write_bytes((adapters["a"] / WEIGHTS_FILE).read_bytes()[:-64])
+    upload(s3, adapters["b"], "checked", "good")
+    upload(s3, cut, "checked", "cut")
+    reg = registry({"good": "s3://checked/good", "cut": "s3://checked/cut"}, tmp_path, endpoint=s3)
+    with pytest.raises(ConfigError) as info:
+        reg.inspect(layout, max_rank=64)
+    assert "adapters.cut: adapter_model.safetensors: its header describes" in str(info.value)
+    assert "adapters.good" not in str(info.value)
+    assert not (tmp_path / "cache").exists(), "checking an s3:// adapter downloads nothing"
