@@ -2,27 +2,34 @@
 
 from __future__ import annotations
 
-import re
 import tomllib
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def pins() -> dict[str, str]:
+SUPPORTED_PYTHONS = ("3.10", "3.11", "3.12")
+
+
+def pins(python: str = "3.11") -> dict[str, str]:
+    """The exact pins that apply on ``python`` (a line's environment marker decides)."""
     found = {}
     for number, line in enumerate((REPO / "constraints.txt").read_text().splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
-        m = re.fullmatch(r"([A-Za-z0-9._-]+)==([A-Za-z0-9.+!-]+)", line)
-        assert m, f"constraints.txt:{number}: {line!r} is not an exact pin NAME==VERSION"
-        name = canonicalize_name(m[1])
-        assert name not in found, f"constraints.txt:{number}: {m[1]} pinned twice"
-        found[name] = m[2]
+        req = Requirement(line)
+        (spec,) = req.specifier
+        assert spec.operator == "==" and "*" not in spec.version, f"constraints.txt:{number}: {line!r} is not NAME==VERSION"
+        if req.marker is not None and not req.marker.evaluate({"python_version": python, "python_full_version": f"{python}.0"}):
+            continue
+        name = canonicalize_name(req.name)
+        assert name not in found, f"constraints.txt:{number}: {req.name} pinned twice for Python {python}"
+        found[name] = spec.version
     return found
 
 
@@ -32,8 +39,9 @@ def requirements() -> list[Requirement]:
     return [Requirement(r) for r in listed]
 
 
-def test_every_dependency_is_pinned_within_its_range():
-    pinned = pins()
+@pytest.mark.parametrize("python", SUPPORTED_PYTHONS)
+def test_every_dependency_is_pinned_within_its_range(python):
+    pinned = pins(python)
     for req in requirements():
         name = canonicalize_name(req.name)
         if name == "torch":
