@@ -60,7 +60,7 @@ trap 'rm -f "$constraints"' EXIT
 echo "torch==$torch_now" > "$constraints"
 if [ "$PINNED" = 1 ]; then
     grep -v '^torch==' constraints.txt >> "$constraints"
-    say "resolving against constraints.txt ($(grep -c '==' constraints.txt) exact versions)"
+    say "resolving against constraints.txt (an exact version for every package)"
 else
     say "unpinned: resolving the newest releases pyproject.toml allows (torch stays $torch_now)"
 fi

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import sys
 
 FTUNE_PREFIX = "[ftune]"
 FTUNE_LINE = re.compile(r"^\[(?!\d)[\w.:@/-]+\] ")

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from ftune import console
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -28,11 +27,14 @@ def test_filter_replaces_rays_printer_on_a_real_driver(capsys):
             return 1
 
         assert ray.get(chatty.remote()) == 1
-        seen, deadline = "", time.monotonic() + 60
-        while "[ftune] visible line" not in seen and time.monotonic() < deadline:
-            time.sleep(0.1)  # Ray's log monitor forwards worker output asynchronously
-            seen += capsys.readouterr().out
-        assert "[ftune] visible line" in seen, f"the worker's ftune line never reached the driver: {seen!r}"
+        seen = []  # Ray's log monitor forwards worker output asynchronously
+
+        def arrived() -> bool:
+            seen.append(capsys.readouterr().out)
+            return "[ftune] visible line" in "".join(seen)
+
+        wait_for(arrived, "the worker's ftune line to reach the driver")
+        seen = "".join(seen)
         assert "Failed to query" not in seen and "core_worker.cc" not in seen
     finally:
         console.show_everything()

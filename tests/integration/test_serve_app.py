@@ -29,6 +29,8 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
+from tests.waiting import wait_for
+
 pytestmark = pytest.mark.integration
 
 API_KEY = "test-key-123"
@@ -163,18 +165,6 @@ def stats(base_url: str) -> dict:
     )
     response.raise_for_status()
     return response.json()
-
-
-def wait_for(condition, what: str, timeout_s: float = 60.0):
-    """Poll ``condition`` until it returns something truthy (returned), or fail naming ``what``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def held(counters: dict) -> int:

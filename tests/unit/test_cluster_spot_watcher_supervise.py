@@ -14,7 +14,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -23,19 +22,9 @@ import yaml
 
 from cluster.fake_imds import FakeInstanceMetadata
 from cluster.spot_watcher import Supervisor
+from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def script(tmp_path: Path, body: str) -> list[str]:
@@ -99,7 +88,7 @@ def test_a_passed_on_signal_reaches_the_child_and_ends_supervision(tmp_path, sig
     thread = threading.Thread(target=lambda: result.setdefault("code", supervisor.run()), daemon=True)
     thread.start()
     try:
-        wait_for(lambda: (tmp_path / "runs").exists(), 20, "the child to start")
+        wait_for(lambda: (tmp_path / "runs").exists(), "the child to start", 20)
         supervisor.pass_on(signum)
         thread.join(timeout=20)
     finally:
@@ -118,14 +107,14 @@ def test_the_supervised_watcher_comes_back_after_a_kill_and_sigint_stops_it_with
         )
         try:
             parent = psutil.Process(supervisor.pid)
-            first = wait_for(parent.children, 30, "the watcher child")[0]
-            wait_for(lambda: imds.notice_gets(), 30, "the first watcher to poll")
+            first = wait_for(parent.children, "the watcher child", 30)[0]
+            wait_for(lambda: imds.notice_gets(), "the first watcher to poll", 30)
             first.kill()
             second = wait_for(
-                lambda: [c for c in parent.children() if c.pid != first.pid], 30, "a restarted watcher"
+                lambda: [c for c in parent.children() if c.pid != first.pid], "a restarted watcher", 30
             )[0]
             polls = len(imds.notice_gets())
-            wait_for(lambda: len(imds.notice_gets()) > polls, 30, "the restarted watcher to poll")
+            wait_for(lambda: len(imds.notice_gets()) > polls, "the restarted watcher to poll", 30)
             supervisor.send_signal(signal.SIGINT)
             assert supervisor.wait(timeout=30) == 0
             assert not second.is_running() or second.status() == psutil.STATUS_ZOMBIE
@@ -173,11 +162,11 @@ def test_the_aws_start_command_supervises_the_watcher_and_replaces_it_with_sigin
     try:
         for n in (1, 2):
             subprocess.run(["bash", "-c", command], env=env, cwd=tmp_path, check=True, timeout=30)
-            wait_for(lambda: log.exists() and len(starts()) == n, 30, f"start number {n}")
+            wait_for(lambda: log.exists() and len(starts()) == n, f"start number {n}", 30)
             pids.append(starts()[-1][0])
             assert (tmp_path / "ftune_spot_watcher.pid").read_text().strip() == pids[-1]
         assert starts()[-1][1:4] == ["-m", "cluster.spot_watcher", "--supervise"]
-        wait_for(lambda: f"signal {pids[0]} " in log.read_text(), 30, "the first watcher to be stopped")
+        wait_for(lambda: f"signal {pids[0]} " in log.read_text(), "the first watcher to be stopped", 30)
         assert f"signal {pids[0]} SIGINT" in log.read_text(), "replaced with SIGINT: SIGTERM would drain"
         assert f"signal {pids[1]} " not in log.read_text(), "the new watcher keeps running"
     finally:
