@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import logging
 import os
 import sys
 import time
 
-log = logging.getLogger(__name__)
 
 EXPECTED_BUILD = "1-2 minutes on 2 cores"
 
@@ -84,21 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ftune.deepspeed_ops", description=__doc__.splitlines()[0])
     parser.add_argument("--build", action="store_true", help="build the op now if it is not cached")
     args = parser.parse_args(argv)
+    from ftune.console import quiet_libraries
+
+    quiet_libraries()  # DeepSpeed's "Setting accelerator to CPU" is expected here
     if not args.build:
         print("built" if is_built() else "not built")
         return 0
-    with _quiet_deepspeed_import():
-        took = ensure_built(announce=lambda line: print(f"install: {line}", flush=True))
+    took = ensure_built(announce=lambda line: print(f"install: {line}", flush=True))
     if took == 0.0:
         print("install: DeepSpeed's CPU communication op is ready (cached, or not needed on this machine)")
     return 0
-
-
-@contextlib.contextmanager
-def _quiet_deepspeed_import():
-    """DeepSpeed logs 'Setting accelerator to CPU' at import; that is expected here."""
-    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
-    yield
 
 
 if __name__ == "__main__":
