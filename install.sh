@@ -75,7 +75,6 @@ fi
 say "installing ftune and its dependencies"
 pip_install -c "$constraints" -e ".[dev]"
 
-say "building DeepSpeed's CPU communication op (g++, 1-2 minutes on 2 cores; once per machine)"
 "$PY" -m ftune.deepspeed_ops --build
 
 "$PY" - <<'EOF'
