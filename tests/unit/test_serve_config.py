@@ -32,16 +32,21 @@ def test_shipped_tiny_config_is_a_valid_serve_config_and_serving_config():
     assert config.http_options.host == "127.0.0.1"
 
 
-def test_typo_in_args_names_file_line_and_suggestion(tmp_path):
-    text = TINY.read_text().replace("max_batch_size: 8", "max_batch_sise: 8")
-    path = tmp_path / "typo.yaml"
+def edited_file_error(tmp_path, old: str, new: str) -> tuple[str, str]:
+    """Validate the shipped tiny Serve file with ``old`` replaced by ``new``: ("file:line" of ``new``, message)."""
+    text = TINY.read_text().replace(old, new)
+    path = tmp_path / "edited.yaml"
     path.write_text(text)
-    line = next(i for i, row in enumerate(text.splitlines(), 1) if "max_batch_sise" in row)
+    line = next(i for i, row in enumerate(text.splitlines(), 1) if new in row)
     data, lines = read_yaml_with_lines(path)
     with pytest.raises(ConfigError) as info:
         validate_serve_file(data, source=str(path), lines=lines)
-    message = str(info.value)
-    assert f"{path}:{line}" in message
+    return f"{path}:{line}", str(info.value)
+
+
+def test_typo_in_args_names_file_line_and_suggestion(tmp_path):
+    where, message = edited_file_error(tmp_path, "max_batch_size: 8", "max_batch_sise: 8")
+    assert where in message
     assert "did you mean 'applications.0.args.batching.max_batch_size'" in message
 
 
@@ -151,11 +156,5 @@ def test_only_loopback_hosts_serve_without_a_key():
 
 
 def test_a_public_serve_file_without_a_key_names_the_host_line(tmp_path):
-    text = TINY.read_text().replace("host: 127.0.0.1", "host: 0.0.0.0")
-    path = tmp_path / "public.yaml"
-    path.write_text(text)
-    line = next(i for i, row in enumerate(text.splitlines(), 1) if "host: 0.0.0.0" in row)
-    data, lines = read_yaml_with_lines(path)
-    with pytest.raises(ConfigError) as info:
-        validate_serve_file(data, source=str(path), lines=lines)
-    assert f"{path}:{line}" in str(info.value) and "api_key_env" in str(info.value)
+    where, message = edited_file_error(tmp_path, "host: 127.0.0.1", "host: 0.0.0.0")
+    assert where in message and "api_key_env" in message

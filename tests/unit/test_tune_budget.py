@@ -95,13 +95,19 @@ def test_budget_stop_leaves_a_grace_period_and_marks_trials_and_max_trials(tmp_p
     assert fresh.admit("x") == "start" and fresh.admit("y") == "finished"
 
 
-def test_trials_still_running_when_the_grace_period_ends_are_killed(tmp_path):
+def stopped_by_budget(tmp_path, trial: str):
+    """A $0.10 ledger whose one running trial reached the budget at t=5.6 s and was asked to stop."""
     book = ledger(tmp_path, usd=0.1, stop_grace_s=4.0)
-    book.admit("s", now=0.0)
-    s = stub("s", "RUNNING")
-    book.sync([s], now=0.0)
-    book.sync([s], now=5.6)
+    book.admit(trial, now=0.0)
+    running = stub(trial, "RUNNING")
+    book.sync([running], now=0.0)
+    book.sync([running], now=5.6)
     book.mark_stopped(book.should_stop(now=5.6), now=5.6)
+    return book, running
+
+
+def test_trials_still_running_when_the_grace_period_ends_are_killed(tmp_path):
+    book, s = stopped_by_budget(tmp_path, "s")
     book.sync([s], now=9.5)
     assert not book.stop_settled(now=9.5)
     assert book.stop_settled(now=9.7) and book.stop["killed_trials"] == ["s"]  # Tune stops it now
@@ -172,12 +178,7 @@ def test_resume_settles_interrupted_trials_tune_never_recorded(tmp_path):
 
 
 def test_resume_keeps_the_budget_stop(tmp_path):
-    book = ledger(tmp_path, usd=0.1, stop_grace_s=4.0)
-    book.admit("a", now=0.0)
-    a = stub("a", "RUNNING")
-    book.sync([a], now=0.0)
-    book.sync([a], now=5.6)
-    book.mark_stopped(book.should_stop(now=5.6), now=5.6)
+    book, a = stopped_by_budget(tmp_path, "a")
     a.status = "TERMINATED"
     book.sync([a], now=6.0)
     book.save(now=6.0)
