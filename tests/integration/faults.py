@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -68,16 +67,6 @@ def has_registered_checkpoint(run_dir: Path) -> bool:
         return "checkpoint_step" in snapshot.read_text()
     except OSError:
         return False
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Poll until ``predicate`` holds, or fail naming ``what``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 def kill(pid: int, sig: int = signal.SIGKILL) -> None:

@@ -11,12 +11,13 @@ import os
 from pathlib import Path
 
 import pytest
-from faults import Background, curve, has_registered_checkpoint, last_step, wait_for
+from faults import Background, curve, has_registered_checkpoint, last_step
 from test_fault_tolerance import assert_same_adapter
 
 from cluster.local import LocalCluster
 from ftune.config import TrainJobConfig
 from ftune.yaml_config import load_config
+from tests.waiting import wait_for
 from train.job import run_training
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,11 +56,11 @@ def restarts(run_dir: Path) -> list[tuple[int, int]]:
 
 
 def test_node_sigkill_mid_run_resumes_exactly(cluster, tmp_path):
-    common = ("train.max_steps=100", "train.checkpoint_every=30")
+    common = ("train.max_steps=60", "train.checkpoint_every=20")
     run_training(job(tmp_path, *common), name="baseline")
     chaos = tmp_path / "chaos"
     background = Background(lambda: run_training(job(tmp_path, *common), name="chaos"))
-    wait_for(lambda: last_step(chaos) >= 45 and has_registered_checkpoint(chaos), 300, "step 45 and a registered checkpoint")
+    wait_for(lambda: last_step(chaos) >= 25 and has_registered_checkpoint(chaos), "step 25 and a registered checkpoint", 300)
     cluster.kill_worker(alive_workers(cluster)[-1])
     cluster.add_worker()  # the spot fleet replaces the node
     summary = background.join(600)
@@ -72,10 +73,10 @@ def test_preemption_notice_jit_checkpoint_loses_at_most_one_step(cluster, tmp_pa
     run_dir = tmp_path / "spot"
     cfg = job(tmp_path, "train.max_steps=120", "train.checkpoint_every=1000")
     background = Background(lambda: run_training(cfg, name="spot"))
-    wait_for(lambda: last_step(run_dir) >= 30, 300, "step 30")
+    wait_for(lambda: last_step(run_dir) >= 30, "step 30", 300)
     victim = alive_workers(cluster)[-1]
     cluster.drain_worker(victim, reason="PREEMPTION", deadline_s=8, kill_at_deadline=True)
-    wait_for(lambda: any(run_dir.glob("checkpoint_*_jit")), 60, "a just-in-time checkpoint")
+    wait_for(lambda: any(run_dir.glob("checkpoint_*_jit")), "a just-in-time checkpoint", 60)
     cluster.wait_for_state(victim, "DEAD", timeout_s=60)
     cluster.add_worker()
     summary = background.join(600)
@@ -110,14 +111,13 @@ def test_elastic_job_shrinks_to_one_worker_and_grows_back_with_same_global_batch
     stop = create_stop_signal()
     background = Background(lambda: run_training(cfg, name="elastic", stop_signal=stop))
     # Kill only once a checkpoint is registered, or a fast run restarts from scratch.
-    wait_for(lambda: has_registered_checkpoint(run_dir) and last_step(run_dir) >= 40, 300,
-             "step 40 and a registered checkpoint")
+    wait_for(lambda: has_registered_checkpoint(run_dir) and last_step(run_dir) >= 40, "step 40 and a registered checkpoint", 300)
     cluster.kill_worker(alive_workers(cluster)[-1])
-    wait_for(lambda: world_sizes(run_dir) == [2, 1], 300, "the job to continue on one worker")
+    wait_for(lambda: world_sizes(run_dir) == [2, 1], "the job to continue on one worker", 300)
     cluster.add_worker()  # the spot fleet brings a node back; Ray sees it within its 20 s resource poll
-    wait_for(lambda: world_sizes(run_dir) == [2, 1, 2] or background.done(), 300, "the job to grow back")
+    wait_for(lambda: world_sizes(run_dir) == [2, 1, 2] or background.done(), "the job to grow back", 300)
     grown_at = last_step(run_dir)
-    wait_for(lambda: last_step(run_dir) >= grown_at + 5, 120, "steps on two workers again")
+    wait_for(lambda: last_step(run_dir) >= grown_at + 5, "steps on two workers again", 120)
     stop.request.remote("grown back")
     summary = background.join(600)
     assert world_sizes(run_dir) == [2, 1, 2], "the job finished before it grew back to two workers"

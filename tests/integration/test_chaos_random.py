@@ -12,11 +12,12 @@ import random
 from pathlib import Path
 
 import pytest
-from faults import Background, curve, kill, last_step, train_worker_pids, wait_for, worker_output
+from faults import Background, curve, kill, last_step, train_worker_pids, worker_output
 from test_fault_tolerance import assert_same_adapter
 
 from ftune.config import TrainJobConfig
 from ftune.yaml_config import load_config
+from tests.waiting import wait_for
 from train.job import run_training
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,7 +64,7 @@ def test_worker_killed_at_a_random_step_resumes_exactly(uninterrupted, tmp_path)
     print(f"[chaos] {note}", flush=True)
     run_dir = tmp_path / "random"
     run = Background(lambda: run_training(job(tmp_path), name="random"))
-    wait_for(lambda: last_step(run_dir) >= kill_at or run.done(), 240, f"step {kill_at} ({note})")
+    wait_for(lambda: last_step(run_dir) >= kill_at or run.done(), f"step {kill_at} ({note})", 240)
     assert not run.done(), f"the run ended before the kill; {note}"
     victims = train_worker_pids()
     assert victims, f"no Ray Train worker process found; {note}"
@@ -78,7 +79,7 @@ def test_worker_killed_while_the_newest_checkpoint_is_half_written(uninterrupted
     # worker dies. The restarted run must skip 8, resume from 4 and still end where the uninterrupted run did.
     run_dir = tmp_path / "half"
     run = Background(lambda: run_training(job(tmp_path), name="half"))
-    wait_for(lambda: registered(run_dir, "checkpoint_step0000008") or run.done(), 240, "checkpoint 8 registered")
+    wait_for(lambda: registered(run_dir, "checkpoint_step0000008") or run.done(), "checkpoint 8 registered", 240)
     assert not run.done(), "the run ended before the kill"
     weights = run_dir / "checkpoint_step0000008" / "engine_state.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])

@@ -14,13 +14,13 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
 from ftune import demo
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -138,10 +138,11 @@ def test_terminal_shows_ftune_lines_and_no_ray_internals(demo_run):
 
 def test_nothing_is_left_running(demo_run):
     _, _, summary, port = demo_run
-    deadline, left = time.time() + 60, ["?"]
-    while time.time() < deadline and (left := session_processes(summary["ray_session"])):
-        time.sleep(1.0)
-    assert not left, f"processes of the demo's Ray session still run: {left}"
+    try:
+        wait_for(lambda: not session_processes(summary["ray_session"]), "the demo's Ray processes to exit", 60,
+                 interval_s=0.5)
+    except AssertionError:
+        raise AssertionError(f"processes of the demo's Ray session still run: {session_processes(summary['ray_session'])}") from None
     with socket.socket() as s, pytest.raises(OSError):
         s.settimeout(2)
         s.connect(("127.0.0.1", port))  # Serve's HTTP proxy is gone

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 
 import pytest
+
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -23,15 +24,6 @@ def running_replicas() -> int:
     if app is None:
         return 0
     return app.deployments["LoraServer"].replica_states.get("RUNNING", 0)
-
-
-def wait_for(predicate, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.5)
-    return predicate()
 
 
 @pytest.fixture(scope="module")
@@ -89,14 +81,13 @@ def test_load_scales_up_to_max_and_idleness_scales_back_down(base_url):
     for w in workers:
         w.start()
     try:
-        scaled_up = wait_for(lambda: running_replicas() == 2, timeout_s=120)
+        wait_for(lambda: running_replicas() == 2, "a second replica under 4 concurrent requests", 120, interval_s=0.5)
     finally:
         stop.set()
         for w in workers:
             w.join()
-    assert scaled_up, "no second replica under 4 concurrent requests"
     assert not failures, failures[:3]
     assert served[0] > 0
-    assert wait_for(lambda: running_replicas() == 1, timeout_s=90), "did not scale back down when idle"
+    wait_for(lambda: running_replicas() == 1, "the scale back down to one replica when idle", 90, interval_s=0.5)
     reply = client.completions.create(model="base", prompt="Still there?", max_tokens=4, temperature=0)
     assert reply.usage.completion_tokens == 4

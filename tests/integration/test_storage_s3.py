@@ -13,11 +13,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-from faults import Background, kill, train_worker_pids, wait_for
+from faults import Background, kill, train_worker_pids
 from test_fault_tolerance import assert_same_adapter
 
 from ftune.config import TrainJobConfig
 from ftune.yaml_config import load_config
+from tests.waiting import wait_for
 from train.job import run_training
 
 REPO = Path(__file__).resolve().parents[2]
@@ -177,7 +178,7 @@ def test_worker_killed_while_uploading_a_checkpoint_resumes_from_the_previous_on
         assert faults.stalling.wait(300), "the checkpoint at step 9 was never uploaded"
         # Ray registers a reported checkpoint when its controller next polls the workers (every ~2 s);
         # wait for step 6's, so "the previous checkpoint" is step 6 whatever the machine's speed.
-        wait_for(lambda: "checkpoint_step0000006" in snapshot(client, prefix), 60, "checkpoint 6 to be registered")
+        wait_for(lambda: "checkpoint_step0000006" in snapshot(client, prefix), "checkpoint 6 to be registered", 60)
         victims = train_worker_pids()
         assert victims, "no Ray Train worker process found"
         for pid in victims:

@@ -14,13 +14,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from faults import wait_for
 
 from ftune.yaml_config import load_config
+from tests.waiting import wait_for
 from tune.config import SweepConfig
 from tune.sweep import main, start
 
@@ -77,12 +76,12 @@ def held_cpus() -> float:
     return ray.cluster_resources().get("CPU", 0.0) - ray.available_resources().get("CPU", 0.0)
 
 
-def wait_until_released(timeout_s: float = 60.0) -> float:
-    """Wait for every CPU to be released (stopped trials' actors and placement groups gone); return what is held."""
-    deadline = time.time() + timeout_s
-    while (held := held_cpus()) > 0 and time.time() < deadline:
-        time.sleep(1.0)
-    return held
+def wait_until_released(what: str = "every CPU to be released (the trials' actors and placement groups gone)") -> None:
+    """Wait until no CPU of the local Ray is held; fail naming ``what`` and the CPUs still held."""
+    try:
+        wait_for(lambda: held_cpus() == 0, what, 60, interval_s=0.5)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; {held_cpus()} CPU(s) still held") from None
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -207,7 +206,7 @@ def test_report_is_offline_and_trials_tracked_in_wandb_group(tpe_sweep):
         assert len(runs) == 1, row["trial"]
         if row["status"] == "completed":  # a pruned trial's run is killed before wandb flushes it
             assert b"tpe" in next(runs[0].glob("*.wandb")).read_bytes()  # the sweep name is the wandb group
-    assert wait_until_released() == 0
+    wait_until_released()
 
 
 def test_pbt_exploit_continues_donor_checkpoint(ray_local, tiny_model_dir, tmp_path):
@@ -245,7 +244,7 @@ def test_pbt_exploit_continues_donor_checkpoint(ray_local, tiny_model_dir, tmp_p
     assert first["run"] in exploited["runs"] and exploited["status"] == "completed" and exploited["step"] == 40
     summary = json.loads((sweep_dir / "trials" / exploited["run"] / "summary.json").read_text())
     assert summary["steps"] == 40
-    assert wait_until_released() == 0
+    wait_until_released()
 
 
 def test_budget_stop_holds(ray_local, tiny_model_dir, tmp_path):
@@ -285,11 +284,11 @@ def test_budget_stop_holds(ray_local, tiny_model_dir, tmp_path):
         assert Path(row["adapter_path"]).resolve() == (run_dir / "adapter").resolve()
         assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == (
             checkpoint / "adapter" / "adapter_model.safetensors").read_bytes()
-    assert wait_until_released() == 0, "budget-stopped trials left actors or placement groups behind"
+    wait_until_released("the budget-stopped trials' actors and placement groups to be released")
 
 
 def test_dry_run_starts_nothing(ray_local, tiny_model_dir, tmp_path, capsys):
-    assert wait_until_released() == 0
+    wait_until_released()
     overrides = small(tmp_path, "budget.usd=0.01", "search.algorithm=grid", "search.grid_points=2")
     assert main(["--config", str(TINY_SWEEP), "--name", "dry", "--dry-run", *overrides]) == 0
     out = capsys.readouterr().out
@@ -314,7 +313,7 @@ def test_resume_after_driver_killed(ray_local, tiny_model_dir, tmp_path):
                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # Killed as soon as a trial has completed. Two trials run at once and the third starts only when one
     # ends, so at the kill the third has a whole trial (start-up included) still to run.
-    wait_for(lambda: completed(sweep_dir / "spend.json") or driver.poll() is not None, 400, "a completed trial")
+    wait_for(lambda: completed(sweep_dir / "spend.json") or driver.poll() is not None, "a completed trial", 400)
     assert driver.poll() is None, "the sweep ended before it could be interrupted"
     driver.send_signal(signal.SIGKILL)
     driver.wait()
@@ -360,7 +359,7 @@ def test_resume_from_the_bucket_on_another_machine(ray_local, tiny_model_dir, sa
 
     # One trial at a time: the bucket's state is the one pushed when the first trial ended; the second
     # trial has its whole run ahead of it when the driver dies.
-    wait_for(lambda: first_done_in_bucket() or driver.poll() is not None, 400, "the first trial's end in the bucket")
+    wait_for(lambda: first_done_in_bucket() or driver.poll() is not None, "the first trial's end in the bucket", 400)
     assert driver.poll() is None, "the sweep ended before it could be interrupted"
     driver.send_signal(signal.SIGKILL)
     driver.wait()

@@ -12,7 +12,6 @@ import json
 import socket
 import struct
 import threading
-import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -21,6 +20,7 @@ import pytest
 from cluster import spot_watcher
 from cluster.spot_notice import InstanceMetadataClient, NoticeError, SpotNotice
 from cluster.spot_watcher import SpotWatcher
+from tests.waiting import wait_for
 
 NOTICE_PATH = "/latest/meta-data/spot/instance-action"
 TOKEN_PATH = "/latest/api/token"
@@ -230,14 +230,6 @@ def test_an_unreadable_200_is_a_notice_with_the_default_deadline(imds, body):
     assert notice.describe().startswith("spot interruption notice: unknown at unknown time")
 
 
-def wait_for(predicate: Callable[[], object], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.01)
-
-
 def test_the_watcher_polls_through_every_broken_answer_then_drains(imds, monkeypatch):
     drains: list[dict] = []
     monkeypatch.setattr(
@@ -251,11 +243,11 @@ def test_the_watcher_polls_through_every_broken_answer_then_drains(imds, monkeyp
         for name, reply in BAD_NOTICE_ANSWERS.items():
             imds.notice = reply
             seen = len(imds.seen)
-            wait_for(lambda: len(imds.seen) >= seen + 2, 10, f"two polls answered {name}")
+            wait_for(lambda: len(imds.seen) >= seen + 2, f"two polls answered {name}", 10)
             assert thread.is_alive(), f"the watcher died on {name}"
             assert drains == [], f"{name} is not a notice"
         imds.notice = answer(200, json.dumps({"action": "stop", "time": "2030-01-01T00:00:00Z"}).encode())
-        wait_for(lambda: drains, 10, "the drain after the notice")
+        wait_for(lambda: drains, "the drain after the notice", 10)
     finally:
         watcher.stop()
         thread.join(timeout=10)
@@ -289,7 +281,7 @@ def test_the_watcher_survives_an_unexpected_error_from_its_client(monkeypatch):
     thread = threading.Thread(target=watcher.run, daemon=True)
     thread.start()
     try:
-        wait_for(lambda: drains, 10, "the drain after three failed reads")
+        wait_for(lambda: drains, "the drain after three failed reads", 10)
     finally:
         watcher.stop()
         thread.join(timeout=10)

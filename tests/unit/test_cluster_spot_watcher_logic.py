@@ -10,6 +10,7 @@ import pytest
 from cluster import spot_watcher
 from cluster.spot_notice import NoticeError, SpotNotice, parse_instance_action
 from cluster.spot_watcher import SpotWatcher
+from tests.waiting import wait_for
 
 
 class ScriptedNotices:
@@ -58,14 +59,6 @@ def drains(monkeypatch):
 
     monkeypatch.setattr(spot_watcher.gcs, "drain_node", drain_node)
     return calls
-
-
-def wait_for(condition, what: str, timeout_s: float = 5.0) -> None:
-    """Poll ``condition()`` until it holds; fail naming ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout_s:.0f} s waiting for {what}"
-        time.sleep(0.01)
 
 
 def start(watcher: SpotWatcher) -> tuple[threading.Thread, dict]:
