@@ -195,6 +195,9 @@ class StorageConfig(Section):
     """Local directory, shared filesystem path, or s3://bucket/prefix."""
     endpoint_url: str | None = None
     """S3-compatible endpoint for s3:// paths (MinIO, a local server); None for AWS."""
+    region: str | None = None
+    """Region of the s3:// bucket (e.g. eu-west-1); None: ?region= on the path, else AWS_REGION, else
+    AWS_DEFAULT_REGION, else the region S3 reports for the bucket."""
 
 
 class FailureConfig(Section):

@@ -8,22 +8,31 @@ the bytes go to a temporary name beside the target, which is renamed over it onc
 for downloads); on S3 the complete bytes go in one PUT, which S3 shows whole or not at all. A JSON
 Lines file is uploaded up to its last newline, so a row still being appended is never uploaded cut.
 
-The S3 region is, first found: ``?region=`` on the URI (``s3://bucket/prefix?region=eu-west-1``),
-AWS_REGION, AWS_DEFAULT_REGION, then for AWS itself the region S3 reports for the bucket; an
-S3-compatible endpoint with none of these gets the AWS SDK's default.
+The S3 region is, first found: ``storage.region`` or ``?region=`` on the URI
+(``s3://bucket/prefix?region=eu-west-1``), AWS_REGION, AWS_DEFAULT_REGION, then for AWS itself the
+region S3 reports for the bucket; an S3-compatible endpoint with none of these gets the AWS SDK's
+default. A ``Storage`` keeps a given region in its ``uri`` (as ``?region=``), so the one string handed
+to Ray workers, trials and child locations (``child``) carries it along.
+
+Everything ftune reads or writes in object storage goes through here: runs, sweeps and the adapters
+a deployment serves (``list_files``, ``open_file`` and ``version`` let serve/registry.py check an
+adapter from its config and weights header alone, and download it only when its content changed).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from typing import BinaryIO
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pyarrow.fs as pafs
-from pyarrow import ArrowException
+from pyarrow import ArrowException, NativeFile
 
 from ftune.config import StorageConfig
 from ftune.errors import ConfigError
@@ -32,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 _BUCKET_REGIONS: dict[str, str | None] = {}
 """Bucket -> region S3 reported (None: it could not be asked), looked up once per process."""
+_COPY_CHUNK = 8 * 1024 * 1024
+"""Bytes per read when a download is streamed to disk (adapters and checkpoints can be large)."""
 
 
 @dataclass(frozen=True)
@@ -46,15 +57,20 @@ class Storage:
         """Storage for a config's storage section (local paths are made absolute).
 
         Raises:
-            ConfigError: an s3:// path with a query other than ``?region=``.
+            ConfigError: an s3:// path with a query other than ``?region=``, or whose ``?region=``
+                contradicts ``storage.region``.
         """
         if not cfg.path.startswith("s3://"):
             return cls(uri=str(Path(cfg.path).expanduser().resolve()), endpoint_url=cfg.endpoint_url)
         try:
-            split_s3_uri(cfg.path)
+            _, _, in_path = split_s3_uri(cfg.path)
         except ValueError as e:
             raise ConfigError(f"storage.path: {e}") from e
-        return cls(uri=cfg.path, endpoint_url=cfg.endpoint_url)
+        if cfg.region and in_path and cfg.region != in_path:
+            raise ConfigError(
+                f"storage.region is {cfg.region!r} but storage.path says ?region={in_path}; keep one of them"
+            )
+        return cls(uri=with_region(cfg.path, cfg.region or in_path), endpoint_url=cfg.endpoint_url)
 
     @property
     def is_remote(self) -> bool:
@@ -91,6 +107,14 @@ class Storage:
         root = self.uri.split("?", 1)[0] if self.is_remote else self.uri
         return "/".join([root.rstrip("/"), *parts])
 
+    def child(self, *parts: str) -> Storage:
+        """The storage rooted at ``parts`` below this root, in the same region and at the same endpoint.
+
+        Use this, not ``Storage(uri_of(...))``, to hand a location on: ``uri_of`` is for people and
+        leaves the region out.
+        """
+        return Storage(with_region(self.uri_of(*parts), self.region), self.endpoint_url)
+
     def exists(self, *parts: str) -> bool:
         """Whether a file or directory exists below the root."""
         fs, _ = self.filesystem()
@@ -102,9 +126,41 @@ class Storage:
 
     def read_text(self, *parts: str) -> str:
         """Read a small text file below the root."""
+        return self.read_bytes(*parts).decode("utf-8")
+
+    def read_bytes(self, *parts: str) -> bytes:
+        """Read a small file below the root."""
         fs, _ = self.filesystem()
         with fs.open_input_stream(self.path(*parts)) as f:
-            return f.read().decode("utf-8")
+            return f.read()
+
+    def open_file(self, *parts: str) -> NativeFile:
+        """Open the file at ``parts`` below the root for random access (a context manager).
+
+        ``read_at(length, offset)`` reads only those bytes (one range request on S3), so a file's
+        header can be checked without fetching the file; ``size()`` is its length.
+        """
+        fs, _ = self.filesystem()
+        return fs.open_input_file(self.path(*parts))
+
+    def list_files(self, *parts: str) -> dict[str, int]:
+        """{name: size in bytes} of the files directly in the directory ``parts`` (none if it is absent)."""
+        fs, _ = self.filesystem()
+        infos = fs.get_file_info(pafs.FileSelector(self.path(*parts), allow_not_found=True))
+        return {i.base_name: i.size for i in infos if i.type == pafs.FileType.File}
+
+    def version(self, *parts: str) -> str:
+        """A tag of the file's content that changes when the file is replaced: S3's ETag, locally the
+        size and modification time (so a cache keyed by it refetches a re-uploaded file)."""
+        fs, _ = self.filesystem()
+        if not self.is_remote:
+            info = fs.get_file_info(self.path(*parts))
+            if info.type != pafs.FileType.File:
+                raise FileNotFoundError(self.path(*parts))
+            return f"{info.size}-{info.mtime_ns}"
+        with fs.open_input_file(self.path(*parts)) as f:
+            meta = f.metadata()
+            return (meta.get("ETag") or f"{f.size()}-{meta.get('Last-Modified', b'').decode()}".encode()).decode()
 
     def upload_file(self, local_file: str | Path, *parts: str) -> None:
         """Copy one local file to ``parts`` below the root, atomically.
@@ -123,8 +179,7 @@ class Storage:
             return False
         fs, _ = self.filesystem()
         with fs.open_input_stream(self.path(*parts)) as src:
-            data = src.read()
-        replace_file(Path(local_file), data)
+            _replace_with(Path(local_file), lambda out: shutil.copyfileobj(src, out, _COPY_CHUNK))
         return True
 
     def upload_dir(self, local_dir: str | Path, *parts: str) -> None:
@@ -134,7 +189,12 @@ class Storage:
         if not self.is_remote and Path(target).resolve() == Path(local_dir).resolve():
             return
         fs.create_dir(target, recursive=True)
-        pafs.copy_files(str(local_dir), target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        # One thread: pyarrow's threaded uploads to S3 are not safe (apache/arrow#32372), which is why Ray
+        # Train's own uploads turn threads off; this runs in Ray workers too.
+        pafs.copy_files(
+            str(local_dir), target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs,
+            use_threads=False,
+        )
 
     def download_dir(self, local_dir: str | Path, *parts: str) -> Path:
         """Copy ``parts`` below the root into a local directory and return it."""
@@ -161,11 +221,16 @@ def replace_file(path: Path, data: bytes) -> None:
     The bytes go to a hidden temporary file in the same directory, flushed to disk, then renamed
     over ``path``; if anything fails the temporary file is removed and ``path`` is untouched.
     """
+    _replace_with(path, lambda out: out.write(data))
+
+
+def _replace_with(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """``replace_file`` for content that ``write`` streams into the open temporary file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         with open(tmp, "xb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -192,6 +257,13 @@ def split_s3_uri(uri: str) -> tuple[str, str, str | None]:
         )
     region = query.get("region", [None])[0]
     return parts.netloc, parts.path.lstrip("/"), region
+
+
+def with_region(uri: str, region: str | None) -> str:
+    """``uri`` with ``?region=R`` in place of any query it had (as given if ``region`` is None)."""
+    if not region:
+        return uri
+    return f"{uri.split('?', 1)[0]}?{urlencode({'region': region})}"
 
 
 def s3_region(bucket: str, explicit: str | None, endpoint: str | None) -> str | None:

@@ -18,7 +18,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pyarrow import ArrowException
+
 from ftune.errors import ConfigError
+from ftune.storage import Storage
 from serve.adapter_checks import (
     BaseModelLayout,
     adapter_problems,
@@ -37,15 +40,6 @@ REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 def is_s3(source: str) -> bool:
     """Whether an adapter source is an s3:// URI."""
     return source.startswith("s3://")
-
-
-def split_s3_uri(uri: str) -> tuple[str, str]:
-    """``s3://bucket/a/b`` -> (``bucket``, ``a/b/``); the prefix always ends with a slash."""
-    bucket, _, prefix = uri[len("s3://") :].partition("/")
-    if not bucket:
-        raise ValueError(f"{uri!r} has no bucket; use s3://bucket/prefix")
-    prefix = prefix.strip("/")
-    return bucket, f"{prefix}/" if prefix else ""
 
 
 def adapter_config_problems(config: dict[str, Any]) -> list[str]:
@@ -118,24 +112,6 @@ def require_safetensors(model_path: str) -> None:
         )
 
 
-def _s3_client(endpoint_url: str | None):
-    import boto3
-
-    return boto3.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None)
-
-
-def _list_s3_files(client, uri: str) -> dict[str, tuple[str, int]]:
-    """{file name: (ETag, size)} of the objects directly under an s3:// prefix (not in sub-folders)."""
-    bucket, prefix = split_s3_uri(uri)
-    files = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            name = obj["Key"][len(prefix) :]
-            if name and "/" not in name:
-                files[name] = (obj["ETag"], obj["Size"])
-    return files
-
-
 def check_s3_adapter(
     uri: str, endpoint_url: str | None, base: BaseModelLayout | None = None, max_rank: int = 0
 ) -> tuple[list[str], dict[str, Any] | None]:
@@ -143,34 +119,29 @@ def check_s3_adapter(
 
     Only the config and the header of the weights are fetched (range requests), never the weights.
     """
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    bucket, prefix = split_s3_uri(uri)
+    storage = Storage(uri, endpoint_url)
     try:
-        client = _s3_client(endpoint_url)
-        files = _list_s3_files(client, uri)
+        files = storage.list_files()
         missing = [name for name in REQUIRED_FILES if name not in files]
         if missing:
             return [f"{uri} lacks {', '.join(missing)}"], None
-        body = client.get_object(Bucket=bucket, Key=prefix + CONFIG_FILE)["Body"].read()
-    except (BotoCoreError, ClientError, ValueError) as e:
+        body = storage.read_bytes(CONFIG_FILE)
+    except (OSError, ArrowException, ValueError) as e:
         return [f"cannot read {uri}: {e}"], None
     try:
         config = json.loads(body)
     except ValueError as e:
-        return [f"{uri}{CONFIG_FILE} is not valid JSON: {e}"], None
+        return [f"{storage.uri_of(CONFIG_FILE)} is not valid JSON: {e}"], None
     problems = adapter_config_problems(config)
     if problems or base is None:
         return problems, config
-
-    def read(offset: int, length: int) -> bytes:
-        span = f"bytes={offset}-{offset + length - 1}"
-        return client.get_object(Bucket=bucket, Key=prefix + WEIGHTS_FILE, Range=span)["Body"].read()
-
     try:
-        tensors = read_safetensors_header(read, files[WEIGHTS_FILE][1])
-    except (BotoCoreError, ClientError) as e:
-        return [f"cannot read {uri}{WEIGHTS_FILE}: {e}"], config
+        with storage.open_file(WEIGHTS_FILE) as weights:
+            tensors = read_safetensors_header(
+                lambda offset, length: weights.read_at(length, offset), files[WEIGHTS_FILE]
+            )
+    except (OSError, ArrowException) as e:
+        return [f"cannot read {storage.uri_of(WEIGHTS_FILE)}: {e}"], config
     except ValueError as e:
         return [f"{WEIGHTS_FILE}: {e}"], config
     return adapter_problems(config, tensors, base, max_rank), config
@@ -181,13 +152,14 @@ def download_s3_adapter(uri: str, cache_dir: Path, endpoint_url: str | None) -> 
 
     The cache key hashes the URI and the objects' ETags, so a re-uploaded adapter is fetched again
     while an unchanged one is reused. Files land in a temporary directory renamed into place, so a
-    concurrent replica never sees a half-written adapter.
+    concurrent replica never sees a half-written adapter. Only the two safetensors-format files are
+    ever fetched.
     """
-    client = _s3_client(endpoint_url)
-    files = {name: etag for name, (etag, _) in _list_s3_files(client, uri).items() if name in REQUIRED_FILES}
-    missing = [name for name in REQUIRED_FILES if name not in files]
+    storage = Storage(uri, endpoint_url)
+    missing = [name for name in REQUIRED_FILES if name not in storage.list_files()]
     if missing:
         raise FileNotFoundError(f"{uri} lacks {', '.join(missing)}")
+    files = {name: storage.version(name) for name in REQUIRED_FILES}
     key = hashlib.sha256(json.dumps([uri, sorted(files.items())]).encode()).hexdigest()[:20]
     final = Path(cache_dir).expanduser() / key
     if all((final / name).is_file() for name in REQUIRED_FILES):
@@ -195,9 +167,9 @@ def download_s3_adapter(uri: str, cache_dir: Path, endpoint_url: str | None) -> 
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
     try:
-        bucket, prefix = split_s3_uri(uri)
         for name in files:
-            client.download_file(bucket, prefix + name, str(tmp / name))
+            if not storage.download_file(tmp / name, name):
+                raise FileNotFoundError(f"{uri} lost {name} while it was being downloaded")
         try:
             os.rename(tmp, final)
         except OSError:  # another process published it first

@@ -92,7 +92,7 @@ class Sweep:
     @property
     def uri(self) -> str:
         """Where the sweep lives in storage: the key its ledger, callbacks and scheduler find it by, on any machine."""
-        return self.storage.uri
+        return self.storage.uri_of()
 
     @property
     def state(self) -> SweepState:
@@ -102,7 +102,7 @@ class Sweep:
     @property
     def trials(self) -> Storage:
         """Where the trials' training runs live."""
-        return Storage(self.storage.uri_of(TRIALS_DIR), self.storage.endpoint_url)
+        return self.storage.child(TRIALS_DIR)
 
 
 def prepare_sweep(cfg: SweepConfig, name: str) -> Sweep:
@@ -113,10 +113,12 @@ def prepare_sweep(cfg: SweepConfig, name: str) -> Sweep:
 
     job = cfg.job_config()
     root = Storage.from_config(job.storage)
-    storage = Storage(root.uri_of("sweeps", name), root.endpoint_url)
+    storage = root.child("sweeps", name)
     sweep_dir = ftune_home() / "sweeps" / name if root.is_remote else Path(storage.uri)
     data = job.model_dump(mode="json")
-    data["storage"] = StorageConfig(path=storage.uri_of(TRIALS_DIR), endpoint_url=root.endpoint_url).model_dump()
+    trials = storage.child(TRIALS_DIR)
+    data["storage"] = StorageConfig(path=trials.uri_of(), endpoint_url=trials.endpoint_url,
+                                    region=trials.region).model_dump()
     data["tracking"]["group"] = name
     local_model = Path(job.model.name_or_path).expanduser()
     if not job.model.name_or_path.startswith("builtin:") and local_model.is_dir():
@@ -340,7 +342,7 @@ def run(sweep: Sweep, *, resume: bool, show_trial_logs: bool) -> dict[str, Any]:
                 name=TUNE_DIR, storage_path=str(sweep.sweep_dir), verbose=0, stop=BudgetStopper(sweep.uri),
                 callbacks=[SpendTracker(sweep.uri, metric), registry,
                            SweepProgress(sweep.uri, sweep.plan.space, sweep.plan.base_r, metric, s.mode),
-                           *([SweepStateSync(sweep.uri, sweep.storage.endpoint_url)] if sweep.storage.is_remote else [])],
+                           *([SweepStateSync(sweep.uri, sweep.storage)] if sweep.storage.is_remote else [])],
                 failure_config=tune.FailureConfig(max_failures=0),  # Ray Train retries inside the trial
             ),
         )

@@ -127,9 +127,9 @@ class SweepStateSync(tune.Callback):
     ``min_interval_s`` later: storage trouble never fails a trial.
     """
 
-    def __init__(self, sweep_uri: str, endpoint_url: str | None, min_interval_s: float = 10.0):
+    def __init__(self, sweep_uri: str, storage: Storage, min_interval_s: float = 10.0):
         self.sweep_uri = sweep_uri
-        self.endpoint_url = endpoint_url
+        self.storage = storage
         self.min_interval_s = min_interval_s
         self._pushed_statuses: dict[str, str] | None = None
         self._checkpointed = False
@@ -141,7 +141,7 @@ class SweepStateSync(tune.Callback):
         self._last_attempt = time.monotonic()
         local = SpendLedger.of(self.sweep_uri).sweep_dir
         try:
-            SweepState(local, Storage(self.sweep_uri, self.endpoint_url)).push()
+            SweepState(local, self.storage).push()
         except (OSError, ArrowException) as e:
             log.warning("could not keep the sweep's state in %s (retrying in %.0f s): %s", self.sweep_uri,
                         self.min_interval_s, e)

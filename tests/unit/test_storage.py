@@ -20,7 +20,7 @@ import pytest
 
 from ftune.config import StorageConfig
 from ftune.errors import ConfigError
-from ftune.storage import Storage
+from ftune.storage import Storage, with_region
 
 OLD = b'{"step": 1, "loss": 2.0}\n'
 NEW = b'{"step": 2, "loss": 1.5}\n' * 4096  # 100 KiB: far past the cap below
@@ -221,3 +221,78 @@ def test_s3_round_trip_with_a_region_in_the_uri(moto_endpoint, no_region_env, tm
     assert storage.download_file(tmp_path / "back.jsonl", "demo", "metrics.jsonl")
     assert (tmp_path / "back.jsonl").read_bytes() == OLD
     assert not storage.download_file(tmp_path / "none.jsonl", "demo", "missing.jsonl")
+
+
+def test_a_child_keeps_the_region_and_the_endpoint():
+    root = Storage("s3://bucket/runs?region=eu-west-3", endpoint_url="http://127.0.0.1:9")
+    child = root.child("sweeps", "s1")
+    assert child == Storage("s3://bucket/runs/sweeps/s1?region=eu-west-3", endpoint_url="http://127.0.0.1:9")
+    assert child.region == "eu-west-3" and child.path("trials") == "bucket/runs/sweeps/s1/trials"
+    assert Storage("s3://bucket/runs").child("x").uri == "s3://bucket/runs/x"
+    assert Storage("/data/runs").child("a", "b") == Storage("/data/runs/a/b")
+
+
+def test_with_region_sets_or_keeps_the_query():
+    assert with_region("s3://bucket/p", "eu-west-3") == "s3://bucket/p?region=eu-west-3"
+    assert with_region("s3://bucket/p?region=us-east-1", "eu-west-3") == "s3://bucket/p?region=eu-west-3"
+    assert with_region("s3://bucket/p?region=us-east-1", None) == "s3://bucket/p?region=us-east-1"
+
+
+def test_storage_region_is_a_typed_setting_that_agrees_with_the_path(bucket_regions):
+    _, asked = bucket_regions
+    bucket = fresh_bucket()
+    storage = Storage.from_config(StorageConfig(path=f"s3://{bucket}/runs", region="eu-west-3"))
+    assert storage.region == "eu-west-3" and storage.filesystem()[0].region == "eu-west-3"
+    assert storage.uri_of("demo") == f"s3://{bucket}/runs/demo"
+    same = Storage.from_config(StorageConfig(path=f"s3://{bucket}/runs?region=eu-west-3", region="eu-west-3"))
+    assert same == storage
+    with pytest.raises(ConfigError, match=r"storage.region is 'eu-west-3' but storage.path says \?region=us-east-1"):
+        Storage.from_config(StorageConfig(path=f"s3://{bucket}/runs?region=us-east-1", region="eu-west-3"))
+    assert asked == []
+
+
+def test_directory_uploads_run_on_one_thread(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(pafs, "copy_files", lambda *args, **kwargs: calls.append(kwargs))
+    (tmp_path / "adapter").mkdir()
+    Storage(str(tmp_path / "root")).upload_dir(tmp_path / "adapter", "run", "adapter")
+    assert [c.get("use_threads") for c in calls] == [False]
+
+
+def test_files_are_listed_read_by_range_and_versioned_locally(tmp_path):
+    storage = Storage(str(tmp_path))
+    storage.write_text("0123456789", "adapter", "weights")
+    storage.write_text("{}", "adapter", "config.json")
+    (tmp_path / "adapter" / "nested").mkdir()
+    assert storage.list_files("adapter") == {"weights": 10, "config.json": 2}
+    assert storage.list_files("absent") == {}
+    assert storage.read_bytes("adapter", "config.json") == b"{}"
+    with storage.open_file("adapter", "weights") as f:
+        assert (f.read_at(3, 4), f.size()) == (b"456", 10)
+    before = storage.version("adapter", "weights")
+    assert storage.version("adapter", "weights") == before
+    storage.write_text("01234567890", "adapter", "weights")
+    assert storage.version("adapter", "weights") != before
+    with pytest.raises(FileNotFoundError):
+        storage.version("adapter", "missing")
+
+
+def test_s3_files_are_listed_read_by_range_and_versioned(moto_endpoint, no_region_env):
+    import boto3
+
+    no_region_env.setenv("AWS_ACCESS_KEY_ID", "ftune-test")
+    no_region_env.setenv("AWS_SECRET_ACCESS_KEY", "ftune-test")
+    client = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+    bucket = fresh_bucket()
+    client.create_bucket(Bucket=bucket)
+    storage = Storage(f"s3://{bucket}/adapters/a?region=us-east-1", endpoint_url=moto_endpoint)
+    storage.write_text("0123456789", "weights")
+    storage.write_text("{}", "nested", "config.json")
+    assert storage.list_files() == {"weights": 10}, "files directly under the prefix, not in sub-folders"
+    assert storage.child("nowhere").list_files() == {}
+    with storage.open_file("weights") as f:
+        assert (f.read_at(3, 4), f.size()) == (b"456", 10)
+    etag = client.head_object(Bucket=bucket, Key="adapters/a/weights")["ETag"]
+    assert storage.version("weights") == etag
+    storage.write_text("9876543210", "weights")
+    assert storage.version("weights") not in ("", etag)

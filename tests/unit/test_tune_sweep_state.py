@@ -58,7 +58,7 @@ def test_sync_pushes_on_status_changes_and_throttles_checkpoints(tmp_path):
     uri = str(bucket)  # the sweep's key is where it lives in storage, not the driver's directory
     ledger = SpendLedger.open(local, BudgetConfig(), uri=uri, rate_usd_per_h=36.0, estimate_trial_s=10.0,
                               report_interval_s=0.5)
-    tracker, sync = SpendTracker(uri, "eval_loss"), SweepStateSync(uri, None, min_interval_s=3600.0)
+    tracker, sync = SpendTracker(uri, "eval_loss"), SweepStateSync(uri, Storage(uri), min_interval_s=3600.0)
     ledger.admit("a")
     a = stub("a", "RUNNING")
 
