@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -25,6 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 import pyarrow.fs as pafs
 from pyarrow import ArrowException
 
+from ftune.atomic_files import write_bytes_atomic
 from ftune.config import StorageConfig
 from ftune.errors import ConfigError
 
@@ -124,7 +124,7 @@ class Storage:
         fs, _ = self.filesystem()
         with fs.open_input_stream(self.path(*parts)) as src:
             data = src.read()
-        replace_file(Path(local_file), data)
+        write_bytes_atomic(local_file, data)
         return True
 
     def upload_dir(self, local_dir: str | Path, *parts: str) -> None:
@@ -147,31 +147,12 @@ class Storage:
         """Write ``data`` to ``parts`` below the root: one PUT on S3, a rename locally."""
         target = self.path(*parts)
         if not self.is_remote:
-            replace_file(Path(target), data)
+            write_bytes_atomic(target, data)
             return
         fs, _ = self.filesystem()
         fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
         with fs.open_output_stream(target) as out:
             out.write(data)
-
-
-def replace_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part.
-
-    The bytes go to a hidden temporary file in the same directory, flushed to disk, then renamed
-    over ``path``; if anything fails the temporary file is removed and ``path`` is untouched.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def split_s3_uri(uri: str) -> tuple[str, str, str | None]:

@@ -13,11 +13,10 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from ftune.atomic_files import publish_dir
 from ftune.errors import ConfigError
 from serve.adapter_checks import (
     BaseModelLayout,
@@ -192,19 +191,13 @@ def download_s3_adapter(uri: str, cache_dir: Path, endpoint_url: str | None) -> 
     final = Path(cache_dir).expanduser() / key
     if all((final / name).is_file() for name in REQUIRED_FILES):
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
-    try:
-        bucket, prefix = split_s3_uri(uri)
+    bucket, prefix = split_s3_uri(uri)
+
+    def download(tmp: Path) -> None:
         for name in files:
             client.download_file(bucket, prefix + name, str(tmp / name))
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process published it first
-            if not all((final / name).is_file() for name in REQUIRED_FILES):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    publish_dir(download, final, is_current=lambda path: all((path / name).is_file() for name in REQUIRED_FILES))
     return final
 
 
