@@ -16,6 +16,7 @@ from pydantic import Field
 
 from ftune.config import TrainJobConfig
 from ftune.errors import ConfigError
+from ftune.mapping import deep_merge
 from ftune.yaml_config import Section, _describe_error, read_yaml
 
 DISTRIBUTIONS = ("choice", "loguniform", "uniform", "ratio")
@@ -250,7 +251,7 @@ class SweepConfig(Section):
                 base_data, base_lines = read_yaml(self.base)
             except ConfigError as e:
                 return [("base", str(e))], None
-        merged = _deep_merge(base_data, self.job)
+        merged = deep_merge(base_data, self.job)
         overridden = set(_dotted_keys(self.job))
 
         def locate(key: str, message: str) -> tuple[str, str]:
@@ -285,16 +286,6 @@ class SweepConfig(Section):
                             f"{interval} is not a multiple of train.eval_every ({t.eval_every}): "
                             "PBT would rank trials on stale eval losses; use a multiple of it"))
         return out
-
-
-def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def _dotted_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
