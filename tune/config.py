@@ -17,7 +17,7 @@ from pydantic import Field
 from ftune.config import TrainJobConfig
 from ftune.errors import ConfigError
 from ftune.mapping import deep_merge
-from ftune.yaml_config import Section, _describe_error, read_yaml
+from ftune.yaml_config import Section, describe_problem, format_problem, read_yaml
 
 DISTRIBUTIONS = ("choice", "loguniform", "uniform", "ratio")
 """The ways a parameter can be searched (keys of a parameter spec)."""
@@ -257,14 +257,12 @@ class SweepConfig(Section):
         def locate(key: str, message: str) -> tuple[str, str]:
             if any(key == o or o.startswith(key + ".") or key.startswith(o + ".") for o in overridden):
                 return f"job.{key}" if key else "job", message
-            line = base_lines.get(key) or base_lines.get(key.rsplit(".", 1)[0])
-            where = f"{self.base}:{line}" if line else (self.base or "<defaults>")
-            return "base", f"{where}: {key}: {message}"
+            return "base", format_problem(self.base or "<defaults>", key, message, base_lines)
 
         try:
             job = TrainJobConfig.model_validate(merged)
         except pydantic.ValidationError as e:
-            return [locate(*_describe_error(TrainJobConfig, err)) for err in e.errors()], None
+            return [locate(*describe_problem(TrainJobConfig, err)) for err in e.errors()], None
         return [locate(key, msg) for key, msg in job.problems()], job
 
     def _schedule_problems(self, job: TrainJobConfig) -> list[tuple[str, str]]:
