@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from collections.abc import Callable
 from pathlib import Path
+
+from ftune.atomic_files import publish_dir, write_bytes_atomic
 
 TINY_LLAMA = "builtin:tiny-llama"
 SAMPLE_INSTRUCTIONS = "builtin:sample-instructions"
@@ -46,36 +45,6 @@ def _tiny_model_is_current(path: Path, seed: int, pretrain_steps: int) -> bool:
     )
 
 
-def _publish_dir(build: Callable[[Path], object], final: Path, *, is_current: Callable[[Path], bool]) -> None:
-    """Runs ``build(tmp_dir)`` next to ``final`` and renames the result into place.
-
-    If ``is_current(final)`` holds once the build is done, another process published first and
-    its copy is kept. Otherwise an existing ``final`` (stale, or a forced rebuild) is moved aside
-    and deleted after the swap.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=final.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it owner-only; the published cache should be readable like any other
-    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex}")
-    try:
-        build(tmp)
-        if is_current(final):
-            return
-        if final.exists():
-            try:
-                os.rename(final, old)  # rename cannot replace a non-empty directory
-            except FileNotFoundError:
-                pass  # another process moved it aside first
-        try:
-            os.rename(tmp, final)  # atomic on POSIX
-        except OSError:
-            if not is_current(final):  # lost a race to a process that published a good copy: use it
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def ensure_tiny_model(
     out_dir: Path | None = None, *, seed: int = 0, force: bool = False, pretrain_steps: int | None = None
 ) -> Path:
@@ -106,7 +75,7 @@ def ensure_tiny_model(
             f"{final} exists and is not a tiny-model build (no {MARKER_FILE}); "
             "delete it or choose another directory."
         )
-    _publish_dir(
+    publish_dir(
         lambda tmp: build_tiny_model(tmp, seed=seed, pretrain_steps=steps),
         final,
         is_current=lambda path: not force and _tiny_model_is_current(path, seed, steps),
@@ -121,16 +90,7 @@ def _write_if_changed(final: Path, content: bytes) -> Path:
             return final
     except FileNotFoundError:
         pass
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-        os.chmod(tmp_name, 0o644)  # mkstemp makes it owner-only
-        os.replace(tmp_name, final)  # atomic; concurrent writers write identical bytes
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)
-    return final
+    return write_bytes_atomic(final, content)  # concurrent writers write identical bytes
 
 
 def ensure_sample_dataset() -> Path:

@@ -24,16 +24,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pyarrow.fs as pafs
 from pyarrow import ArrowException, NativeFile
 
+from ftune.atomic_files import write_atomic, write_bytes_atomic
 from ftune.config import StorageConfig
 from ftune.errors import ConfigError
 
@@ -179,7 +177,7 @@ class Storage:
             return False
         fs, _ = self.filesystem()
         with fs.open_input_stream(self.path(*parts)) as src:
-            _replace_with(Path(local_file), lambda out: shutil.copyfileobj(src, out, _COPY_CHUNK))
+            write_atomic(local_file, lambda out: shutil.copyfileobj(src, out, _COPY_CHUNK))
         return True
 
     def upload_dir(self, local_dir: str | Path, *parts: str) -> None:
@@ -207,36 +205,12 @@ class Storage:
         """Write ``data`` to ``parts`` below the root: one PUT on S3, a rename locally."""
         target = self.path(*parts)
         if not self.is_remote:
-            replace_file(Path(target), data)
+            write_bytes_atomic(target, data)
             return
         fs, _ = self.filesystem()
         fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
         with fs.open_output_stream(target) as out:
             out.write(data)
-
-
-def replace_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part.
-
-    The bytes go to a hidden temporary file in the same directory, flushed to disk, then renamed
-    over ``path``; if anything fails the temporary file is removed and ``path`` is untouched.
-    """
-    _replace_with(path, lambda out: out.write(data))
-
-
-def _replace_with(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """``replace_file`` for content that ``write`` streams into the open temporary file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def split_s3_uri(uri: str) -> tuple[str, str, str | None]:

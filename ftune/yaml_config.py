@@ -1,13 +1,18 @@
 """Load typed configs from YAML plus dotted command-line overrides, reporting every problem at once.
 
 A problem is reported with where it came from (``file:line`` or the override that set it), the
-dotted key, the offending value and the fix; unknown keys get a "did you mean" hint.
+dotted key, the offending value and the fix; unknown keys get a "did you mean" hint. Every config
+(train, sweep, pricing, serve) goes through here: ``load_config`` reads a file and validates it,
+``validate_config`` validates data read some other way (a Serve application's ``args``), and
+``describe_problem`` / ``format_problem`` word a single problem for a config that gathers its own.
 """
 
 from __future__ import annotations
 
 import difflib
+import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -231,60 +236,103 @@ def load_config(
     data, lines = read_yaml(path) if path is not None else (dict(base or {}), {})
     origins = apply_overrides(data, list(overrides or []))
     source = str(path) if path is not None else "<defaults>"
+    return validate_config(cls, data, source=source, lines=lines, origins=origins)
+
+
+def validate_config(
+    cls: type[C],
+    data: dict[str, Any],
+    *,
+    source: str,
+    lines: dict[str, int] | None = None,
+    origins: dict[str, str] | None = None,
+) -> C:
+    """Build ``cls`` from already-read ``data``, checking its fields and then its ``problems()``, if any.
+
+    For configs that are not a whole file of their own (a Serve application's ``args``) or whose file
+    needs a reading of its own; ``load_config`` reads a file and comes here.
+
+    Args:
+        cls: The config model.
+        data: Its mapping, overrides applied (see ``apply_overrides``).
+        source: Where ``data`` came from, for messages (a file name or a description).
+        lines: Line of each dotted key in the file (``read_yaml``), to point at the offending line.
+        origins: {dotted key: override text} from ``apply_overrides``, to name the override instead.
+
+    Raises:
+        ConfigError: one error listing every problem with its file:line (or override), key and fix.
+    """
     try:
         config = cls.model_validate(data)
     except pydantic.ValidationError as e:
-        problems = [_describe_error(cls, err) for err in e.errors()]
-        raise ConfigError(_report(source, problems, lines, origins)) from None
+        problems = [describe_problem(cls, err) for err in e.errors()]
+        raise ConfigError(format_problems(source, problems, lines, origins)) from None
     problems = list(config.problems()) if hasattr(config, "problems") else []
     if problems:
-        raise ConfigError(_report(source, problems, lines, origins))
+        raise ConfigError(format_problems(source, problems, lines, origins))
     return config
 
 
-def _field_model(cls: type[pydantic.BaseModel], parts: tuple) -> type[pydantic.BaseModel] | None:
-    """The nested model reached by following field names ``parts`` from ``cls``."""
-    model: Any = cls
-    for part in parts:
-        if not (isinstance(model, type) and issubclass(model, pydantic.BaseModel)):
+def _model_at(cls: type[pydantic.BaseModel], loc: tuple) -> type[pydantic.BaseModel] | None:
+    """The nested model reached by following ``loc`` (fields, list indices, mapping keys) from ``cls``."""
+    annotation: Any = cls
+    for part in loc:
+        found, annotation = _inside(annotation, part)
+        if not found:
             return None
-        field = model.model_fields.get(str(part))
-        if field is None:
-            return None
-        model = _unwrap(field.annotation)
-    return model if isinstance(model, type) and issubclass(model, pydantic.BaseModel) else None
+    for option in typing.get_args(annotation) if _is_union(annotation) else (annotation,):
+        if isinstance(option, type) and issubclass(option, pydantic.BaseModel):
+            return option
+    return None
 
 
-def _unwrap(annotation: Any) -> Any:
-    for arg in typing.get_args(annotation) or ():
-        if isinstance(arg, type) and issubclass(arg, pydantic.BaseModel):
-            return arg
-    return annotation
+def _inside(annotation: Any, part: Any) -> tuple[bool, Any]:
+    """Whether ``part`` of an error location names something inside a value of type ``annotation``
+    (a field of a model, an index of a list, a key of a mapping), and that thing's annotation.
+
+    Anything else is one of pydantic's union-member tags (``'list[float]'``), which no file holds.
+    """
+    options = [a for a in typing.get_args(annotation) if a is not type(None)] if _is_union(annotation) else [annotation]
+    for option in options:
+        origin = typing.get_origin(option) or option
+        args = typing.get_args(option)
+        if isinstance(option, type) and issubclass(option, pydantic.BaseModel):
+            if str(part) in option.model_fields:
+                return True, option.model_fields[str(part)].annotation
+        elif isinstance(part, int) and origin in (list, tuple, set, frozenset):
+            return True, args[0] if args else Any
+        elif isinstance(part, str) and origin is dict and len(options) == 1:
+            return True, args[1] if len(args) == 2 else Any
+    return False, None
+
+
+def _is_union(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
 
 
 def _field_path(cls: type[pydantic.BaseModel], loc: tuple) -> tuple:
-    """Longest prefix of ``loc`` made of real field names (drops pydantic's union-member tags)."""
+    """The longest prefix of ``loc`` that names a place in the file: fields, list indices and mapping keys
+    (so a bad value under ``instance_types.g5.xlarge`` points at its own line), without pydantic's
+    union-member tags."""
     path: list = []
-    model: Any = cls
+    annotation: Any = cls
     for part in loc:
-        if isinstance(part, int) and path:
-            path.append(part)
-            continue
-        if not (isinstance(model, type) and issubclass(model, pydantic.BaseModel)):
-            break
-        if str(part) not in model.model_fields:
-            if model is not None and part not in path:
-                path.append(part)
+        found, annotation = _inside(annotation, part)
+        if not found:
             break
         path.append(part)
-        model = _unwrap(model.model_fields[str(part)].annotation)
     return tuple(path)
 
 
-def _describe_error(cls: type[pydantic.BaseModel], err: dict) -> tuple[str, str]:
+def describe_problem(cls: type[pydantic.BaseModel], err: Mapping[str, Any]) -> tuple[str, str]:
+    """One pydantic error of validating ``cls`` as (dotted key, message with the value and the fix).
+
+    Unknown keys get a "did you mean" (typos and other tools' names, see ``KNOWN_ALIASES``), or the
+    keys known there.
+    """
     loc = tuple(err.get("loc", ()))
     if err.get("type") == "extra_forbidden":
-        parent = _field_model(cls, loc[:-1])
+        parent = _model_at(cls, loc[:-1])
         known = sorted(parent.model_fields) if parent is not None else []
         key = ".".join(str(p) for p in loc)
         alias = KNOWN_ALIASES.get(str(loc[-1]))
@@ -305,23 +353,34 @@ def _describe_error(cls: type[pydantic.BaseModel], err: dict) -> tuple[str, str]
     return key, f"{shown} is invalid: {msg}"
 
 
-def _report(
-    source: str, problems: list[tuple[str, str]], lines: dict[str, int], origins: dict[str, str]
+def format_problem(
+    source: str,
+    key: str,
+    message: str,
+    lines: dict[str, int] | None = None,
+    origins: dict[str, str] | None = None,
 ) -> str:
-    seen: set[tuple[str, str]] = set()
-    rows = []
-    for key, message in problems:
-        if (key, message) in seen:
-            continue
-        seen.add((key, message))
-        nested = [text for dotted, text in origins.items() if dotted.startswith(key + ".")] if key else []
-        if key in origins or nested:
-            where = f"override {origins.get(key) or nested[0]!r}"
-        elif key in lines:
-            where = f"{source}:{lines[key]}"
-        else:
-            parent = key.rsplit(".", 1)[0]
-            where = f"{source}:{lines[parent]}" if parent in lines else source
-        rows.append(f"  - {where}: {key or '<top level>'}: {message}")
+    """``where: key: message`` for one problem: ``where`` is the override that set ``key`` (or a key
+    below it), else ``source:line`` of the key or its parent, else ``source``."""
+    lines, origins = lines or {}, origins or {}
+    nested = [text for dotted, text in origins.items() if dotted.startswith(key + ".")] if key else []
+    if key in origins or nested:
+        where = f"override {origins.get(key) or nested[0]!r}"
+    elif key in lines:
+        where = f"{source}:{lines[key]}"
+    else:
+        parent = key.rsplit(".", 1)[0]
+        where = f"{source}:{lines[parent]}" if parent in lines else source
+    return f"{where}: {key or '<top level>'}: {message}"
+
+
+def format_problems(
+    source: str,
+    problems: list[tuple[str, str]],
+    lines: dict[str, int] | None = None,
+    origins: dict[str, str] | None = None,
+) -> str:
+    """The one error text listing every (key, message) problem once, each as ``format_problem`` words it."""
+    rows = [f"  - {format_problem(source, key, message, lines, origins)}" for key, message in dict.fromkeys(problems)]
     noun = "problem" if len(rows) == 1 else "problems"
     return f"{len(rows)} {noun} in config {source}:\n" + "\n".join(rows)

@@ -9,10 +9,9 @@ truth, checked, instead of a separate ``deployments:`` override that nothing val
 
 from __future__ import annotations
 
-import difflib
+import copy
 import ipaddress
 import re
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +20,7 @@ from pydantic import Field
 
 from ftune.config import ModelConfig, Precision
 from ftune.errors import ConfigError
-from ftune.yaml_config import KNOWN_ALIASES, Section, _describe_error, _report, apply_overrides, read_yaml
+from ftune.yaml_config import Section, apply_overrides, read_yaml, validate_config
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """What an adapter (and so an OpenAI model id) may be called: it is only ever a registry key."""
@@ -195,17 +194,9 @@ def validate_serving_args(
         raise ConfigError(
             f"{source}: args must be a mapping of ServingConfig fields, got {type(args).__name__}"
         )
-    data = _deep_copy(args)
+    data = copy.deepcopy(args)
     origins = apply_overrides(data, list(overrides or []))
-    try:
-        config = ServingConfig.model_validate(data)
-    except pydantic.ValidationError as e:
-        problems = [_describe(ServingConfig, err) for err in e.errors()]
-        raise ConfigError(_report(source, problems, lines or {}, origins)) from None
-    problems = config.problems()
-    if problems:
-        raise ConfigError(_report(source, problems, lines or {}, origins))
-    return config
+    return validate_config(ServingConfig, data, source=source, lines=lines, origins=origins)
 
 
 def admitted_requests(limits: LimitsConfig) -> int | None:
@@ -389,56 +380,5 @@ def validate_serve_file(
     Raises:
         ConfigError: naming each bad key with its file:line (or the override that set it) and the fix.
     """
-    try:
-        config = ServeFileConfig.model_validate(data)
-    except pydantic.ValidationError as e:
-        problems = [_describe(ServeFileConfig, err) for err in e.errors()]
-        raise ConfigError(_report(source, problems, lines or {}, origins or {})) from None
-    problems = config.problems()
-    if problems:
-        raise ConfigError(_report(source, problems, lines or {}, origins or {}))
-    return config
+    return validate_config(ServeFileConfig, data, source=source, lines=lines, origins=origins)
 
-
-def _describe(cls: type[pydantic.BaseModel], err: dict) -> tuple[str, str]:
-    """(dotted key, message) of a validation error; unknown keys get a "did you mean", also inside lists."""
-    loc = tuple(err.get("loc", ()))
-    if err.get("type") != "extra_forbidden":
-        return _describe_error(cls, err)
-    parent = _model_at(cls, loc[:-1])
-    known = sorted(parent.model_fields) if parent is not None else []
-    alias = KNOWN_ALIASES.get(str(loc[-1]))
-    guess = [alias] if alias in known else difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
-    where = ".".join(str(p) for p in loc[:-1])
-    hint = (
-        f"did you mean '{where + '.' if where else ''}{guess[0]}'?"
-        if guess
-        else f"known keys here: {', '.join(known)}"
-    )
-    return ".".join(str(p) for p in loc), f"unknown key. {hint}"
-
-
-def _model_at(cls: type[pydantic.BaseModel], loc: tuple) -> type[pydantic.BaseModel] | None:
-    """The model reached from ``cls`` by following field names and list indices in ``loc``."""
-    model: Any = cls
-    for part in loc:
-        if isinstance(part, int):
-            continue  # the list's item type was unwrapped with the list field
-        if (
-            not (isinstance(model, type) and issubclass(model, pydantic.BaseModel))
-            or str(part) not in model.model_fields
-        ):
-            return None
-        model = model.model_fields[str(part)].annotation
-        for arg in typing.get_args(model) or ():
-            if isinstance(arg, type) and issubclass(arg, pydantic.BaseModel):
-                model = arg
-    return model if isinstance(model, type) and issubclass(model, pydantic.BaseModel) else None
-
-
-def _deep_copy(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _deep_copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_deep_copy(v) for v in value]
-    return value

@@ -12,14 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from pyarrow import ArrowException
 
+from ftune.atomic_files import publish_dir
 from ftune.errors import ConfigError
 from ftune.storage import Storage
 from serve.adapter_checks import (
@@ -164,19 +162,12 @@ def download_s3_adapter(uri: str, cache_dir: Path, endpoint_url: str | None) -> 
     final = Path(cache_dir).expanduser() / key
     if all((final / name).is_file() for name in REQUIRED_FILES):
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
-    try:
+    def download(tmp: Path) -> None:
         for name in files:
             if not storage.download_file(tmp / name, name):
                 raise FileNotFoundError(f"{uri} lost {name} while it was being downloaded")
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process published it first
-            if not all((final / name).is_file() for name in REQUIRED_FILES):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    publish_dir(download, final, is_current=lambda path: all((path / name).is_file() for name in REQUIRED_FILES))
     return final
 
 

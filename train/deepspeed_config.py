@@ -13,6 +13,7 @@ import torch
 
 from ftune.config import TrainConfig, TrainJobConfig
 from ftune.errors import ConfigError
+from ftune.mapping import deep_merge
 
 # Keys the typed config owns; a user file may leave them out or set them to "auto".
 OWNED_KEYS = (
@@ -100,7 +101,7 @@ def build_deepspeed_config(
                 f"{source}: {dotted}={theirs!r} contradicts the typed config ({ours!r} for "
                 f"{world_size} worker(s)); set it to \"auto\" or remove it"
             )
-    merged = _merge(_drop_auto(user), generated)
+    merged = deep_merge(_drop_auto(user), generated)
     assert (
         merged["train_micro_batch_size_per_gpu"] * merged["gradient_accumulation_steps"] * world_size
         == merged["train_batch_size"]
@@ -119,10 +120,3 @@ def _get(data: dict[str, Any], dotted: str) -> Any:
 
 def _drop_auto(data: dict[str, Any]) -> dict[str, Any]:
     return {k: _drop_auto(v) if isinstance(v, dict) else v for k, v in data.items() if v != "auto"}
-
-
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -30,6 +29,7 @@ from typing import Any, ClassVar
 from ray import tune
 from ray.tune.search import Searcher
 
+from ftune.atomic_files import write_text_atomic
 from tune.config import BudgetConfig
 
 SPEND_FILE = "spend.json"
@@ -360,9 +360,7 @@ class SpendLedger:
         now = self.clock() if now is None else now
         self._last_save = now
         data = self.to_json(now)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=2, default=str))
-        tmp.replace(self.path)
+        write_text_atomic(self.path, json.dumps(data, indent=2, default=str))
 
     def to_json(self, now: float | None = None) -> dict[str, Any]:
         """The ledger as written to spend.json."""

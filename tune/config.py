@@ -16,7 +16,8 @@ from pydantic import Field
 
 from ftune.config import TrainJobConfig
 from ftune.errors import ConfigError
-from ftune.yaml_config import Section, _describe_error, read_yaml
+from ftune.mapping import deep_merge
+from ftune.yaml_config import Section, describe_problem, format_problem, read_yaml
 
 DISTRIBUTIONS = ("choice", "loguniform", "uniform", "ratio")
 """The ways a parameter can be searched (keys of a parameter spec)."""
@@ -250,20 +251,18 @@ class SweepConfig(Section):
                 base_data, base_lines = read_yaml(self.base)
             except ConfigError as e:
                 return [("base", str(e))], None
-        merged = _deep_merge(base_data, self.job)
+        merged = deep_merge(base_data, self.job)
         overridden = set(_dotted_keys(self.job))
 
         def locate(key: str, message: str) -> tuple[str, str]:
             if any(key == o or o.startswith(key + ".") or key.startswith(o + ".") for o in overridden):
                 return f"job.{key}" if key else "job", message
-            line = base_lines.get(key) or base_lines.get(key.rsplit(".", 1)[0])
-            where = f"{self.base}:{line}" if line else (self.base or "<defaults>")
-            return "base", f"{where}: {key}: {message}"
+            return "base", format_problem(self.base or "<defaults>", key, message, base_lines)
 
         try:
             job = TrainJobConfig.model_validate(merged)
         except pydantic.ValidationError as e:
-            return [locate(*_describe_error(TrainJobConfig, err)) for err in e.errors()], None
+            return [locate(*describe_problem(TrainJobConfig, err)) for err in e.errors()], None
         return [locate(key, msg) for key, msg in job.problems()], job
 
     def _schedule_problems(self, job: TrainJobConfig) -> list[tuple[str, str]]:
@@ -285,16 +284,6 @@ class SweepConfig(Section):
                             f"{interval} is not a multiple of train.eval_every ({t.eval_every}): "
                             "PBT would rank trials on stale eval losses; use a multiple of it"))
         return out
-
-
-def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def _dotted_keys(data: dict[str, Any], prefix: str = "") -> list[str]:

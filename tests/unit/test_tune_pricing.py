@@ -37,7 +37,9 @@ def test_non_finite_or_negative_prices_are_refused_naming_file_and_field(tmp_pat
         load_pricing(path)
     message = str(error.value)
     for field in bad:
-        assert f"{path}:4: instance_types.free-lunch: " in message and f"{field} is not a price" in message, message
+        line = {"on_demand": 6, "spot": 7}[field]
+        assert f"{path}:{line}: instance_types.free-lunch.{field}: " in message, message
+        assert f"{field} is not a price" in message, message
     assert message.count("is not a price") == len(bad), message
 
 
