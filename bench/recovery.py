@@ -31,6 +31,7 @@ Results go to bench/RESULTS.md (section "Recovery").
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -133,79 +134,94 @@ class WorkerTimeline(WorkerCallback):
         _append(os.path.join(os.environ[EVENTS_ENV], f"worker-{os.getpid()}.jsonl"), row)
 
 
-def timed_train_loop(loop_config: dict[str, Any]) -> None:
-    """``train.loop.train_loop_per_worker`` with time stamps around its start-up phases and checkpoints.
+class EventPhases:
+    """A ``train.phases.PhaseTimer`` that time-stamps a worker's start-up phases and checkpoints.
 
-    Installed in place of the real loop (pickled by value). Each worker appends ``{"t", "event", ...}``
+    Given to ``run_training`` (pickled by value to the workers). Each worker appends ``{"t", "event", ...}``
     rows to ``$FTUNE_BENCH_EVENTS/worker-<pid>.jsonl``: once per phase and per checkpoint, never per step.
     """
-    entered, preloaded = time.time(), [m for m in ("transformers", "peft", "deepspeed") if m in sys.modules]
-    import deepspeed
-    import psutil
-    import ray
-    import ray.train
 
-    from train import loop
+    TIMED = {"load_tokenizer", "build_engine", "load_base_model", "add_adapter", "deepspeed.initialize",
+             "load_checkpoint", "checkpoint"}
+    """The loop's phases recorded (train/phases.py); the per-step ones are left out."""
 
-    ctx = ray.train.get_context()
-    path = os.path.join(os.environ[EVENTS_ENV], f"worker-{os.getpid()}.jsonl")
-    base = {"run": loop_config["name"], "rank": ctx.get_world_rank()}
+    def __init__(self, run: str):
+        self.run = run
+        self.base: dict[str, Any] = {}
+        self.path = ""
 
-    def emit(event: str, t: float | None = None, **fields) -> None:
-        _append(path, {"t": t or time.time(), "event": event, **base, **fields})
+    def emit(self, event: str, t: float | None = None, **fields) -> None:
+        _append(self.path, {"t": t or time.time(), "event": event, **self.base, **fields})
 
-    def timed(owner, attr: str, label: str, describe=lambda args, kwargs: {}) -> None:
+    @contextlib.contextmanager
+    def phase(self, name: str, **fields: Any):
+        if name == "worker":
+            self._start_worker()
+            yield
+            self.emit("loop_done")
+            return
+        if name not in self.TIMED:
+            yield
+            return
+        fields = {k: v for k, v in fields.items() if k in ("step", "jit")}
+        self.emit(f"{name}:start", **fields)
+        try:
+            yield
+        finally:
+            self.emit(f"{name}:end", **fields)
+
+    def _timed(self, owner, attr: str, label: str) -> None:
+        """Library calls have no phase of their own: wrap them in this worker process."""
         inner = getattr(owner, attr)
 
         def wrapper(*args, **kwargs):
-            emit(f"{label}:start", **describe(args, kwargs))
+            self.emit(f"{label}:start")
             try:
                 return inner(*args, **kwargs)
             finally:
-                emit(f"{label}:end", **describe(args, kwargs))
+                self.emit(f"{label}:end")
 
         setattr(owner, attr, wrapper)
 
-    get_notice = ray.train.get_preemption_info
+    def _start_worker(self) -> None:
+        entered, preloaded = time.time(), [m for m in ("transformers", "peft", "deepspeed") if m in sys.modules]
+        import deepspeed  # noqa: F401 - imported here, as the loop's engine would, to time the imports
+        import psutil
+        import ray
+        import ray.train
 
-    def notice_once():
-        info = get_notice()
-        if info is not None:
-            emit("notice")
-            ray.train.get_preemption_info = get_notice
-        return info
+        ctx = ray.train.get_context()
+        self.path = os.path.join(os.environ[EVENTS_ENV], f"worker-{os.getpid()}.jsonl")
+        self.base = {"run": self.run, "rank": ctx.get_world_rank()}
+        get_notice = ray.train.get_preemption_info
 
-    ray.train.get_preemption_info = notice_once
-    timed(loop, "load_tokenizer", "load_tokenizer")
-    timed(loop, "build_engine", "build_engine")
-    timed(loop, "load_base_model", "load_base_model")
-    timed(loop, "add_adapter", "add_adapter")
-    timed(deepspeed, "initialize", "deepspeed.initialize")
-    timed(loop, "load_checkpoint", "load_checkpoint")
-    timed(
-        loop, "_report_with_checkpoint", "checkpoint", lambda a, k: {"step": a[1].step, "jit": k.get("jit")}
-    )
-    # Ray Train internals: where a checkpoint's ray.train.report goes (skipped if an upgrade renames them).
-    from ray.train.v2._internal.execution import context as train_context
+        def notice_once():
+            info = get_notice()
+            if info is not None:
+                self.emit("notice")
+                ray.train.get_preemption_info = get_notice
+            return info
 
-    for attr, label in (
-        ("_sync_checkpoint_dir_name_across_ranks", "report.barrier"),
-        ("_upload_checkpoint", "report.upload"),
-        ("_wait_then_report", "report.queue"),
-    ):
-        if hasattr(train_context.TrainContext, attr):
-            timed(train_context.TrainContext, attr, label)
-    emit("process_started", t=psutil.Process().create_time())
-    emit("imports_done")
-    emit(
-        "loop_entered",
-        t=entered,
-        node_id=ray.get_runtime_context().get_node_id(),
-        world=ctx.get_world_size(),
-        imported=preloaded,
-    )
-    loop.train_loop_per_worker(loop_config)
-    emit("loop_done")
+        ray.train.get_preemption_info = notice_once
+        # Ray Train internals: where a checkpoint's ray.train.report goes (skipped if an upgrade renames them).
+        from ray.train.v2._internal.execution import context as train_context
+
+        for attr, label in (
+            ("_sync_checkpoint_dir_name_across_ranks", "report.barrier"),
+            ("_upload_checkpoint", "report.upload"),
+            ("_wait_then_report", "report.queue"),
+        ):
+            if hasattr(train_context.TrainContext, attr):
+                self._timed(train_context.TrainContext, attr, label)
+        self.emit("process_started", t=psutil.Process().create_time())
+        self.emit("imports_done")
+        self.emit(
+            "loop_entered",
+            t=entered,
+            node_id=ray.get_runtime_context().get_node_id(),
+            world=ctx.get_world_size(),
+            imported=preloaded,
+        )
 
 
 def read_jsonl(paths) -> list[dict[str, Any]]:
@@ -273,7 +289,10 @@ def run(
 
     def train():
         start = time.time()
-        return run_training(cfg, name=name, callbacks=[timeline, WorkerTimeline(name)]), time.time() - start
+        summary = run_training(
+            cfg, name=name, callbacks=[timeline, WorkerTimeline(name)], phase_timer=EventPhases(name)
+        )
+        return summary, time.time() - start
 
     print(
         f"[bench] {name}: {cfg.train.max_steps} steps" + (f", {fault} at step {at_step}" if fault else ""),
@@ -676,7 +695,6 @@ def main(argv: list[str]) -> int:
     import torch
     from ray import cloudpickle
 
-    import train.loop
     from cluster.local import LocalCluster
     from ftune.builtin import ensure_sample_dataset, ensure_tiny_model, ftune_home
 
@@ -701,7 +719,6 @@ def main(argv: list[str]) -> int:
     ensure_tiny_model(), ensure_sample_dataset()  # built before anything is timed
     if __name__ != "__main__":  # workers cannot import bench/: ship the timers by value
         cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    train.loop.train_loop_per_worker = timed_train_loop  # build_trainer looks it up at call time
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ.pop("RAY_ADDRESS", None)  # never join another engineer's cluster
     env = {

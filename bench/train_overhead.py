@@ -22,6 +22,7 @@ finished) <= 20 s; final train and eval losses within 2 % of plain.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -188,102 +189,100 @@ def run_plain(cfg) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ child: ftune
-def profiled_loop(loop_config: dict[str, Any]) -> None:
-    """``train_loop_per_worker`` with timers around each part of a step, sampled by py-spy.
+class ProfilePhases:
+    """A ``train.phases.PhaseTimer`` that times each part of a worker's run and samples it with py-spy.
 
-    Installed by ``--profile`` in place of the real loop (the TorchTrainer pickles this function by
-    value). Each rank writes ``worker<rank>.timers.json`` (calls, seconds and first-call time stamps per
-    part, and when the worker process started) and ``worker<rank>.pyspy.txt`` (collapsed stacks).
+    Given to ``run_training`` by ``--profile`` (pickled by value to the workers). Each rank writes
+    ``worker<rank>.timers.json`` (calls, seconds and first-call time stamps per phase and per library
+    call, and when the worker process started) and ``worker<rank>.pyspy.txt`` (collapsed stacks).
     """
-    import collections
-    import json as json_
-    import os as os_
-    import time as time_
 
-    entered = time_.time()
-    import deepspeed.runtime.engine
-    import psutil
-    import ray.train
-    import torch.distributed
+    def __init__(self, profile_dir: str):
+        self.profile_dir = profile_dir
+        self.totals: dict[str, dict[str, float]] = {}
+        self.spy: subprocess.Popen | None = None
+        self.entered = 0.0
 
-    from train import loop
+    @contextlib.contextmanager
+    def phase(self, name: str, **fields: Any):
+        if name == "worker":
+            self._start_worker()
+            try:
+                yield
+            finally:
+                self._end_worker()
+            return
+        t0 = time.perf_counter()
+        entry = self._entry(name)
+        try:
+            yield
+        finally:
+            self._count(entry, t0)
 
-    totals: dict[str, dict[str, float]] = collections.defaultdict(lambda: {"calls": 0, "seconds": 0.0})
+    def _entry(self, label: str) -> dict[str, float]:
+        entry = self.totals.setdefault(label, {"calls": 0, "seconds": 0.0})
+        if not entry["calls"]:
+            entry["first_start"] = time.time()
+        return entry
 
-    def timed(owner, attr: str, label: str) -> None:
+    @staticmethod
+    def _count(entry: dict[str, float], t0: float) -> None:
+        entry["calls"] += 1
+        entry["seconds"] += time.perf_counter() - t0
+        entry.setdefault("first_end", time.time())
+
+    def _timed(self, owner, attr: str, label: str) -> None:
+        """Library calls have no phase of their own: wrap them in this worker process."""
         inner = getattr(owner, attr)
 
         def wrapper(*args, **kwargs):
-            t0 = time_.perf_counter()
-            entry = totals[label]
-            if not entry["calls"]:
-                entry["first_start"] = time_.time()
+            t0, entry = time.perf_counter(), self._entry(label)
             try:
                 return inner(*args, **kwargs)
             finally:
-                entry["calls"] += 1
-                entry["seconds"] += time_.perf_counter() - t0
-                entry.setdefault("first_end", time_.time())
+                self._count(entry, t0)
 
         setattr(owner, attr, wrapper)
 
-    engine = deepspeed.runtime.engine.DeepSpeedEngine
-    timed(loop.Collator, "__call__", "collate")
-    timed(engine, "forward", "engine.forward")
-    timed(engine, "backward", "engine.backward")
-    timed(engine, "step", "engine.step")
-    for collective in (
-        "all_reduce",
-        "reduce_scatter_tensor",
-        "all_gather_into_tensor",
-        "broadcast",
-        "barrier",
-    ):
-        timed(torch.distributed, collective, f"torch.distributed.{collective}")
-    timed(ray.train, "report", "ray.train.report")
-    timed(ray.train, "get_preemption_info", "ray.train.get_preemption_info")
-    timed(loop.RunRecorder, "log", "RunRecorder.log")
-    timed(loop, "evaluate_loss", "evaluate_loss")
-    timed(loop, "build_engine", "build_engine")
-    timed(loop, "load_tokenizer", "load_tokenizer")
-    profile_dir = os_.environ["FTUNE_BENCH_PROFILE_DIR"]
-    rank = ray.train.get_context().get_world_rank()
-    spy = None
-    if shutil.which("py-spy"):
-        # The train function runs in a thread that blocks SIGINT, and py-spy would inherit the mask.
-        mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-        try:
-            spy = subprocess.Popen(
-                [
-                    "py-spy",
-                    "record",
-                    "--pid",
-                    str(os_.getpid()),
-                    "--format",
-                    "raw",
-                    "--rate",
-                    "250",
-                    "--nonblocking",
-                    "-o",
-                    f"{profile_dir}/worker{rank}.pyspy.txt",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    try:
-        loop.train_loop_per_worker(loop_config)
-    finally:
-        if spy is not None:
-            spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled and exits
+    def _start_worker(self) -> None:
+        self.entered = time.time()
+        import deepspeed.runtime.engine
+        import ray.train
+        import torch.distributed
+
+        engine = deepspeed.runtime.engine.DeepSpeedEngine
+        for attr in ("forward", "backward", "step"):
+            self._timed(engine, attr, f"engine.{attr}")
+        for collective in ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast", "barrier"):
+            self._timed(torch.distributed, collective, f"torch.distributed.{collective}")
+        self._timed(ray.train, "report", "ray.train.report")
+        self._timed(ray.train, "get_preemption_info", "ray.train.get_preemption_info")
+        self.rank = ray.train.get_context().get_world_rank()
+        if shutil.which("py-spy"):
+            # The train function runs in a thread that blocks SIGINT, and py-spy would inherit the mask.
+            mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
             try:
-                spy.wait(timeout=30)
+                self.spy = subprocess.Popen(
+                    ["py-spy", "record", "--pid", str(os.getpid()), "--format", "raw", "--rate", "250",
+                     "--nonblocking", "-o", f"{self.profile_dir}/worker{self.rank}.pyspy.txt"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+    def _end_worker(self) -> None:
+        import psutil
+
+        if self.spy is not None:
+            self.spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled and exits
+            try:
+                self.spy.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                spy.kill()
-        timeline = {"process_started": psutil.Process().create_time(), "loop_entered": entered}
-        Path(profile_dir, f"worker{rank}.timers.json").write_text(
-            json_.dumps({"timeline": timeline, "timers": dict(totals)}, indent=1)
+                self.spy.kill()
+        timeline = {"process_started": psutil.Process().create_time(), "loop_entered": self.entered}
+        Path(self.profile_dir, f"worker{self.rank}.timers.json").write_text(
+            json.dumps({"timeline": timeline, "timers": self.totals}, indent=1)
         )
 
 
@@ -305,10 +304,8 @@ def run_ftune(cfg, name: str, profile: bool) -> dict[str, Any]:
     import ray
 
     import train.job
-    import train.loop
 
-    if profile:
-        train.loop.train_loop_per_worker = profiled_loop  # build_trainer looks it up at call time
+    phase_timer = ProfilePhases(os.environ["FTUNE_BENCH_PROFILE_DIR"]) if profile else None
     marks: dict[str, float] = {}
     for step in ("prepare", "build_trainer"):  # run_training looks both up at call time
         setattr(train.job, step, _time_stamped(getattr(train.job, step), step, marks))
@@ -323,7 +320,7 @@ def run_ftune(cfg, name: str, profile: bool) -> dict[str, Any]:
     )
     t_ray = time.time()
     try:
-        summary = train.job.run_training(cfg, name=name)
+        summary = train.job.run_training(cfg, name=name, phase_timer=phase_timer)
     finally:
         ray.shutdown()
     lines = (Path(cfg.storage.path).expanduser() / name / "metrics.jsonl").read_text().splitlines()
@@ -594,7 +591,9 @@ STEP_PARTS = (
     ("zero_grad", "optimizer: zero_grad"),
     ("dist.all_reduce", "per-step all_reduce (loss, tokens, clock)"),
     ("get_preemption_info", "ray.train.get_preemption_info"),
+    ("preemption_notice(", "ray.train.get_preemption_info"),
     ("ray.train.report", "ray.train.report"),
+    ("send_report(", "ray.train.report"),
     ("recorder.log", "RunRecorder.log (metrics.jsonl)"),
     ("float(loss.detach())", "loss.item()"),
 )
@@ -611,29 +610,35 @@ def _step_loop_lines(fn, first: str, last: str) -> tuple[str, dict[int, str], ra
     return str(Path(inspect.getsourcefile(fn)).resolve()), src, range(begin, end)
 
 
-def step_profile(spy_file: Path, fn, first: str, last: str) -> dict[str, float]:
+def step_profile(spy_file: Path, regions: list[tuple[Any, str, str]]) -> dict[str, float]:
     """Share of a step loop's py-spy samples per part of the step (STEP_PARTS), from collapsed stacks.
 
-    py-spy names frames ``function (path:line)`` with the path relative to its sys.path entry.
+    ``regions`` are (function, first line, last line) of the step loop's code: a sample counts at
+    the deepest frame inside one of them. py-spy names frames ``function (path:line)`` with the path
+    relative to its sys.path entry.
     """
-    file, src, loop_lines = _step_loop_lines(fn, first, last)
-    prefix = f"{fn.__name__} ("
+    found = []
+    for fn, first, last in regions:
+        file, src, loop_lines = _step_loop_lines(fn, first, last)
+        found.append((f"{fn.__name__} (", file, src, loop_lines))
     counts: dict[str, int] = {}
     for raw_line in spy_file.read_text().splitlines():
         stack, _, n = raw_line.rpartition(" ")
         frames = stack.split(";")
         hits = [
-            i
+            (i, region)
             for i, f in enumerate(frames)
-            if f.startswith(prefix) and file.endswith(f[len(prefix) :].rpartition(":")[0])
+            for region in found
+            if f.startswith(region[0]) and region[1].endswith(f[len(region[0]) :].rpartition(":")[0])
         ]
         if not hits:
             continue
-        line = int(frames[hits[-1]].rpartition(":")[2].rstrip(")"))
+        at, (_, _, src, loop_lines) = hits[-1]
+        line = int(frames[at].rpartition(":")[2].rstrip(")"))
         if line not in loop_lines:
             continue
-        text, inner = src.get(line, ""), ";".join(frames[hits[-1] + 1 :])
-        if "_report_with_checkpoint" in inner or "run_eval" in text:
+        text, inner = src.get(line, ""), ";".join(frames[at + 1 :])
+        if "report_with_checkpoint" in inner or "evaluate()" in text:
             continue  # the final evaluation and checkpoint are not part of the steady state
         part = next(
             (label for key, label in STEP_PARTS if key in text), "other loop code (metrics, clocks, plan)"
@@ -658,14 +663,15 @@ def summarize_profiles(folders: dict[str, dict[str, tuple[Path, float]]]) -> str
         for label, (folder, wall_step_s) in runs.items():
             if label == "plain" and (folder / "plain.pyspy.txt").exists():
                 share = step_profile(
-                    folder / "plain.pyspy.txt", run_plain, "for step in range", "eval_after ="
+                    folder / "plain.pyspy.txt", [(run_plain, "for step in range", "eval_after =")]
                 )
             elif (folder / "worker0.pyspy.txt").exists():
                 share = step_profile(
                     folder / "worker0.pyspy.txt",
-                    train.loop.train_loop_per_worker,
-                    "while state.step",
-                    "if rank == 0 and recorder",
+                    [
+                        (train.loop.train, "while state.step", "return outcome"),
+                        (train.loop.train_step, "t0 = time.perf_counter()", "return metrics"),
+                    ],
                 )
             else:
                 continue

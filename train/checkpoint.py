@@ -244,8 +244,9 @@ def _check_files(fs: pafs.FileSystem, root: str, manifest: dict[str, str]) -> No
 def save_checkpoint(engine, state: TrainState, out_dir: Path, *, rank: int) -> None:
     """Write this rank's part of a checkpoint into ``out_dir`` (collective: all ranks call it).
 
-    The manifest is written last, so a rank interrupted mid-write leaves no manifest and the
-    checkpoint is never chosen on restore.
+    The manifest is written last, so a rank interrupted mid-write leaves no manifest: restore rejects
+    that checkpoint (``CorruptCheckpoint``) and falls back to the newest older one that verifies
+    (``train.restore.restore``).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = gather_engine_state(engine)

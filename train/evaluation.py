@@ -7,10 +7,14 @@ gets the same numbers.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from train.phases import NO_PHASE_TIMER, PhaseTimer
 
 
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -83,3 +87,52 @@ def exact_match(model, tokenizer, examples, device: torch.device, batch_size: in
     correct, total = _all_reduce_sum([correct, total], device)
     model.train(was_training)
     return {"exact_match": correct / total if total else float("nan"), "exact_match_examples": total}
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    """This rank's share of the held-out evaluation: loss and perplexity, and exact match when the data has references.
+
+    Every rank calls it at the same steps: each evaluates its own shard and the sums are all-reduced.
+    """
+
+    model: Any
+    tokenizer: Any
+    collate: Callable[[list], dict[str, torch.Tensor]]
+    device: torch.device
+    batch_size: int
+    """Examples per forward pass (the training micro-batch)."""
+    max_batches: int
+    """Evaluate at most this many loss batches per rank (0: all)."""
+    loss_shard: list
+    """This rank's validation examples."""
+    exact_match_shard: list
+    """This rank's share of the examples scored by exact match."""
+    exact_match_any: bool
+    """Any rank has exact-match examples (then every rank joins exact_match's all-reduce)."""
+    phases: PhaseTimer = NO_PHASE_TIMER
+
+    @classmethod
+    def of(cls, model, tokenizer, collate, device: torch.device, validation: list, *, rank: int, world: int,
+           batch_size: int, max_batches: int, exact_match_examples: int,
+           phases: PhaseTimer = NO_PHASE_TIMER) -> Evaluator:
+        """The evaluator of ``rank`` over ``validation``; exact match on its first ``exact_match_examples`` with a reference."""
+        scored = [e for e in validation if e.reference][:exact_match_examples]
+        return cls(model, tokenizer, collate, device, batch_size, max_batches, shard(validation, rank, world),
+                   shard(scored, rank, world), bool(scored), phases)
+
+    def __call__(self) -> dict[str, float]:
+        """The metrics of the model as it is now (a collective: every rank calls it)."""
+        size = self.batch_size
+        batches = [self.collate(self.loss_shard[i : i + size]) for i in range(0, len(self.loss_shard), size)]
+        if self.max_batches:
+            batches = batches[: self.max_batches]
+        with self.phases.phase("evaluate_loss"):
+            out = evaluate_loss(self.model, batches, self.device)
+        # Decided from the whole list, not this rank's share: a rank whose share is empty (fewer examples
+        # than workers) still joins exact_match's all-reduce.
+        if self.exact_match_any:
+            with self.phases.phase("exact_match"):
+                out.update(exact_match(self.model, self.tokenizer, self.exact_match_shard, self.device,
+                                       batch_size=size))
+        return out

@@ -25,6 +25,8 @@ from ftune.errors import DataError, JobFailed, UserError
 from ftune.yaml_config import load_config
 from train.batching import BatchPlan
 from train.deepspeed_config import build_deepspeed_config, load_user_config
+from train.phases import PhaseTimer
+from train.spec import RunData, RunSpec
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -78,19 +80,30 @@ def check_model_reachable(cfg: TrainJobConfig) -> None:
         ) from e
 
 
-def run_staging_dir(storage, name: str) -> Path:
-    """Where rank 0 writes a run's files: the run directory itself, or a staging copy under FTUNE_HOME for s3://."""
-    from ftune.builtin import ftune_home
+def prepare_run_data(cfg: TrainJobConfig) -> RunData:
+    """Tokenize the job's data (its paths already concrete) and check it makes at least one global batch.
 
-    return ftune_home() / "staging" / name if storage.is_remote else Path(storage.uri) / name
-
-
-def prepare(cfg: TrainJobConfig, name: str) -> dict[str, Any]:
-    """Everything checked before Ray starts: DeepSpeed config, model, data. Returns the loop config."""
-    from ftune.builtin import resolve_builtin
+    Raises:
+        DataError: the data is unreadable, or too small for one global batch.
+    """
     from ftune.data import prepare_data
-    from ftune.model import load_tokenizer, resolve_model_path
-    from ftune.storage import Storage
+    from ftune.model import load_tokenizer
+
+    data = prepare_data(cfg.data, load_tokenizer(cfg.model))
+    print(f"[ftune] {data.summary()}", flush=True)
+    plan = BatchPlan(len(data.train), cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.train.seed)
+    if plan.steps_per_epoch < 1:
+        raise DataError(
+            f"{cfg.data.path}: {len(data.train)} training examples make no full global batch of "
+            f"{cfg.train.global_batch_size}; lower train.global_batch_size or add data"
+        )
+    return RunData(train=data.train, validation=data.validation)
+
+
+def prepare(cfg: TrainJobConfig, name: str) -> tuple[RunSpec, RunData]:
+    """Everything checked before Ray starts: DeepSpeed config, model, data. Returns the run's spec and data."""
+    from ftune.builtin import resolve_builtin
+    from ftune.model import resolve_model_path
 
     # Workers get concrete paths: builtin models and data are built here, once, never by a worker.
     cfg = cfg.model_copy(deep=True)
@@ -102,31 +115,11 @@ def prepare(cfg: TrainJobConfig, name: str) -> dict[str, Any]:
     for world in sorted({cfg.scaling.min_workers, cfg.scaling.max_workers}):
         build_deepspeed_config(cfg, world, torch.float32, user=user_ds)
     check_model_reachable(cfg)
-    tokenizer = load_tokenizer(cfg.model)
-    data = prepare_data(cfg.data, tokenizer)
-    print(f"[ftune] {data.summary()}", flush=True)
-    plan = BatchPlan(len(data.train), cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.train.seed)
-    if plan.steps_per_epoch < 1:
-        raise DataError(
-            f"{cfg.data.path}: {len(data.train)} training examples make no full global batch of "
-            f"{cfg.train.global_batch_size}; lower train.global_batch_size or add data"
-        )
-    storage = Storage.from_config(cfg.storage)
-    local_run_dir = run_staging_dir(storage, name)
-    return {
-        "job": cfg.model_dump(mode="json"),
-        "name": name,
-        "fingerprint": cfg.fingerprint(),
-        "deepspeed_user": user_ds,
-        "storage_uri": storage.uri,
-        "endpoint_url": storage.endpoint_url,
-        "local_run_dir": str(local_run_dir),
-        "adapter_uri": storage.uri_of(name, "adapter"),
-        "_data": {"train": data.train, "validation": data.validation},
-    }
+    data = prepare_run_data(cfg)
+    return RunSpec.of(cfg, name, deepspeed_user=user_ds, train_examples=len(data.train)), data
 
 
-def check_resumable(loop_config: dict[str, Any]) -> None:
+def check_resumable(spec: RunSpec) -> None:
     """Refuse, before any worker starts, to continue a run whose checkpoints were made with another config.
 
     A run re-started under its name resumes from its checkpoints. If its model/lora/data/train config
@@ -136,19 +129,18 @@ def check_resumable(loop_config: dict[str, Any]) -> None:
     Raises:
         UserError: the run's newest readable checkpoint has another config fingerprint.
     """
-    from ftune.storage import Storage
     from train.checkpoint import newest_readable_meta
 
-    storage = Storage(loop_config["storage_uri"], loop_config["endpoint_url"])
+    storage = spec.storage()
     fs, _ = storage.filesystem()
-    found = newest_readable_meta(fs, storage.path(loop_config["name"]))
+    found = newest_readable_meta(fs, storage.path(spec.name))
     if found is None:
         return
     name, meta = found
-    saved, now = meta.state.config_fingerprint, loop_config["fingerprint"]
+    saved, now = meta.state.config_fingerprint, spec.fingerprint
     if saved and saved != now:
         raise UserError(
-            f"run {loop_config['name']!r} ({storage.uri_of(loop_config['name'])}) was checkpointed with a different "
+            f"run {spec.name!r} ({storage.uri_of(spec.name)}) was checkpointed with a different "
             f"model/lora/data/train config ({name}: {saved}; this job: {now}). Give the job a new name (name=... or "
             "--name) to start fresh, or run it with the config it was started with to continue it."
         )
@@ -156,12 +148,14 @@ def check_resumable(loop_config: dict[str, Any]) -> None:
 
 def build_trainer(
     cfg: TrainJobConfig,
-    loop_config: dict[str, Any],
+    spec: RunSpec,
+    data: RunData,
     callbacks: list | None = None,
     *,
     init_checkpoint: str | None = None,
     adopt: bool = False,
     stop_signal=None,
+    phase_timer: PhaseTimer | None = None,
 ):
     """The TorchTrainer for a prepared job (the dataset goes to workers through the object store).
 
@@ -172,26 +166,22 @@ def build_trainer(
             its weights and optimizer state but this config's learning rate.
         stop_signal: A ``train.stop.StopSignal``: once it is raised the run checkpoints at the step
             it reached, writes its adapter and summary, and finishes (see train/stop.py).
+        phase_timer: Told each phase of the workers' run (benchmarks; see train/phases.py).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig
 
-    from ftune.storage import Storage
     from train.loop import train_loop_per_worker
     from train.progress import ProgressPrinter
     from train.trainer import LoraTrainer
 
-    check_resumable(loop_config)
-    loop_config = dict(loop_config)
-    loop_config["data"] = ray.put(loop_config.pop("_data"))
-    if init_checkpoint is not None:
-        loop_config["init_checkpoint"] = {"path": init_checkpoint, "adopt": adopt}
-    if stop_signal is not None:
-        loop_config["stop_signal"] = stop_signal
-    fs, root = Storage(loop_config["storage_uri"], loop_config["endpoint_url"]).filesystem()
+    check_resumable(spec)
+    spec = spec.replace(data=ray.put(data), init_checkpoint=init_checkpoint, adopt=adopt, stop_signal=stop_signal,
+                        phase_timer=phase_timer)
+    fs, root = spec.storage().filesystem()
     run_config = RunConfig(
-        name=loop_config["name"],
+        name=spec.name,
         storage_path=root,
         storage_filesystem=fs,
         failure_config=FailureConfig(
@@ -200,11 +190,11 @@ def build_trainer(
         checkpoint_config=CheckpointConfig(
             num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute="eval_loss", checkpoint_score_order="min"
         ),
-        callbacks=[ProgressPrinter(loop_config["name"]), *(callbacks or [])],
+        callbacks=[ProgressPrinter(spec.name), *(callbacks or [])],
     )
     return LoraTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config=spec,
         scaling_config=ray_scaling_config(cfg),
         run_config=run_config,
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
@@ -227,10 +217,13 @@ def ensure_ray() -> None:
 
 
 def run_training(
-    cfg: TrainJobConfig, *, name: str | None = None, callbacks: list | None = None, stop_signal=None
+    cfg: TrainJobConfig, *, name: str | None = None, callbacks: list | None = None, stop_signal=None,
+    phase_timer: PhaseTimer | None = None,
 ) -> dict[str, Any]:
     """Run a training job to completion (or until ``stop_signal``, a ``train.stop.StopSignal``, is raised:
     then it checkpoints and ends at the step it reached) and return its summary.
+
+    ``phase_timer`` is told each phase of the workers' run (benchmarks; see train/phases.py).
 
     Raises:
         UserError: the config, model or data are wrong (found before Ray starts).
@@ -238,18 +231,16 @@ def run_training(
     """
     import ray.train
 
-    from ftune.storage import Storage
-
     name = name or cfg.name or default_run_name(None)
-    loop_config = prepare(cfg, name)
+    spec, data = prepare(cfg, name)
     ensure_ray()
-    trainer = build_trainer(cfg, loop_config, callbacks, stop_signal=stop_signal)
+    trainer = build_trainer(cfg, spec, data, callbacks, stop_signal=stop_signal, phase_timer=phase_timer)
     started = time.perf_counter()
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise JobFailed(f"training run {name!r} failed: {_root_cause(e)}") from e
-    storage = Storage(loop_config["storage_uri"], loop_config["endpoint_url"])
+    storage = spec.storage()
     summary = json.loads(storage.read_text(name, "summary.json"))
     summary["run_dir"] = storage.uri_of(name)
     summary["job_wall_time_s"] = time.perf_counter() - started  # workers' start-up and restarts included

@@ -2,25 +2,26 @@
 
 Every rank runs the same sequence of collectives (steps, evaluations, reports, checkpoints),
 decided from the step number, Ray's agreed preemption notice and rank 0's clock and stop flag
-(shared in each step's all-reduce) alone, so no rank ever waits on a barrier the others skip.
+(shared in each step's all-reduce) alone, so no rank ever waits on a barrier the others skip
+(the decision itself is ``train.cadence``).
 
-A run given a stop signal (loop config ``stop_signal``, a ``train.stop.StopSignal``) ends early
+A run given a stop signal (``RunSpec.stop_signal``, a ``train.stop.StopSignal``) ends early
 when it is raised: after the step in flight it evaluates, reports a checkpoint, writes its adapter
 and summary (``stop_reason``) and returns like a finished run.
+
+A run given a phase timer (``RunSpec.phase_timer``) tells it each phase's start and end
+(train/phases.py lists them): benchmarks time the loop that way.
 """
 
 from __future__ import annotations
 
 import logging
-import random
-import re
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow.fs as pafs
 import ray.train
 import torch
 import torch.distributed as dist
@@ -30,23 +31,254 @@ from ftune.config import TrainJobConfig
 from ftune.data.collate import Collator
 from ftune.data.tokenize import pad_token_id
 from ftune.model import load_base_model, load_tokenizer, resolve_precision
-from ftune.storage import Storage
 from train.batching import BatchPlan
-from train.checkpoint import CorruptCheckpoint, TrainState, checkpoint_step, load_checkpoint, save_checkpoint
+from train.cadence import Cadence, StepActions
+from train.checkpoint import TrainState, save_checkpoint
 from train.deepspeed_config import build_deepspeed_config, gradient_accumulation_steps
-from train.evaluation import evaluate_loss, exact_match, shard
+from train.evaluation import Evaluator
 from train.metrics import RunRecorder
+from train.phases import NO_PHASE_TIMER, PhaseTimer
+from train.restore import restore, seed_everything
 from train.schedule import lr_multiplier, warmup_steps
+from train.spec import RunData, RunSpec
 from train.stop import StopPoller
 
 log = logging.getLogger("ftune.train")
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch RNGs."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def train_loop_per_worker(spec: RunSpec) -> None:
+    """Ray Train entry point: set up and restore, evaluate, train, then (rank 0) export and summarise."""
+    phases = spec.phase_timer or NO_PHASE_TIMER
+    with phases.phase("worker"):
+        worker = start_worker(spec, phases)
+        if worker.state.eval_loss_before is None:
+            evaluate_before(worker)
+        outcome = train(worker)
+        if worker.recorder is not None:
+            finish(worker, outcome)
+
+
+@dataclass
+class Worker:
+    """One rank's run once set up: its config, engine, data, state and helpers."""
+
+    spec: RunSpec
+    cfg: TrainJobConfig
+    rank: int
+    world: int
+    engine: Any
+    """The DeepSpeed engine."""
+    data: RunData
+    plan: BatchPlan
+    cadence: Cadence
+    accum: int
+    """Gradient accumulation steps at this world size."""
+    collate: Collator
+    evaluate: Evaluator
+    state: TrainState
+    retry_suffix: str
+    """Tag of this attempt's checkpoint names after a fall-back past Ray's latest one (see ``restore``)."""
+    recorder: RunRecorder | None
+    """Rank 0's metrics writer (None on other ranks)."""
+    phases: PhaseTimer
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps of the whole run."""
+        return self.cadence.total_steps
+
+
+@dataclass
+class Outcome:
+    """How the training steps went: what the summary reports."""
+
+    started: float
+    """``time.perf_counter()`` when the first step started."""
+    steady_steps: int = 0
+    """Steps timed for the steady step time (all but the first, which includes warm-up costs)."""
+    steady_time_s: float = 0.0
+    stop_reason: str | None = None
+    """Why the run was stopped early, or None."""
+
+
+def start_worker(spec: RunSpec, phases: PhaseTimer) -> Worker:
+    """Rebuild the typed config, fetch the data, build the engine and restore the run's state."""
+    cfg = spec.config()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(int(cfg.scaling.torch_threads or max(1, cfg.scaling.cpus_per_worker)))
+    data: RunData = ray.get(spec.data)
+    with phases.phase("load_tokenizer"):
+        tokenizer = load_tokenizer(cfg.model)
+    collate = Collator(pad_id=pad_token_id(tokenizer))
+    t = cfg.train
+    plan = BatchPlan(len(data.train), t.global_batch_size, t.micro_batch_size, t.seed)
+    steps = spec.total_steps()
+    accum = gradient_accumulation_steps(t, world)
+    with phases.phase("build_engine"):
+        engine, _ = build_engine(cfg, world, steps, spec.deepspeed_user, phases)
+    state = TrainState(world_size=world, gradient_accumulation_steps=accum, total_steps=steps,
+                       config_fingerprint=spec.fingerprint)
+    state, retry_suffix = restore(engine, spec, cfg, state, rank=rank, world=world, phases=phases)
+    recorder = None
+    if rank == 0:
+        recorder = RunRecorder(spec.run_dir, cfg.tracking, name=spec.name, config=spec.job, storage=spec.storage())
+        print(
+            f"[ftune] {world} worker(s), global batch {t.global_batch_size} = micro {t.micro_batch_size}"
+            f" x accumulation {accum} x workers {world}; {steps} steps; "
+            f"{trainable_parameters(engine.module):,} trainable parameters",
+            flush=True,
+        )
+    evaluate = Evaluator.of(engine.module, tokenizer, collate, engine.device, data.validation, rank=rank, world=world,
+                            batch_size=t.micro_batch_size, max_batches=t.eval_batches,
+                            exact_match_examples=t.exact_match_examples, phases=phases)
+    cadence = Cadence(total_steps=steps, eval_every=t.eval_every, checkpoint_every=t.checkpoint_every,
+                      report_interval_s=t.report_interval_s, preemption_check_interval_s=t.preemption_check_interval_s)
+    return Worker(spec, cfg, rank, world, engine, data, plan, cadence, accum, collate, evaluate, state, retry_suffix,
+                  recorder, phases)
+
+
+def evaluate_before(worker: Worker) -> None:
+    """The held-out metrics of the untrained adapter (once per run: a resumed run keeps its own)."""
+    before = worker.evaluate()
+    worker.state.eval_loss_before = before["eval_loss"]
+    worker.state.last_eval = before
+    if worker.recorder:
+        worker.recorder.log({"step": 0, **before})
+
+
+def train(worker: Worker) -> Outcome:
+    """Train until the last step or a stop request, evaluating, reporting and checkpointing on the cadence."""
+    w, state = worker, worker.state
+    w.engine.train()
+    outcome = Outcome(started=time.perf_counter())
+    preempted = None  # PreemptionInfo once a notice arrived
+    stop = StopPoller(w.spec.stop_signal, w.cfg.train.report_interval_s) if w.rank == 0 else None
+    stopping = False  # a stop was requested: this step is the last
+    pending: list[dict[str, Any]] = []  # step rows not yet sent with ray.train.report
+    last_report = last_preemption_check = float("-inf")
+    while state.step < w.steps and not stopping:
+        metrics, clock, stopping = train_step(w, stop, outcome)
+        if preempted is None and w.cadence.check_preemption(clock, last_preemption_check):
+            last_preemption_check = clock
+            preempted = preemption_notice(w.rank)
+        if stopping:
+            outcome.stop_reason = stop.reason if stop is not None else None
+            if w.rank == 0:
+                print(f"[ftune] stop requested ({outcome.stop_reason}): checkpointing at step {state.step}/{w.steps}"
+                      " and finishing", flush=True)
+        actions = w.cadence.after_step(state.step, clock, last_report, preempted=preempted is not None,
+                                       stopping=stopping)
+        if actions.evaluate:
+            state.last_eval = w.evaluate()
+            metrics.update(state.last_eval)
+        if w.recorder:
+            with w.phases.phase("record"):
+                w.recorder.log(metrics)
+        pending.append(metrics)
+        if actions.report:
+            last_report = clock
+            send_report(w, {**metrics, "eval_loss": state.last_eval.get("eval_loss"), "steps": pending}, actions)
+            pending = []
+    return outcome
+
+
+def train_step(worker: Worker, stop: StopPoller | None, outcome: Outcome) -> tuple[dict[str, Any], float, bool]:
+    """One optimizer step over this rank's micro-batches: its metrics row, rank 0's clock and the agreed stop flag."""
+    w, state = worker, worker.state
+    t0 = time.perf_counter()
+    loss_sum, tokens = 0.0, 0
+    for micro in w.plan.micro_batches(state.step, w.rank, w.world):
+        with w.phases.phase("collate"):
+            batch = w.collate([w.data.train[i] for i in micro])
+        batch = {k: v.to(w.engine.device) for k, v in batch.items()}
+        loss = w.engine(**batch).loss
+        w.engine.backward(loss)
+        w.engine.step()
+        loss_sum += float(loss.detach())
+        tokens += int(batch["attention_mask"].sum())
+    # One all-reduce per step carries the loss, the token count, rank 0's clock and its stop flag,
+    # so every rank takes the same report / preemption-check / stop decisions without another collective.
+    stop_flag = 1.0 if stop is not None and stop.poll(time.monotonic()) else 0.0
+    totals = torch.tensor(
+        [loss_sum, float(tokens), time.monotonic() if w.rank == 0 else 0.0, stop_flag], dtype=torch.float64
+    )
+    dist.all_reduce(totals)
+    clock, stopping = float(totals[2]), bool(totals[3] > 0)
+    step_time = time.perf_counter() - t0
+    state.step += 1
+    state.epoch = w.plan.epoch_of(state.step - 1)
+    state.tokens_seen += int(totals[1])
+    if state.step > 1:  # the first step includes warm-up costs
+        outcome.steady_steps, outcome.steady_time_s = outcome.steady_steps + 1, outcome.steady_time_s + step_time
+    metrics: dict[str, Any] = {
+        "step": state.step,
+        "epoch": state.epoch,
+        "loss": float(totals[0]) / (w.accum * w.world),
+        "lr": w.engine.get_lr()[0],
+        "step_time_s": step_time,
+        "tokens_per_s": float(totals[1]) / step_time,
+        "total_steps": w.steps,
+        "world_size": w.world,
+        "gradient_accumulation_steps": w.accum,
+    }
+    return metrics, clock, stopping
+
+
+def preemption_notice(rank: int):
+    """Ray's preemption notice for this worker group, or None; rank 0 announces one."""
+    preempted = ray.train.get_preemption_info()
+    if preempted is not None and rank == 0:
+        deadline = (preempted.deadline_ms or 0) / 1000 - time.time()
+        print(
+            f"[ftune] preemption notice for node(s) {preempted.preempted_node_ids} (ranks "
+            f"{preempted.preempted_ranks}), {deadline:.0f} s left: checkpointing every step until it goes",
+            flush=True,
+        )
+    return preempted
+
+
+def send_report(worker: Worker, report: dict[str, Any], actions: StepActions) -> None:
+    """Report the pending rows to Ray Train, with a checkpoint when the cadence asks for one."""
+    w = worker
+    if not actions.checkpoint:
+        ray.train.report(report)
+        return
+    with w.phases.phase("checkpoint", step=w.state.step, jit=actions.jit):
+        report_with_checkpoint(w.engine, w.state, report, w.rank, jit=actions.jit, suffix=w.retry_suffix)
+    if w.recorder:
+        w.recorder.sync()
+
+
+def finish(worker: Worker, outcome: Outcome) -> None:
+    """Rank 0: export the adapter, write the run's summary and upload the run directory to remote storage."""
+    w, state, storage = worker, worker.state, worker.spec.storage()
+    save_adapter(w.engine.module, w.spec.run_dir / "adapter")
+    wall = time.perf_counter() - outcome.started
+    summary = {
+        "name": w.spec.name,
+        "steps": state.step,
+        "epochs": state.epoch + 1,
+        "tokens": state.tokens_seen,
+        "world_size": w.world,
+        "global_batch_size": w.cfg.train.global_batch_size,
+        "eval_loss_before": state.eval_loss_before,
+        "eval_loss_after": state.last_eval.get("eval_loss"),
+        "eval_perplexity_after": state.last_eval.get("eval_perplexity"),
+        "exact_match_after": state.last_eval.get("exact_match"),
+        "tokens_per_s": state.tokens_seen / max(wall, 1e-9),
+        "steady_step_time_s": outcome.steady_time_s / outcome.steady_steps if outcome.steady_steps else None,
+        "wall_time_s": wall,
+        "restarts": state.restarts,
+        "adapter_path": w.spec.adapter_uri,
+        "stop_reason": outcome.stop_reason,
+        "trainable_parameters": trainable_parameters(w.engine.module),
+        "base_weights_sha256": frozen_weights_sha256(w.engine.module),
+    }
+    assert w.recorder is not None, "rank 0 writes the summary"
+    w.recorder.finish(summary)
+    if storage.is_remote:
+        storage.upload_dir(w.spec.run_dir, w.spec.name)
 
 
 def frozen_weights_sha256(model: torch.nn.Module) -> str:
@@ -64,20 +296,18 @@ def frozen_weights_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def total_steps(cfg: TrainJobConfig, plan: BatchPlan) -> int:
-    """Optimizer steps of the whole run."""
-    return cfg.train.max_steps or cfg.train.epochs * plan.steps_per_epoch
-
-
-def build_engine(cfg: TrainJobConfig, world_size: int, steps: int, user_deepspeed: dict[str, Any]):
+def build_engine(cfg: TrainJobConfig, world_size: int, steps: int, user_deepspeed: dict[str, Any] | None,
+                 phases: PhaseTimer = NO_PHASE_TIMER):
     """Load model + adapter and wrap them in a DeepSpeed engine with AdamW and the LR schedule."""
     import deepspeed
 
     dtype = resolve_precision(cfg.train.precision, cfg.scaling.use_gpu)
     # The same seed on every rank: identical adapter initialisation everywhere.
     seed_everything(cfg.train.seed)
-    model = load_base_model(cfg.model, dtype=dtype)
-    model = add_adapter(model, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    with phases.phase("load_base_model"):
+        model = load_base_model(cfg.model, dtype=dtype)
+    with phases.phase("add_adapter"):
+        model = add_adapter(model, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=cfg.train.lr, betas=cfg.train.adam_betas, weight_decay=cfg.train.weight_decay
@@ -86,294 +316,17 @@ def build_engine(cfg: TrainJobConfig, world_size: int, steps: int, user_deepspee
         optimizer, lr_multiplier(cfg.train.lr_schedule, steps, warmup_steps(steps, cfg.train.warmup_ratio))
     )
     ds_config = build_deepspeed_config(cfg, world_size, dtype, user=user_deepspeed)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
-    )
+    with phases.phase("deepspeed.initialize"):
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
     return engine, ds_config
 
 
-def run_checkpoint_paths(latest: ray.train.Checkpoint) -> tuple[list[str], str]:
-    """Ray's latest checkpoint of the run, then the older ones beside it in the run directory, newest first;
-    and a name tag no checkpoint directory of the run has yet (``_r<n>``).
-
-    Ray hands a worker only its latest checkpoint; when that one is damaged the next is the newest
-    older one that loads. Directories newer than Ray's latest were never registered and are left out.
-    """
-    parent, name = latest.path.rstrip("/").rsplit("/", 1)
-    newest = checkpoint_step(name)
-    try:
-        infos = latest.filesystem.get_file_info(pafs.FileSelector(parent))
-    except OSError:
-        infos = []
-    names = [i.base_name for i in infos if i.type == pafs.FileType.Directory and checkpoint_step(i.base_name) is not None]
-    tags = [int(m.group(1)) for n in names if (m := re.search(r"_r(\d+)", n))]
-    tag = f"_r{max(tags, default=0) + 1}"
-    if newest is None:
-        return [latest.path], tag
-    older = sorted(((checkpoint_step(n), n) for n in names if checkpoint_step(n) < newest), reverse=True)
-    return [latest.path, *(f"{parent}/{n}" for _, n in older)], tag
-
-
-def load_first_usable(engine, candidates: list[ray.train.Checkpoint], loop_config: dict[str, Any], *, rank: int,
-                      world: int, adopt_lr: float | None) -> tuple[TrainState | None, int, list[str]]:
-    """Load the first candidate every rank can load: (state, its index, why each earlier one was not).
-
-    Every rank tries each candidate and all ranks exchange their verdicts (one all-gather per candidate), so
-    they agree on the checkpoint, or on none (state None).
-    """
-    rejected = []
-    for index, checkpoint in enumerate(candidates):
-        state, why, local = None, "", None
-        try:
-            with checkpoint.as_directory() as ckpt_dir:
-                local = Path(ckpt_dir).resolve()
-                state = load_checkpoint(engine, local, rank=rank, world_size=world,
-                                        fingerprint=loop_config["fingerprint"], adopt_lr=adopt_lr)
-        except (CorruptCheckpoint, FileNotFoundError) as e:  # damaged, or pruned since it was listed
-            why = str(e).replace(f"{local}: ", "") if local else str(e)  # a download's temporary path says nothing
-        verdicts: list[str] = [""] * world
-        dist.all_gather_object(verdicts, why)
-        problems = sorted({w for w in verdicts if w})
-        if not problems:
-            return state, index, rejected
-        rejected.append(f"{checkpoint.path}: {'; '.join(problems)}")
-    return None, len(candidates), rejected
-
-
-def restore(engine, loop_config: dict[str, Any], cfg: TrainJobConfig, state: TrainState, *, rank: int,
-            world: int) -> tuple[TrainState, str]:
-    """Continue from the run's newest usable checkpoint, or its init checkpoint, or start afresh.
-
-    Returns the train state and a tag for the names of this attempt's checkpoints: after falling back
-    past Ray's latest checkpoint, new ones get names of their own (``_r<n>``) rather than overwrite a
-    damaged one Ray still tracks (and may later delete, with whatever was written over it).
-    """
-    latest, adopt_lr, tag = ray.train.get_checkpoint(), None, ""
-    if latest is not None:
-        found = [run_checkpoint_paths(latest) if rank == 0 else None]
-        dist.broadcast_object_list(found, src=0)  # every rank walks the same list
-        paths, tag = found[0]
-        candidates = [ray.train.Checkpoint(p, filesystem=latest.filesystem) for p in paths]
-    elif loop_config.get("init_checkpoint"):
-        # Start from another run's checkpoint (a sweep trial continuing a better trial's weights).
-        init = loop_config["init_checkpoint"]
-        fs, _ = Storage(loop_config["storage_uri"], loop_config.get("endpoint_url")).filesystem()
-        candidates = [ray.train.Checkpoint(init["path"], filesystem=fs)]
-        adopt_lr = cfg.train.lr if init.get("adopt") else None
-    else:
-        seed_everything(cfg.train.seed + 1000 * rank)  # per-rank dropout streams
-        return state, ""
-    restored, index, rejected = load_first_usable(engine, candidates, loop_config, rank=rank, world=world,
-                                                  adopt_lr=adopt_lr)
-    if rank == 0:
-        for line in rejected:
-            print(f"[ftune] checkpoint unusable, skipped: {line}", flush=True)
-    if restored is None:
-        if latest is None:
-            raise RuntimeError(f"the init checkpoint is unusable: {rejected[0]}")
-        if rank == 0:
-            print("[ftune] no checkpoint of the run is usable: starting again from step 0", flush=True)
-        seed_everything(cfg.train.seed + 1000 * rank)
-        return state, tag
-    _announce_resume(restored, candidates[index].path, cfg, state, rank=rank, fell_back=index > 0)
-    if restored.world_size != world:  # per-rank RNG streams do not map onto a new world size
-        seed_everything(cfg.train.seed + 1000 * rank + restored.step)
-    restored.world_size = state.world_size
-    restored.gradient_accumulation_steps = state.gradient_accumulation_steps
-    restored.total_steps = state.total_steps
-    return restored, tag if index > 0 else ""
-
-
-def _announce_resume(restored: TrainState, path: str, cfg: TrainJobConfig, now: TrainState, *, rank: int,
-                     fell_back: bool) -> None:
-    if rank != 0:
-        return
-    world, accum, steps = now.world_size, now.gradient_accumulation_steps, now.total_steps
-    changed = restored.world_size != world
-    longer = restored.total_steps not in (0, steps)
-    print(
-        f"[ftune] resumed at step {restored.step}/{steps} from {path}"
-        + (" (the newest checkpoint that loads; see the lines above for those skipped)" if fell_back else "")
-        + (f"; workers {restored.world_size} -> {world}, gradient accumulation "
-           f"{restored.gradient_accumulation_steps} -> {accum}, global batch {cfg.train.global_batch_size} kept"
-           if changed else "")
-        + (f"; run length {restored.total_steps} -> {steps} steps, the {cfg.train.lr_schedule} learning-rate "
-           f"schedule now spans {steps} steps" if longer else ""),
-        flush=True,
-    )
-
-
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point: rebuild the typed config, restore, train, evaluate, checkpoint, export."""
-    cfg = TrainJobConfig.model_validate(loop_config["job"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(int(cfg.scaling.torch_threads or max(1, cfg.scaling.cpus_per_worker)))
-    data = ray.get(loop_config["data"])
-    train_examples, validation = data["train"], data["validation"]
-    tokenizer = load_tokenizer(cfg.model)
-    collate = Collator(pad_id=pad_token_id(tokenizer))
-
-    plan = BatchPlan(len(train_examples), cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.train.seed)
-    steps = total_steps(cfg, plan)
-    accum = gradient_accumulation_steps(cfg.train, world)
-    # The driver read the user's DeepSpeed JSON: workers may not see the same files.
-    engine, _ = build_engine(cfg, world, steps, loop_config["deepspeed_user"])
-    device = engine.device
-
-    state = TrainState(
-        world_size=world, gradient_accumulation_steps=accum, total_steps=steps,
-        config_fingerprint=loop_config["fingerprint"],
-    )
-    state, retry_suffix = restore(engine, loop_config, cfg, state, rank=rank, world=world)
-
-    run_dir = Path(loop_config["local_run_dir"])
-    storage = Storage(loop_config["storage_uri"], loop_config.get("endpoint_url"))
-    recorder = None
-    if rank == 0:
-        recorder = RunRecorder(
-            run_dir, cfg.tracking, name=loop_config["name"], config=loop_config["job"], storage=storage
-        )
-        print(
-            f"[ftune] {world} worker(s), global batch {cfg.train.global_batch_size} = micro {cfg.train.micro_batch_size}"
-            f" x accumulation {accum} x workers {world}; {steps} steps; "
-            f"{trainable_parameters(engine.module):,} trainable parameters",
-            flush=True,
-        )
-
-    val_shard = shard(validation, rank, world)
-    em_examples = [e for e in validation if e.reference][: cfg.train.exact_match_examples]
-    em_shard = shard(em_examples, rank, world)
-
-    def run_eval() -> dict[str, float]:
-        batches = [collate(val_shard[i : i + cfg.train.micro_batch_size]) for i in range(0, len(val_shard), cfg.train.micro_batch_size)]
-        if cfg.train.eval_batches:
-            batches = batches[: cfg.train.eval_batches]
-        out = evaluate_loss(engine.module, batches, device)
-        # Decided from the whole list, not this rank's share: a rank whose share is empty (fewer examples
-        # than workers) still joins exact_match's all-reduce.
-        if em_examples:
-            out.update(exact_match(engine.module, tokenizer, em_shard, device, batch_size=cfg.train.micro_batch_size))
-        return out
-
-    if state.eval_loss_before is None:
-        before = run_eval()
-        state.eval_loss_before = before["eval_loss"]
-        state.last_eval = before
-        if recorder:
-            recorder.log({"step": 0, **before})
-
-    engine.train()
-    start_time = time.perf_counter()
-    steps_timed, time_timed = 0, 0.0
-    preempted = None  # PreemptionInfo once a notice arrived
-    stop = StopPoller(loop_config.get("stop_signal"), cfg.train.report_interval_s) if rank == 0 else None
-    stopping = False  # a stop was requested: this step is the last
-    pending: list[dict[str, Any]] = []  # step rows not yet sent with ray.train.report
-    last_report = last_preemption_check = float("-inf")
-    while state.step < steps and not stopping:
-        t0 = time.perf_counter()
-        loss_sum, tokens = 0.0, 0
-        for micro in plan.micro_batches(state.step, rank, world):
-            batch = {k: v.to(device) for k, v in collate([train_examples[i] for i in micro]).items()}
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()
-            loss_sum += float(loss.detach())
-            tokens += int(batch["attention_mask"].sum())
-        # One all-reduce per step carries the loss, the token count, rank 0's clock and its stop flag,
-        # so every rank takes the same report / preemption-check / stop decisions without another collective.
-        stop_flag = 1.0 if stop is not None and stop.poll(time.monotonic()) else 0.0
-        totals = torch.tensor(
-            [loss_sum, float(tokens), time.monotonic() if rank == 0 else 0.0, stop_flag], dtype=torch.float64
-        )
-        dist.all_reduce(totals)
-        clock, stopping = float(totals[2]), bool(totals[3] > 0)
-        step_time = time.perf_counter() - t0
-        state.step += 1
-        state.epoch = plan.epoch_of(state.step - 1)
-        state.tokens_seen += int(totals[1])
-        if state.step > 1:  # the first step includes warm-up costs
-            steps_timed, time_timed = steps_timed + 1, time_timed + step_time
-        metrics: dict[str, Any] = {
-            "step": state.step,
-            "epoch": state.epoch,
-            "loss": float(totals[0]) / (accum * world),
-            "lr": engine.get_lr()[0],
-            "step_time_s": step_time,
-            "tokens_per_s": float(totals[1]) / step_time,
-            "total_steps": steps,
-            "world_size": world,
-            "gradient_accumulation_steps": accum,
-        }
-        if preempted is None and clock - last_preemption_check >= cfg.train.preemption_check_interval_s:
-            last_preemption_check = clock
-            preempted = ray.train.get_preemption_info()
-            if preempted is not None and rank == 0:
-                deadline = (preempted.deadline_ms or 0) / 1000 - time.time()
-                print(
-                    f"[ftune] preemption notice for node(s) {preempted.preempted_node_ids} (ranks "
-                    f"{preempted.preempted_ranks}), {deadline:.0f} s left: checkpointing every step until it goes",
-                    flush=True,
-                )
-        last = state.step == steps or stopping
-        if stopping and rank == 0:
-            print(f"[ftune] stop requested ({stop.reason}): checkpointing at step {state.step}/{steps} and finishing",
-                  flush=True)
-        do_eval = last or state.step % cfg.train.eval_every == 0
-        # After a notice the node may go at any moment: a just-in-time checkpoint after every step
-        # means at most the step in flight is lost.
-        jit = preempted is not None
-        do_ckpt = last or jit or state.step % cfg.train.checkpoint_every == 0
-        if do_eval:
-            state.last_eval = run_eval()
-            metrics.update(state.last_eval)
-        if recorder:
-            recorder.log(metrics)
-        pending.append(metrics)
-        if do_ckpt or do_eval or clock - last_report >= cfg.train.report_interval_s:
-            last_report = clock
-            report = {**metrics, "eval_loss": state.last_eval.get("eval_loss"), "steps": pending}
-            pending = []
-            if do_ckpt:
-                _report_with_checkpoint(engine, state, report, rank, jit=jit, suffix=retry_suffix)
-                if recorder:
-                    recorder.sync()
-            else:
-                ray.train.report(report)
-
-    if rank == 0 and recorder is not None:
-        adapter_dir = run_dir / "adapter"
-        save_adapter(engine.module, adapter_dir)
-        wall = time.perf_counter() - start_time
-        summary = {
-            "name": loop_config["name"],
-            "steps": state.step,
-            "epochs": state.epoch + 1,
-            "tokens": state.tokens_seen,
-            "world_size": world,
-            "global_batch_size": cfg.train.global_batch_size,
-            "eval_loss_before": state.eval_loss_before,
-            "eval_loss_after": state.last_eval.get("eval_loss"),
-            "eval_perplexity_after": state.last_eval.get("eval_perplexity"),
-            "exact_match_after": state.last_eval.get("exact_match"),
-            "tokens_per_s": state.tokens_seen / max(wall, 1e-9),
-            "steady_step_time_s": time_timed / steps_timed if steps_timed else None,
-            "wall_time_s": wall,
-            "restarts": state.restarts,
-            "adapter_path": loop_config["adapter_uri"],
-            "stop_reason": stop.reason if stopping else None,
-            "trainable_parameters": trainable_parameters(engine.module),
-            "base_weights_sha256": frozen_weights_sha256(engine.module),
-        }
-        recorder.finish(summary)
-        if storage.is_remote:
-            storage.upload_dir(run_dir, loop_config["name"])
-
-
-def _report_with_checkpoint(
+def report_with_checkpoint(
     engine, state: TrainState, metrics: dict[str, Any], rank: int, *, jit: bool, suffix: str = ""
 ) -> None:
+    """Save a checkpoint of every rank and report it with ``metrics`` (a collective)."""
     with tempfile.TemporaryDirectory(prefix="ftune-ckpt-") as tmp:
         t0 = time.perf_counter()
         save_checkpoint(engine, state, Path(tmp), rank=rank)

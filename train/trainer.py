@@ -1,7 +1,7 @@
 """Ray Train's ``TorchTrainer`` as ftune runs it.
 
 * **Without the Ray Data machinery it never uses.** ftune ships its tokenized data to the workers
-  through the object store (``loop_config["data"]``), not as Ray Datasets. Ray Train V2 still sets up
+  through the object store (``RunSpec.data``), not as Ray Datasets. Ray Train V2 still sets up
   Ray Data for every worker group it starts: a ``DatasetManager`` actor (a process importing
   ``ray.data``) and a call on every worker that installs Ray Data's context (importing ``ray.data``
   there too). On a small node that is a few CPU-seconds of every start and every restart, so the

@@ -44,13 +44,14 @@ from ftune.errors import ConfigError, JobFailed, UserError
 from ftune.interrupts import sigint_handler_restored
 from ftune.storage import Storage
 from ftune.yaml_config import apply_overrides, load_config
+from train.spec import RunData
 from tune.budget import BudgetGate, BudgetStopper, SpendLedger, SpendTracker
 from tune.config import SweepConfig
 from tune.pricing import TrialShape, hourly_rate
 from tune.space import SearchSpace, format_value, pbt_mutated
 from tune.sweep_state import SWEEP_FILE, SweepState, SweepStateSync, SweepStudyStorage, pull_sweep
 from tune.train_runs import PlacementGroupRegistry
-from tune.trial import PER_RUN_KEYS, TRIALS_DIR, TrialPlan, trial_trainable
+from tune.trial import TRIALS_DIR, TrialPlan, trial_trainable
 
 TUNE_DIR = "tune"
 
@@ -82,7 +83,7 @@ class Sweep:
     """Shared root of trials/ and pbt/ (the same directory unless storage.path is s3://)."""
     plan: TrialPlan
     """What every trial gets."""
-    data: dict[str, Any]
+    data: RunData
     """The tokenized train/validation examples, prepared once."""
     shape: TrialShape
     """Resources of one trial."""
@@ -108,7 +109,6 @@ class Sweep:
 def prepare_sweep(cfg: SweepConfig, name: str) -> Sweep:
     """Check and prepare everything before Ray starts: the job, the data (once), the plan, the price."""
     from ftune.builtin import ftune_home
-    from train.batching import BatchPlan
     from train.job import prepare
 
     job = cfg.job_config()
@@ -124,19 +124,10 @@ def prepare_sweep(cfg: SweepConfig, name: str) -> Sweep:
     if not job.model.name_or_path.startswith("builtin:") and local_model.is_dir():
         data["model"]["name_or_path"] = str(local_model.resolve())  # trial workers run in other directories
     probe = TrainJobConfig.model_validate({**data, "name": "probe"})
-    loop = prepare(probe, "probe")
-    steps_per_epoch = BatchPlan(len(loop["_data"]["train"]), job.train.global_batch_size, job.train.micro_batch_size,
-                                job.train.seed).steps_per_epoch
-    plan = TrialPlan(
-        sweep_name=name,
-        job=data,
-        loop_template={k: v for k, v in loop.items() if k not in PER_RUN_KEYS},
-        space=SearchSpace.from_config(cfg),
-        total_steps=job.train.max_steps or job.train.epochs * steps_per_epoch,
-        controller_poll_s=max(0.1, min(2.0, job.train.report_interval_s)),
-    )
+    base, examples = prepare(probe, "probe")
+    plan = TrialPlan(sweep_name=name, job=data, space=SearchSpace.from_config(cfg), base=base)
     shape = TrialShape.of(job, cfg.compute.trial_driver_cpus)
-    return Sweep(cfg, name, sweep_dir, storage, plan, loop["_data"], shape, hourly_rate(cfg.compute, shape))
+    return Sweep(cfg, name, sweep_dir, storage, plan, examples, shape, hourly_rate(cfg.compute, shape))
 
 
 @dataclass

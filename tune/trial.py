@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,14 +30,13 @@ from ray.util.queue import Queue
 
 from ftune.config import TrainJobConfig
 from ftune.storage import Storage
+from train.spec import RunData, RunSpec
 from tune.space import SearchSpace
 from tune.train_runs import RunHandoff, abort_run, end_run, start_run, was_stopped
 
 EXPLOIT_FILE = "exploit.json"
 TRIALS_DIR = "trials"
 """Sub-directory of the sweep holding every trial's training runs."""
-PER_RUN_KEYS = ("job", "name", "fingerprint", "local_run_dir", "adapter_uri", "_data")
-"""Entries of ``prepare``'s loop config that differ per run (the rest is shared by every trial)."""
 
 
 @dataclass(frozen=True)
@@ -49,19 +47,20 @@ class TrialPlan:
     """Sweep name (the wandb group of every trial)."""
     job: dict[str, Any]
     """Base training job (JSON form): storage under the sweep's trials/, tracking grouped by sweep."""
-    loop_template: dict[str, Any]
-    """``train.job.prepare``'s loop config without the per-run entries (``PER_RUN_KEYS``)."""
     space: SearchSpace
     """The search space (decodes a trial's Tune config into job values)."""
-    total_steps: int
-    """Optimizer steps of a full trial."""
-    controller_poll_s: float
-    """How often each trial's Train controller collects reports (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S)."""
+    base: RunSpec
+    """The base job as ``train.job.prepare`` prepared it: its DeepSpeed settings and data size hold for every trial."""
 
     @property
     def base_r(self) -> int:
         """The base job's LoRA rank (alpha ratios use it when r is not searched)."""
         return int(self.job["lora"]["r"])
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of a full trial."""
+        return self.base.total_steps()
 
     def job_for(self, config: dict[str, Any], run: str) -> TrainJobConfig:
         """The training job of a trial with Tune config ``config``, running as ``run``."""
@@ -72,25 +71,10 @@ class TrialPlan:
         data["name"] = run
         return TrainJobConfig.model_validate(data)
 
-    def loop_config(self, cfg: TrainJobConfig, data: dict[str, Any]) -> dict[str, Any]:
-        """The loop config ``train.job.prepare`` would build for ``cfg``, reusing the prepared data.
-
-        Mirrors the per-run entries of ``prepare`` (see the sweep README for the change requested there).
-        """
-        from train.job import run_staging_dir
-
-        storage = Storage.from_config(cfg.storage)
-        name = cfg.name or ""
-        local_run_dir = run_staging_dir(storage, name)
-        return {
-            **self.loop_template,
-            "job": cfg.model_dump(mode="json"),
-            "name": name,
-            "fingerprint": cfg.fingerprint(),
-            "local_run_dir": str(local_run_dir),
-            "adapter_uri": storage.uri_of(name, "adapter"),
-            "_data": data,
-        }
+    def spec_for(self, cfg: TrainJobConfig) -> RunSpec:
+        """The run spec of a trial's job ``cfg`` (named ``cfg.name``), on the sweep's prepared data."""
+        return RunSpec.of(cfg, cfg.name or "", deepspeed_user=self.base.deepspeed_user,
+                          train_examples=self.base.train_examples)
 
 
 @dataclass(frozen=True)
@@ -124,7 +108,7 @@ class Exploit:
         return json.dumps(asdict(self), indent=2)
 
 
-def trial_trainable(plan: TrialPlan, data: dict[str, Any], registry: Queue | None = None,
+def trial_trainable(plan: TrialPlan, data: RunData, registry: Queue | None = None,
                     stop_signal: Any = None) -> type:
     """The Tune trainable class: ``run_trial`` with the plan and data attached, aborting its Train run on stop.
 
@@ -164,7 +148,7 @@ def finished_summary(storage: Storage, run: str, total_steps: int) -> dict[str, 
     return summary if summary.get("steps", 0) >= total_steps else None
 
 
-def run_trial(config: dict[str, Any], plan: TrialPlan | None = None, data: dict[str, Any] | None = None,
+def run_trial(config: dict[str, Any], plan: TrialPlan | None = None, data: RunData | None = None,
               registry: Queue | None = None, stop_signal: Any = None) -> None:
     """The Tune function trainable: one full distributed training run of the trial's settings."""
     import ray
@@ -173,8 +157,6 @@ def run_trial(config: dict[str, Any], plan: TrialPlan | None = None, data: dict[
     from train.job import build_trainer
 
     assert plan is not None and data is not None, "run_trial is wrapped with tune.with_parameters(plan=, data=)"
-    # Train's controller collects worker reports on this period; the loop reports more often in sweeps.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(plan.controller_poll_s))
     trial_id = tune.get_context().get_trial_id()
     exploit = Exploit.read(tune.get_checkpoint())
     run = exploit.run if exploit else trial_id
@@ -198,7 +180,8 @@ def run_trial(config: dict[str, Any], plan: TrialPlan | None = None, data: dict[
     try:
         trainer = build_trainer(
             cfg,
-            plan.loop_config(cfg, data),
+            plan.spec_for(cfg),
+            data,
             [SweepReportCallback(), RunHandoff(trial_id, train_run.mailbox, registry)],
             init_checkpoint=exploit.checkpoint if exploit else None,
             adopt=exploit is not None,

@@ -170,6 +170,7 @@ def test_the_adapter_alone_verifies_against_the_manifest(saved, tmp_path):
 
 def test_driver_refuses_a_run_checkpointed_with_another_config(saved, tmp_path):
     from train.job import build_trainer
+    from train.spec import RunData, RunSpec
 
     run = tmp_path / "runs" / "job"
     shutil.copytree(saved, run / "checkpoint_step0000003")
@@ -180,9 +181,10 @@ def test_driver_refuses_a_run_checkpointed_with_another_config(saved, tmp_path):
     name, meta = newest_readable_meta(pafs.LocalFileSystem(), str(run))
     assert name == "checkpoint_step0000003" and meta.state.config_fingerprint == "abc"
     cfg = TrainJobConfig()
-    loop_config = {"storage_uri": str(tmp_path / "runs"), "endpoint_url": None, "name": "job", "fingerprint": "def"}
+    spec = RunSpec(job={}, name="job", fingerprint="def", deepspeed_user=None, storage_uri=str(tmp_path / "runs"),
+                   endpoint_url=None, local_run_dir=str(tmp_path / "runs" / "job"), adapter_uri="", train_examples=0)
     # Refused in the driver, before Ray is asked for anything (no Ray runs in this test).
     with pytest.raises(UserError, match=r"run 'job' .* different model/lora/data/train config .*checkpoint_step0000003: "
                                         r"abc; this job: def\)\. Give the job a new name"):
-        build_trainer(cfg, loop_config)
+        build_trainer(cfg, spec, RunData(train=[], validation=[]))
     assert newest_readable_meta(pafs.LocalFileSystem(), str(tmp_path / "runs" / "other")) is None
