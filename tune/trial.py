@@ -132,11 +132,12 @@ def trial_trainable(plan: TrialPlan, data: dict[str, Any], registry: Queue | Non
         registry: Where each run's controller posts its placement groups (the sweep's PlacementGroupRegistry).
         stop_signal: The sweep's ``train.stop.StopSignal`` (raised at the budget stop).
     """
-    from ray import tune
-    from ray.tune.trainable.function_trainable import wrap_function
+    import ray.tune as ray_tune
 
-    base = wrap_function(tune.with_parameters(run_trial, plan=plan, data=data, registry=registry,
-                                              stop_signal=stop_signal))
+    from ftune.compat.ray_private import function_trainable_class
+
+    trainable = ray_tune.with_parameters(run_trial, plan=plan, data=data, registry=registry, stop_signal=stop_signal)
+    base = function_trainable_class(trainable)
 
     class SweepTrial(base):
         def cleanup(self) -> None:
@@ -168,15 +169,15 @@ def run_trial(config: dict[str, Any], plan: TrialPlan | None = None, data: dict[
               registry: Queue | None = None, stop_signal: Any = None) -> None:
     """The Tune function trainable: one full distributed training run of the trial's settings."""
     import ray
-    from ray import tune
+    import ray.tune as ray_tune
 
     from train.job import build_trainer
 
     assert plan is not None and data is not None, "run_trial is wrapped with tune.with_parameters(plan=, data=)"
     # Train's controller collects worker reports on this period; the loop reports more often in sweeps.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(plan.controller_poll_s))
-    trial_id = tune.get_context().get_trial_id()
-    exploit = Exploit.read(tune.get_checkpoint())
+    trial_id = ray_tune.get_context().get_trial_id()
+    exploit = Exploit.read(ray_tune.get_checkpoint())
     run = exploit.run if exploit else trial_id
     cfg = plan.job_for(config, run)
     storage = Storage.from_config(cfg.storage)
