@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+from ftune.compat import ray_private
 from ftune.errors import UserError
 
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
@@ -31,30 +32,25 @@ def enable_token_auth() -> None:
         AuthSetupError: ``RAY_AUTH_MODE`` is set to something other than ``token``, or no token
             could be created.
     """
-    from ray._raylet import AuthenticationMode, AuthenticationTokenLoader, Config, get_authentication_mode
-
     mode = os.environ.get(AUTH_MODE_ENV)
     if mode is not None and mode.lower() != "token":
         raise AuthSetupError(
             f"{AUTH_MODE_ENV}={mode!r}, but ftune clusters always use Ray token auth. "
             f"Unset {AUTH_MODE_ENV} or set it to 'token'."
         )
-    loader = AuthenticationTokenLoader.instance()
-    if not loader.has_token(ignore_auth_mode=True):
+    if not ray_private.auth_token_present():
         done = subprocess.run(
             [sys.executable, "-m", "ray.scripts.scripts", "get-auth-token", "--generate"],
             capture_output=True,
             text=True,
             check=False,
         )
-        loader.reset_cache()
-        if done.returncode != 0 or not loader.has_token(ignore_auth_mode=True):
+        ray_private.forget_auth_token()
+        if done.returncode != 0 or not ray_private.auth_token_present():
             raise AuthSetupError(
                 "no Ray auth token found and `ray get-auth-token --generate` failed: "
                 f"{done.stderr.strip()[-500:]}. Create one with `ray get-auth-token --generate`."
             )
-    if get_authentication_mode() != AuthenticationMode.TOKEN:
+    if not ray_private.token_auth_on():
         os.environ[AUTH_MODE_ENV] = "token"
-        # Ray caches its config (auth mode included) in C++; re-read it as Ray's own
-        # authentication_token_setup._enable_token_auth does.
-        Config.initialize("")
+        ray_private.reload_ray_config()  # Ray caches its config (auth mode included) in C++

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from cluster.auth import enable_token_auth
+from ftune.compat import ray_private
 
 # ray.core.generated.autoscaler_pb2.DrainNodeReason, without the DRAIN_NODE_REASON_ prefix.
 DRAIN_REASONS = ("PREEMPTION", "IDLE_TERMINATION")
@@ -61,9 +62,7 @@ def forget_clients() -> None:
 
 @functools.lru_cache(maxsize=16)
 def _client(address: str):
-    from ray._raylet import GcsClient
-
-    return GcsClient(address=address)
+    return ray_private.gcs_client(address)
 
 
 def list_nodes(address: str, timeout_s: float = 10.0) -> list[NodeView]:

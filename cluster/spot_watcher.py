@@ -250,9 +250,9 @@ def resolve_address(address: str | None) -> str:
     """``address`` itself, else the local cluster (``RAY_ADDRESS``, then ``ray start``'s record)."""
     if address:
         return address
-    from ray._private.services import canonicalize_bootstrap_address_or_die
+    from ftune.compat.ray_private import local_cluster_address
 
-    return canonicalize_bootstrap_address_or_die(None)
+    return local_cluster_address()
 
 
 def local_node_id(address: str) -> str:

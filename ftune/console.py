@@ -23,10 +23,6 @@ FTUNE_LINE = re.compile(r"^\[(?!\d)[\w.:@/-]+\] ")
 log lines start with a bracketed timestamp (``[2026-12-03 10:00:00,123 E ...]``) and stay in the files."""
 VERBOSE_ENV = "FTUNE_VERBOSE"
 
-RAY_PRINTER = "print_worker_logs"
-"""The function of ``ray._private.worker`` through which every line from workers, actors and raylets is
-printed on the driver, whichever handler of Ray's log dispatcher forwards it."""
-
 
 def verbose_requested(flag: bool = False) -> bool:
     """True when ``--verbose`` was given or ``FTUNE_VERBOSE`` is set to a true value."""
@@ -72,16 +68,17 @@ def show_only_ftune_lines(verbose: bool = False) -> str | None:
     Does nothing (and returns None) when verbose, or when this process is not a Ray driver.
     """
     import ray
-    from ray._private import worker as ray_worker
+
+    from ftune.compat import ray_private
 
     if verbose_requested(verbose) or not ray.is_initialized():
         return None
-    printer = getattr(ray_worker, RAY_PRINTER, None)
-    if not callable(printer):
+    printer = ray_private.worker_log_printer()
+    if printer is None:
         return None  # a Ray that prints worker output some other way: leave it as it is
     if printer is not _print_ftune_lines:
         _replaced.append(printer)
-        setattr(ray_worker, RAY_PRINTER, _print_ftune_lines)
+        ray_private.set_worker_log_printer(_print_ftune_lines)
     return ray_log_dir()
 
 
@@ -90,10 +87,10 @@ _replaced: list = []
 
 def show_everything() -> None:
     """Undo :func:`show_only_ftune_lines` (for a process that goes on to run other Ray drivers)."""
-    from ray._private import worker as ray_worker
+    from ftune.compat import ray_private
 
     if _replaced:
-        setattr(ray_worker, RAY_PRINTER, _replaced.pop())
+        ray_private.set_worker_log_printer(_replaced.pop())
 
 
 QUIET_LOGGERS = {"ray": "ERROR", "ray.serve": "WARNING", "DeepSpeed": "ERROR"}
@@ -125,11 +122,10 @@ def quiet_libraries(verbose: bool = False) -> None:
 
 def ray_log_dir() -> str | None:
     """The log directory of the connected Ray session on this node, if it is local."""
-    try:
-        from ray._private import worker as ray_worker
+    from ftune.compat import ray_private
 
-        node = ray_worker.global_worker.node
-        return node.get_logs_dir_path() if node is not None else None
+    try:
+        return ray_private.session_log_dir()
     except Exception:  # a client connection, or a Ray without the attribute: nothing to point at
         return None
 

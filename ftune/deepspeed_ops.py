@@ -19,28 +19,22 @@ import os
 import sys
 import time
 
+from ftune.compat.deepspeed_private import op_is_compatible
+from ftune.compat.torch_private import extension_build_dir
 
 EXPECTED_BUILD = "1-2 minutes on 2 cores"
 
 
 def _builder():
     """DeepSpeed's builder for the op, or None where DeepSpeed would not use it (CUDA, unsupported CPU)."""
-    import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     if get_accelerator().device_name() != "cpu":
         return None
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+    if builder is None or not op_is_compatible(builder.NAME):
         return None
     return builder
-
-
-def _build_dir(name: str) -> str:
-    from torch.utils.cpp_extension import _get_build_directory
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        return _get_build_directory(name, verbose=False)
 
 
 def is_built() -> bool:
@@ -48,7 +42,7 @@ def is_built() -> bool:
     builder = _builder()
     if builder is None:
         return True
-    return os.path.exists(os.path.join(_build_dir(builder.NAME), f"{builder.NAME}.so"))
+    return os.path.exists(os.path.join(extension_build_dir(builder.NAME), f"{builder.NAME}.so"))
 
 
 def ensure_built(announce=print) -> float:
@@ -62,7 +56,7 @@ def ensure_built(announce=print) -> float:
     builder = _builder()
     announce(
         f"building DeepSpeed's CPU communication op ({EXPECTED_BUILD}, once per machine; "
-        f"cached in {os.path.dirname(_build_dir(builder.NAME))})"
+        f"cached in {os.path.dirname(extension_build_dir(builder.NAME))})"
     )
     start = time.monotonic()
     # The build prints compiler command lines; keep them out of the user's terminal unless it fails.

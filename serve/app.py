@@ -31,9 +31,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
-from ray import serve
+from ray import serve as ray_serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ftune.compat.ray_private import on_multiplexed_unload
 from serve.adapter_checks import BaseModelLayout, base_model_layout
 from serve.adapter_pool import AdapterPool
 from serve.admission import Admission, authorize, read_body, sampling_params
@@ -105,9 +106,7 @@ class _LoadedAdapter:
         async def unload() -> None:
             await pool.evict(name)
 
-        # An instance attribute, not a method: Serve's LRU awaits it, while garbage collection
-        # (which only calls a __del__ defined on the class) never does.
-        self.__del__ = unload
+        on_multiplexed_unload(self, unload)
 
 
 def _sse(events: AsyncIterator[bytes]) -> StreamingResponse:
@@ -165,10 +164,10 @@ class LoraServer:
         async def load_adapter(name: str) -> _LoadedAdapter:
             return await self._load_adapter(name)
 
-        self._adapter = serve.multiplexed(max_num_models_per_replica=cfg.max_adapters_per_replica)(
+        self._adapter = ray_serve.multiplexed(max_num_models_per_replica=cfg.max_adapters_per_replica)(
             load_adapter
         )
-        self._decode_batch = serve.batch(
+        self._decode_batch = ray_serve.batch(
             max_batch_size=cfg.batching.max_batch_size,
             batch_wait_timeout_s=cfg.batching.batch_wait_timeout_s,
             max_concurrent_batches=cfg.batching.max_concurrent_batches,
@@ -425,7 +424,7 @@ def _root(request: Request) -> str:
     return request.scope.get("root_path", "").rstrip("/")
 
 
-def build_app(args: dict[str, Any]) -> serve.Application:
+def build_app(args: dict[str, Any]) -> ray_serve.Application:
     """The application for a Serve config file's ``import_path: serve.app:build_app``.
 
     Validates ``args`` as a ServingConfig and checks every adapter before any replica starts.
@@ -437,7 +436,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     return build_application(config)
 
 
-def build_application(config: ServingConfig) -> serve.Application:
+def build_application(config: ServingConfig) -> ray_serve.Application:
     """The application for an already validated config (checks the adapters first).
 
     Each adapter is compared with the base model, whose layout comes from its config alone.
@@ -455,4 +454,4 @@ def build_application(config: ServingConfig) -> serve.Application:
 
 # Decorated apart from the class so that `serve.app.LoraServer` stays the class itself: replicas then
 # import this module (pickling by reference) instead of receiving a by-value copy of the class.
-LoraDeployment = serve.deployment(name="LoraServer")(serve.ingress(api)(LoraServer))
+LoraDeployment = ray_serve.deployment(name="LoraServer")(ray_serve.ingress(api)(LoraServer))

@@ -60,7 +60,7 @@ def deploy(
             running Ray that was started without it.
     """
     import ray
-    from ray import serve
+    from ray import serve as ray_serve
 
     from serve.app import build_application
 
@@ -72,9 +72,9 @@ def deploy(
         os.environ.setdefault(DIRECT_INGRESS_ENV, "1")
         # Nothing stands between clients and the replica ports here, so there is nothing to deregister from.
         os.environ.setdefault(DRAINING_ENV, "2")
-    serve.start(http_options={"host": host, "port": port})
+    ray_serve.start(http_options={"host": host, "port": port})
     try:
-        serve.run(app, name=app_name, route_prefix=route_prefix, blocking=False)
+        ray_serve.run(app, name=app_name, route_prefix=route_prefix, blocking=False)
     except RuntimeError as e:
         raise UserError(f"serving application {app_name!r} failed to start:\n{e}") from e
     if direct_ingress and not replica_urls(app_name, host):
@@ -97,21 +97,13 @@ def replica_urls(app_name: str = APP_NAME, host: str = "127.0.0.1", wait_s: floa
         host: Serve's HTTP host: replicas listen on it (a loopback host is only reachable on its node).
         wait_s: How long to wait for the controller to list the ports of replicas that just started.
     """
-    import ray
-    from ray.serve._private.common import REPLICA_ID_FULL_ID_STR_PREFIX, RequestProtocol
-    from ray.serve.context import _get_global_client
+    from ftune.compat.ray_private import serve_http_replica_targets
 
-    controller = _get_global_client()._controller
     deadline = time.monotonic() + wait_s
     while True:
-        groups = ray.get(controller.get_target_groups.remote(app_name))
-        # Without direct ingress (or before a replica runs) the controller lists the proxies instead.
         urls = [
-            openai_base_url(t.ip if host in ("0.0.0.0", "::") else host, t.port, g.route_prefix)
-            for g in groups
-            if g.app_name == app_name and g.protocol == RequestProtocol.HTTP
-            for t in g.targets
-            if t.name.startswith(REPLICA_ID_FULL_ID_STR_PREFIX)
+            openai_base_url(ip if host in ("0.0.0.0", "::") else host, port, route_prefix)
+            for ip, port, route_prefix in serve_http_replica_targets(app_name)
         ]
         if urls or time.monotonic() >= deadline:
             return urls
@@ -120,6 +112,6 @@ def replica_urls(app_name: str = APP_NAME, host: str = "127.0.0.1", wait_s: floa
 
 def shutdown() -> None:
     """Tear down every Serve application and the Serve proxies (Ray itself keeps running)."""
-    from ray import serve
+    from ray import serve as ray_serve
 
-    serve.shutdown()
+    ray_serve.shutdown()

@@ -26,6 +26,8 @@ from typing import Iterator
 
 import torch
 
+from ftune.compat.peft_private import adapters_disabled, set_adapters_disabled
+
 BASE_SLOT = 0
 
 
@@ -98,8 +100,8 @@ class GatheredLora:
         handles, disabled = [], []
         try:
             for i, (layer, stack) in enumerate(zip(self.layers, self._stacks)):
-                disabled.append((layer, layer._disable_adapters))
-                layer._disable_adapters = True  # peft's forward: the base layer only
+                disabled.append((layer, adapters_disabled(layer)))
+                set_adapters_disabled(layer, True)  # peft's forward: the base layer only
                 if hook is not None:
                     weights = self._gathered[i] if hook is _gathered_delta else stack
                     handles.append(layer.register_forward_hook(_bound(hook, weights)))
@@ -108,7 +110,7 @@ class GatheredLora:
             for handle in handles:
                 handle.remove()
             for layer, flag in disabled:
-                layer._disable_adapters = flag
+                set_adapters_disabled(layer, flag)
 
     def _gather(self, slots: torch.Tensor) -> None:
         key = tuple(slots.tolist())

@@ -32,6 +32,8 @@ import pyarrow.fs as pafs
 import torch
 from safetensors.torch import load_file, save_file
 
+from ftune.compat.deepspeed_private import link_optimizer_state
+from ftune.compat.torch_private import set_last_lr
 from ftune.errors import UserError
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -343,9 +345,7 @@ def _ensure_optimizer_state(engine) -> None:
     for group in inner.param_groups:
         for p in group["params"]:
             p.grad = None
-    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
-    if link is not None:
-        link()
+    link_optimizer_state(engine.optimizer)
 
 
 def load_checkpoint(
@@ -442,4 +442,4 @@ def _apply_scheduler(engine, saved: dict[str, Any], adopt_lr: float | None) -> N
         scheduler.base_lrs = [adopt_lr] * len(scheduler.base_lrs)
     for group, base, multiplier in zip(engine.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * multiplier(scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in engine.optimizer.param_groups]
+    set_last_lr(scheduler, [group["lr"] for group in engine.optimizer.param_groups])

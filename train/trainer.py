@@ -14,19 +14,14 @@
 
 from __future__ import annotations
 
-from ray.train.torch import TorchTrainer
-
+from ftune.compat.ray_private import without_datasets_callback
+from ftune.compat.ray_private_hooks import TorchTrainerWithHooks
 from ftune.config import TrainJobConfig
 from ftune.interrupts import sigint_handler_restored
 from train.ray_settings import ray_train_settings
 
-try:  # a private module: if a Ray release moves it, the trainer keeps Ray's default callbacks
-    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-except ImportError:  # pragma: no cover - depends on the installed Ray
-    DatasetsCallback = None
 
-
-class LoraTrainer(TorchTrainer):
+class LoraTrainer(TorchTrainerWithHooks):
     """A ``TorchTrainer`` that sets up Ray Data only when it is given datasets.
 
     Args:
@@ -45,8 +40,6 @@ class LoraTrainer(TorchTrainer):
             with ray_train_settings(self._job):
                 return super().fit()
 
-    def _create_default_callbacks(self):
-        callbacks = super()._create_default_callbacks()
-        if self.datasets or DatasetsCallback is None:
-            return callbacks
-        return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+    def default_callbacks(self, callbacks):
+        """Ray's callbacks, less the Ray Data set-up when the trainer has no datasets."""
+        return callbacks if self.datasets else without_datasets_callback(callbacks)

@@ -4,9 +4,9 @@
 its hourly rate x the wall time it held resources (Tune RUNNING: start-up, training, restarts after
 preemption), summed over segments across pauses, PBT exploits and sweep resumes. Around it:
 
-- ``SpendTracker`` (tune.Callback) syncs the ledger with Tune's trials every loop step and result;
+- ``SpendTracker`` (ray_tune.Callback) syncs the ledger with Tune's trials every loop step and result;
 - ``BudgetGate`` (Searcher wrapper) lets a new trial start only if its projected cost still fits;
-- ``BudgetStopper`` (tune.Stopper) ends the sweep once spend or time reaches the budget: it raises
+- ``BudgetStopper`` (ray_tune.Stopper) ends the sweep once spend or time reaches the budget: it raises
   the sweep's ``train.stop.StopSignal`` so every running trial checkpoints at the step it reached and
   finishes, and lets Tune kill what still runs ``budget.stop_grace_s`` later.
 
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ray import tune
+import ray.tune as ray_tune
 from ray.tune.search import Searcher
 
 from ftune.atomic_files import write_text_atomic
@@ -392,7 +392,7 @@ def _error_text(trial) -> str | None:
     return text[-1] if text else "failed (see the trial's error.txt under tune/)"
 
 
-class SpendTracker(tune.Callback):
+class SpendTracker(ray_tune.Callback):
     """Keeps the ledger in step with Tune: segments every loop step, metrics on every result."""
 
     def __init__(self, sweep_uri: str, metric: str):
@@ -433,7 +433,7 @@ class SpendTracker(tune.Callback):
         self.ledger._record(self.ledger.clock())
 
 
-class BudgetStopper(tune.Stopper):
+class BudgetStopper(ray_tune.Stopper):
     """Ends the sweep when spend or elapsed time reaches the budget: trials checkpoint and finish, then Tune stops."""
 
     _signals: ClassVar[dict[str, Any]] = {}

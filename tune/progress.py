@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any
 
-from ray import tune
+import ray.tune as ray_tune
 
 from tune.budget import SpendLedger, TrialSpend
 from tune.space import SearchSpace
@@ -30,7 +30,7 @@ def best_trial(ledger: SpendLedger, mode: str) -> TrialSpend | None:
     return (min if mode == "min" else max)(scored, key=lambda t: t.metric)
 
 
-class SweepProgress(tune.Callback):
+class SweepProgress(ray_tune.Callback):
     """Prints a line whenever a trial changes state, with counts, spend against budget and the best so far."""
 
     def __init__(self, sweep_uri: str, space: SearchSpace, base_r: int, metric: str, mode: str):

@@ -25,9 +25,10 @@ import time
 from typing import Any
 
 import pyarrow.fs as pafs
-from ray import tune
-from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining, TrialScheduler
+import ray.tune as ray_tune
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
+from ftune.compat.ray_private_hooks import PBTWithHooks
 from ftune.storage import Storage
 from train.checkpoint import CorruptCheckpoint, verify_checkpoint
 from tune.budget import SpendLedger
@@ -56,7 +57,7 @@ class FinalStepASHA(ASHAScheduler):
         return decision
 
 
-class CheckpointPBT(PopulationBasedTraining):
+class CheckpointPBT(PBTWithHooks):
     """PopulationBasedTraining over sweep trials (time attribute: the optimizer step)."""
 
     def __init__(self, *, sweep_uri: str, storage: Storage, total_steps: int, population_fits: bool, **kwargs: Any):
@@ -86,7 +87,7 @@ class CheckpointPBT(PopulationBasedTraining):
         if ledger.stop is not None:
             return None  # the budget stop is under way: nothing (re)starts
         waiting = [t for t in tune_controller.get_trials() if t.status in ("PENDING", "PAUSED")]
-        for trial in sorted(waiting, key=lambda t: self._trial_state[t].last_train_time):
+        for trial in sorted(waiting, key=self.last_train_time):
             if trial.status == "PAUSED" or trial.trial_id in ledger.trials:
                 return trial
             decision = ledger.admit(trial.trial_id)
@@ -96,12 +97,11 @@ class CheckpointPBT(PopulationBasedTraining):
             return None
         return None
 
-    def _checkpoint_or_exploit(self, trial, tune_controller, upper_quantile: list, lower_quantile: list) -> None:
-        state = self._trial_state[trial]
-        state.last_checkpoint = None
+    def checkpoint_or_exploit(self, trial, tune_controller, upper_quantile: list, lower_quantile: list) -> None:
+        """A top trial with a Train checkpoint becomes a donor; a bottom one exploits a copy of a donor's."""
+        self.set_donor_checkpoint(trial, None)
         if trial in upper_quantile and trial.trial_id in self.latest:
-            state.last_checkpoint = "train-checkpoint"  # a donor; the real pointer is made per exploit
-            self._num_checkpoints += 1
+            self.mark_donor(trial)  # the real pointer is made per exploit
         if trial not in lower_quantile:
             return
         donors = [t for t in upper_quantile if t.trial_id in self.latest]
@@ -112,13 +112,14 @@ class CheckpointPBT(PopulationBasedTraining):
         pointer = self._pointer(trial, donor)
         if pointer is None:
             return  # the donor's checkpoint is gone: no exploit this time
-        self._trial_state[donor].last_checkpoint = pointer
-        self._exploit(tune_controller, trial, donor)
+        self.set_donor_checkpoint(donor, pointer)
+        self.exploit(tune_controller, trial, donor)
 
-    def _exploit(self, tune_controller, trial, trial_to_clone) -> None:
+    def exploit(self, tune_controller, trial, trial_to_clone) -> None:
+        """PBT's exploit, then a line in pbt_exploits.jsonl and on the terminal."""
         before = dict(trial.config)
-        super()._exploit(tune_controller, trial, trial_to_clone)
-        pointer = self._trial_state[trial_to_clone].last_checkpoint
+        super().exploit(tune_controller, trial, trial_to_clone)
+        pointer = self.donor_checkpoint(trial_to_clone)
         exploit = Exploit.read(pointer)
         row = {"time": time.time(), **(exploit.__dict__ if exploit else {}), "config_before": before,
                "donor_config": dict(trial_to_clone.config), "config_after": dict(trial.config)}
@@ -130,7 +131,7 @@ class CheckpointPBT(PopulationBasedTraining):
         say(f"PBT: trial {trial.trial_id} continues {trial_to_clone.trial_id}'s checkpoint at step "
             f"{exploit.donor_step if exploit else '?'} ({changed or 'same settings'})")
 
-    def _pointer(self, trial, donor) -> tune.Checkpoint | None:
+    def _pointer(self, trial, donor) -> ray_tune.Checkpoint | None:
         """Copy the donor's latest Train checkpoint and write the exploit pointer for ``trial``; None (and a
         line saying why) if that checkpoint is gone or its copy does not verify."""
         source, step = self.latest[donor.trial_id]
@@ -163,4 +164,4 @@ class CheckpointPBT(PopulationBasedTraining):
         storage.write_text(exploit.to_json(), PBT_DIR, run, EXPLOIT_FILE)
         ledger.set_run(trial.trial_id, run)
         self.latest.pop(trial.trial_id, None)  # its old run's checkpoints are no longer its state
-        return tune.Checkpoint(target, filesystem=fs)
+        return ray_tune.Checkpoint(target, filesystem=fs)

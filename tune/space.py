@@ -239,16 +239,16 @@ class SearchSpace:
 
     def tune_space(self) -> dict[str, Any]:
         """The space as Ray Tune domains (PBT's initial population, which Tune samples itself)."""
-        from ray import tune
+        import ray.tune as ray_tune
 
         out: dict[str, Any] = {}
         for d in self.dims:
             if d.kind == "choice":
-                out[d.key] = tune.choice(list(d.values))
+                out[d.key] = ray_tune.choice(list(d.values))
             elif d.kind == "loguniform":
-                out[d.key] = tune.loguniform(d.low, d.high)
+                out[d.key] = ray_tune.loguniform(d.low, d.high)
             else:
-                out[d.key] = tune.uniform(d.low, d.high)
+                out[d.key] = ray_tune.uniform(d.low, d.high)
         return out
 
     def grid(self, points: int) -> dict[str, list[Any]]:
@@ -267,7 +267,7 @@ class SearchSpace:
 
     def pbt_mutations(self, keys: list[str]) -> dict[str, Any]:
         """PBT's hyperparam_mutations for the given job keys (lora.alpha -> its ratio axis if any)."""
-        from ray import tune
+        import ray.tune as ray_tune
 
         out: dict[str, Any] = {}
         for key in keys:
@@ -275,9 +275,9 @@ class SearchSpace:
             if d.kind == "choice":
                 out[d.key] = list(d.values)
             elif d.kind == "loguniform":
-                out[d.key] = tune.loguniform(d.low, d.high)
+                out[d.key] = ray_tune.loguniform(d.low, d.high)
             else:
-                out[d.key] = tune.uniform(d.low, d.high)
+                out[d.key] = ray_tune.uniform(d.low, d.high)
         return out
 
     def job_overrides(self, config: dict[str, Any], base_r: int) -> dict[str, Any]:

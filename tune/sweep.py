@@ -253,10 +253,10 @@ def trial_dirname(trial) -> str:
 
 def trainable(sweep: Sweep, registry: PlacementGroupRegistry, stop_signal: Any):
     """The trial trainable with the plan, data and stop signal attached and the driver's CPUs reserved."""
-    from ray import tune
+    import ray.tune as ray_tune
 
     trial = trial_trainable(sweep.plan, sweep.data, registry.queue, stop_signal)
-    return tune.with_resources(trial, {"CPU": sweep.shape.driver_cpus})
+    return ray_tune.with_resources(trial, {"CPU": sweep.shape.driver_cpus})
 
 
 def concurrency_of(sweep: Sweep) -> int:
@@ -294,12 +294,17 @@ def open_ledger(sweep: Sweep) -> SpendLedger:
 def run(sweep: Sweep, *, resume: bool, show_trial_logs: bool) -> dict[str, Any]:
     """Start (or restore) the Tune experiment, wait for it, and write the results."""
     import ray
-    from ray import tune
+    import ray.tune as ray_tune
 
+    from ftune.console import (
+        announce_ray_logs,
+        ray_log_dir,
+        ray_logging_level,
+        show_only_ftune_lines,
+        verbose_requested,
+    )
     from train.stop import create_stop_signal
     from tune.progress import SweepProgress, say
-
-    from ftune.console import announce_ray_logs, ray_log_dir, ray_logging_level, show_only_ftune_lines, verbose_requested
 
     if not ray.is_initialized():
         ray.init(log_to_driver=show_trial_logs or verbose_requested(), logging_level=ray_logging_level())
@@ -320,21 +325,21 @@ def run(sweep: Sweep, *, resume: bool, show_trial_logs: bool) -> dict[str, Any]:
     BudgetStopper.attach(sweep.uri, stop_signal)
     if resume:
         say(f"resuming {sweep.name}: ${ledger.spend():.4f} spent so far over {len(ledger.trials)} trial(s)")
-        tuner = tune.Tuner.restore(str(sweep.sweep_dir / TUNE_DIR), resume_unfinished=True,
+        tuner = ray_tune.Tuner.restore(str(sweep.sweep_dir / TUNE_DIR), resume_unfinished=True,
                                    trainable=trainable(sweep, registry, stop_signal))
     else:
         s, metric = sweep.cfg.search, sweep.cfg.search.metric
-        tuner = tune.Tuner(
+        tuner = ray_tune.Tuner(
             trainable(sweep, registry, stop_signal),
             param_space=sweep.plan.space.tune_space() if s.algorithm == "pbt" else None,
-            tune_config=tune.TuneConfig(search_alg=make_searcher(sweep, concurrency), scheduler=make_scheduler(sweep, concurrency),
+            tune_config=ray_tune.TuneConfig(search_alg=make_searcher(sweep, concurrency), scheduler=make_scheduler(sweep, concurrency),
                                         num_samples=num_trials(sweep), trial_dirname_creator=trial_dirname),
-            run_config=tune.RunConfig(
+            run_config=ray_tune.RunConfig(
                 name=TUNE_DIR, storage_path=str(sweep.sweep_dir), verbose=0, stop=BudgetStopper(sweep.uri),
                 callbacks=[SpendTracker(sweep.uri, metric), registry,
                            SweepProgress(sweep.uri, sweep.plan.space, sweep.plan.base_r, metric, s.mode),
                            *([SweepStateSync(sweep.uri, sweep.storage)] if sweep.storage.is_remote else [])],
-                failure_config=tune.FailureConfig(max_failures=0),  # Ray Train retries inside the trial
+                failure_config=ray_tune.FailureConfig(max_failures=0),  # Ray Train retries inside the trial
             ),
         )
     try:

@@ -31,8 +31,8 @@ from typing import Any
 
 import optuna
 import pyarrow.fs as pafs
+import ray.tune as ray_tune
 from pyarrow import ArrowException
-from ray import tune
 
 from ftune.errors import UserError
 from ftune.storage import Storage
@@ -118,7 +118,7 @@ def _backup(db: Path, out: Path) -> None:
         target.close()
 
 
-class SweepStateSync(tune.Callback):
+class SweepStateSync(ray_tune.Callback):
     """Pushes the sweep's driver files to storage whenever a trial changes status (starts, ends, pauses) and,
     while trials report checkpoints, at most every ``min_interval_s``.
 

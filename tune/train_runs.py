@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import ray
-from ray import tune
-from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
+import ray.tune as ray_tune
 from ray.util.queue import Empty, Queue
+
+from ftune.compat.ray_private import worker_group_placement_group
+from ftune.compat.ray_private_hooks import ControllerCallback, WorkerGroupCallback
 
 
 class RunHandoff(ControllerCallback, WorkerGroupCallback):
@@ -43,7 +45,7 @@ class RunHandoff(ControllerCallback, WorkerGroupCallback):
     def after_worker_group_start(self, worker_group) -> None:
         """Post the placement group the workers run in to the sweep driver."""
         if self.registry is not None:
-            group = worker_group.get_worker_group_state().placement_group_handle.placement_group
+            group = worker_group_placement_group(worker_group)
             self.registry.put((self.trial_id, group))
 
 
@@ -108,7 +110,7 @@ def abort_run(trial_id: str, timeout_s: float = 120.0) -> None:
         return
 
 
-class PlacementGroupRegistry(tune.Callback):
+class PlacementGroupRegistry(ray_tune.Callback):
     """Driver side: the placement groups of the sweep's Train runs; removes those of ended trials.
 
     Found by the sweep's location (``_open``) because Tune pickles its callbacks into the experiment state.

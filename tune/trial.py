@@ -116,11 +116,12 @@ def trial_trainable(plan: TrialPlan, data: RunData, registry: Queue | None = Non
         registry: Where each run's controller posts its placement groups (the sweep's PlacementGroupRegistry).
         stop_signal: The sweep's ``train.stop.StopSignal`` (raised at the budget stop).
     """
-    from ray import tune
-    from ray.tune.trainable.function_trainable import wrap_function
+    import ray.tune as ray_tune
 
-    base = wrap_function(tune.with_parameters(run_trial, plan=plan, data=data, registry=registry,
-                                              stop_signal=stop_signal))
+    from ftune.compat.ray_private import function_trainable_class
+
+    trainable = ray_tune.with_parameters(run_trial, plan=plan, data=data, registry=registry, stop_signal=stop_signal)
+    base = function_trainable_class(trainable)
 
     class SweepTrial(base):
         def cleanup(self) -> None:
@@ -152,13 +153,13 @@ def run_trial(config: dict[str, Any], plan: TrialPlan | None = None, data: RunDa
               registry: Queue | None = None, stop_signal: Any = None) -> None:
     """The Tune function trainable: one full distributed training run of the trial's settings."""
     import ray
-    from ray import tune
+    import ray.tune as ray_tune
 
     from train.job import build_trainer
 
     assert plan is not None and data is not None, "run_trial is wrapped with tune.with_parameters(plan=, data=)"
-    trial_id = tune.get_context().get_trial_id()
-    exploit = Exploit.read(tune.get_checkpoint())
+    trial_id = ray_tune.get_context().get_trial_id()
+    exploit = Exploit.read(ray_tune.get_checkpoint())
     run = exploit.run if exploit else trial_id
     cfg = plan.job_for(config, run)
     storage = Storage.from_config(cfg.storage)
@@ -169,7 +170,7 @@ def run_trial(config: dict[str, Any], plan: TrialPlan | None = None, data: RunDa
         for metric in ("eval_loss", "eval_perplexity", "exact_match"):
             if summary.get(f"{metric}_after") is not None:
                 final[metric] = summary[f"{metric}_after"]
-        tune.report(final)
+        ray_tune.report(final)
         return
 
     if stop_signal is not None and ray.get(stop_signal.reason.remote()) is not None:

@@ -8,7 +8,14 @@ import pydantic
 import pytest
 
 from ftune.errors import ConfigError
-from ftune.yaml_config import Section, describe_problem, format_problem, format_problems, read_yaml, validate_config
+from ftune.yaml_config import (
+    Section,
+    describe_problem,
+    format_problem,
+    format_problems,
+    read_yaml,
+    validate_config,
+)
 
 
 class Price(Section):
