@@ -15,6 +15,7 @@ Measured in one run, on one machine, with one torch thread for the model everywh
     python bench/serve.py                    # tiny model, 40 sequential requests, 16 tokens each
     python bench/serve.py --model 512x4      # a larger random Llama (HIDDENxLAYERS), same tokenizer
     python bench/serve.py --no-serve         # in-process rows only (no Ray)
+    python bench/serve.py --no-serve --device cuda --model 2048x16   # the in-process rows on a GPU
 
 Goals: Serve HTTP overhead <= 3 ms at p50 over in-process; 8 mixed adapters >= 0.9x the throughput of
 one adapter; adapter cold load <= 50 ms (tiny model). Results go to bench/RESULTS.md (section "serve").
@@ -79,13 +80,19 @@ def build_model(spec: str, out_dir: Path) -> Path:
 class InProcess:
     """The replica's decode path without Serve: one AdapterPool, BatchDecoder steps run inline."""
 
-    def __init__(self, model_dir: Path, adapters: dict[str, Path], gathered: bool = True):
+    def __init__(
+        self, model_dir: Path, adapters: dict[str, Path], gathered: bool = True, device: str = "cpu"
+    ):
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from serve.adapter_pool import AdapterPool
 
+        self.device = device
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.pool = AdapterPool(AutoModelForCausalLM.from_pretrained(model_dir).eval(), gathered=gathered)
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        self.pool = AdapterPool(model, gathered=gathered)
         self.adapters = adapters
         self.load_ms: list[float] = []  # all but the first, which also wraps the base model in peft
         for i, (name, path) in enumerate(adapters.items()):
@@ -107,6 +114,7 @@ class InProcess:
             self.tokenizer,
             eos_token_ids=[self.tokenizer.eos_token_id],
             pad_token_id=self.tokenizer.pad_token_id,
+            device=self.device,
         )
         while not decoder.done:
             decoder.step()
@@ -254,7 +262,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--per-client", type=int, default=8, help="requests per client in the mixed runs")
     parser.add_argument("--no-serve", action="store_true", help="skip the Ray Serve rows")
     parser.add_argument("--no-record", action="store_true", help="do not update bench/RESULTS.md")
+    parser.add_argument("--out", type=Path, help="also write the report (markdown) to this file")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="where the in-process model runs (cuda: bf16)",
+    )
     args = parser.parse_args(argv)
+    if args.device != "cpu" and not args.no_serve:
+        parser.error("--device cuda measures the in-process rows only: add --no-serve")
 
     import torch
 
@@ -269,8 +286,9 @@ def main(argv: list[str]) -> int:
     )
     n, tokens = args.requests, args.tokens
 
-    local = InProcess(model_dir, adapters)
-    looped = InProcess(model_dir, adapters, gathered=False)  # peft's own mixed batch: the baseline
+    local = InProcess(model_dir, adapters, device=args.device)
+    # peft's own mixed batch: the baseline
+    looped = InProcess(model_dir, adapters, gathered=False, device=args.device)
     rows, notes = [], []
     batch_one, batch_mix, loop_one, loop_mix = time_interleaved(
         [
@@ -476,15 +494,27 @@ def main(argv: list[str]) -> int:
             )
         )
     import peft
-    import ray
 
+    try:
+        import ray
+
+        ray_version = f"ray {ray.__version__}, "
+    except ImportError:  # the in-process rows need no Ray
+        ray_version = ""
+    on = "model on 1 torch thread"
+    if args.device == "cuda":
+        on = f"model on {torch.cuda.get_device_name(0)} (bf16)"
     header = (
-        f"## serve (bench/serve.py --model {args.model} --requests {n} --tokens {tokens})\n\n"
-        f"{machine_line()}; ray {ray.__version__}, torch {torch.__version__}, peft {peft.__version__}; "
-        "model on 1 torch thread, replica 0.5 CPU.\n"
+        f"## serve (bench/serve.py --model {args.model} --requests {n} --tokens {tokens}"
+        + ("" if args.device == "cpu" else f" --device {args.device}")
+        + ")\n\n"
+        f"{machine_line()}; {ray_version}torch {torch.__version__}, peft {peft.__version__}; "
+        f"{on}, replica 0.5 CPU.\n"
     )
     report = "\n".join([header, table, "", *notes, "", "```", *verdicts, "```"])
     print(report)
+    if args.out:
+        args.out.write_text(report + "\n", encoding="utf-8")
     shutil.rmtree(work, ignore_errors=True)
     if not args.no_record:
         record_section(f"bench/serve.py --model {args.model}", report)

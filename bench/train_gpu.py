@@ -7,12 +7,15 @@ process group). bf16, sdpa attention, full 2048-token sequences, one optimizer s
 
     python bench/train_gpu.py                                 # 1b and 8b, LoRA and QLoRA
     python bench/train_gpu.py --model 1b --method lora --micro-batch 8 --gradient-checkpointing
+    python bench/train_gpu.py --model tiny --device cpu --seq-len 64 --no-record   # the bench itself, on CPU
 
-MFU counts 4·N FLOPs per token (forward 2N + backward through the activations 2N; frozen weights get no
-weight gradient), N = the base model's matmul parameters, against the GPU's dense bf16 peak. It leaves
-out attention's sequence-length term and the adapters' own FLOPs, and does not credit gradient
-checkpointing's recomputation, so it is a conservative figure. Goal: >= 45 % MFU at >= 1B parameters.
-Without CUDA it says so and exits 0.
+MFU is given two ways, N = the base model's matmul parameters, against the GPU's dense bf16 peak
+(``--peak-tflops``, else the table below): the usual 6·N FLOPs per token (what a full fine-tune
+would do: forward 2N, backward 4N), and 4·N (forward 2N + backward through the activations 2N; frozen
+weights get no weight gradient), the work LoRA really does. Both leave out attention's sequence-length
+term and the adapters' own FLOPs, and do not credit gradient checkpointing's recomputation. Goal:
+>= 45 % MFU (4·N) at >= 1B parameters. Without CUDA it says so and exits 0, unless ``--device cpu``
+(a check that the bench runs; its MFU means nothing).
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ MODELS = {
     "1b": ModelShape(2048, 8192, 16, 32, 8, 128256, True, micro_batch=4),  # meta-llama/Llama-3.2-1B
     "8b": ModelShape(4096, 14336, 32, 32, 8, 128256, False, micro_batch=2),  # meta-llama/Meta-Llama-3-8B
     "100m": ModelShape(768, 2048, 12, 12, 4, 32000, False, micro_batch=8),  # smoke-test size
+    "tiny": ModelShape(64, 176, 2, 4, 2, 512, False, micro_batch=2),  # the bench's own test, on CPU
 }
 
 
@@ -75,8 +79,11 @@ def peak_tflops(device_name: str) -> float | None:
     return None
 
 
-def build_llama(name: str, cache: Path) -> Path:
-    """A random-weight Llama of this shape, saved as bf16 safetensors under ``cache`` (built once)."""
+def build_llama(name: str, cache: Path, device: str = "cuda") -> Path:
+    """A random-weight Llama of this shape, saved as bf16 safetensors under ``cache`` (built once).
+
+    Initialised on ``device``: a 1B model's random init takes a minute on a CPU, a second on a GPU.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -99,18 +106,20 @@ def build_llama(name: str, cache: Path) -> Path:
         eos_token_id=2,
     )
     tmp = path.with_name(path.name + ".partial")
-    with torch.device("cuda"), torch.random.fork_rng(devices=[torch.cuda.current_device()]):
+    rng_devices = [torch.cuda.current_device()] if device == "cuda" else []
+    with torch.device(device), torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(0)
         model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(tmp, safe_serialization=True)
     del model
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     tmp.rename(path)
     return path
 
 
-def init_single_rank() -> None:
-    """A one-process NCCL group, which DeepSpeed's engine needs (as Ray Train sets up for its workers)."""
+def init_single_rank(device: str = "cuda") -> None:
+    """A one-process NCCL (gloo on CPU) group, which DeepSpeed's engine needs (as Ray Train sets up)."""
     import torch
     import torch.distributed as dist
 
@@ -122,14 +131,24 @@ def init_single_rank() -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
     )
+    if device != "cuda":
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        return
     torch.cuda.set_device(0)
     dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
 
 
 def job_config(
-    model_dir: Path, method: str, micro_batch: int, seq_len: int, gradient_checkpointing: bool, steps: int
+    model_dir: Path,
+    method: str,
+    micro_batch: int,
+    seq_len: int,
+    gradient_checkpointing: bool,
+    steps: int,
+    device: str = "cuda",
 ):
-    """The TrainJobConfig of one measurement: bf16, sdpa, LoRA r=16 on all linear layers, ZeRO-2, one GPU."""
+    """The TrainJobConfig of one measurement: bf16, sdpa, LoRA r=16 on all linear layers, ZeRO-2, one GPU
+    (fp32 on one CPU process with ``device="cpu"``)."""
     from ftune.config import TrainJobConfig
 
     return TrainJobConfig.model_validate(
@@ -145,11 +164,11 @@ def job_config(
                 "micro_batch_size": micro_batch,
                 "global_batch_size": micro_batch,
                 "max_steps": steps,
-                "precision": "bf16",
+                "precision": "bf16" if device == "cuda" else "fp32",
                 "gradient_checkpointing": gradient_checkpointing,
                 "warmup_ratio": 0.0,
             },
-            "scaling": {"num_workers": 1, "use_gpu": True},
+            "scaling": {"num_workers": 1, "use_gpu": device == "cuda"},
             "tracking": {"wandb": "disabled"},
         }
     )
@@ -172,32 +191,36 @@ def measure(cfg, *, warmup: int, steps: int) -> dict[str, Any]:
 
     from train.loop import build_engine
 
-    torch.cuda.reset_peak_memory_stats()
+    cuda = cfg.scaling.use_gpu
+    device = "cuda" if cuda else "cpu"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     engine, _ = build_engine(cfg, 1, warmup + steps, user_deepspeed={})
     engine.train()
     config = engine.module.get_base_model().config
     mb, seq = cfg.train.micro_batch_size, cfg.data.max_seq_len
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    ids = torch.randint(3, config.vocab_size, (warmup + steps, mb, seq), device="cuda", generator=generator)
-    mask = torch.ones(mb, seq, dtype=torch.long, device="cuda")
+    generator = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(3, config.vocab_size, (warmup + steps, mb, seq), device=device, generator=generator)
+    mask = torch.ones(mb, seq, dtype=torch.long, device=device)
     times, losses = [], []
     for i in range(warmup + steps):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         loss = engine(input_ids=ids[i], attention_mask=mask, labels=ids[i]).loss
         engine.backward(loss)
         engine.step()
         losses.append(float(loss.detach()))  # syncs, like the training loop's loss bookkeeping
-        torch.cuda.synchronize()
+        sync()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
     return {
-        "device": torch.cuda.get_device_name(0),
+        "device": torch.cuda.get_device_name(0) if cuda else "CPU",
         "params": matmul_parameters(config),
         "step_s": step_s,
         "tokens_per_s": mb * seq / step_s,
-        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
         "loss_first": losses[0],
         "loss_last": losses[-1],
     }
@@ -208,11 +231,13 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     from ftune.builtin import ftune_home
 
     name, method = args.model[0], args.method[0]
-    init_single_rank()
-    model_dir = build_llama(name, args.cache or ftune_home() / "bench-models")
+    init_single_rank(args.device)
+    model_dir = build_llama(name, args.cache or ftune_home() / "bench-models", args.device)
     micro_batch = args.micro_batch or MODELS[name].micro_batch
     steps = args.warmup + args.steps
-    cfg = job_config(model_dir, method, micro_batch, args.seq_len, args.gradient_checkpointing, steps)
+    cfg = job_config(
+        model_dir, method, micro_batch, args.seq_len, args.gradient_checkpointing, steps, args.device
+    )
     return {"micro_batch": micro_batch, **measure(cfg, warmup=args.warmup, steps=args.steps)}
 
 
@@ -238,6 +263,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--cache", type=Path, help="random-weight models are saved here (default $FTUNE_HOME/bench-models)"
     )
     parser.add_argument("--no-record", action="store_true", help="do not update bench/RESULTS.md")
+    parser.add_argument("--out", type=Path, help="also write the report (markdown) to this file")
+    parser.add_argument(
+        "--device",
+        choices=["cuda", "cpu"],
+        default="cuda",
+        help="cpu: run the bench on one CPU process (fp32) to check it works; its MFU means nothing",
+    )
     parser.add_argument("--child-result", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -246,6 +278,7 @@ def child_args(args: argparse.Namespace, name: str, method: str, result: Path) -
     """The command line that measures one (model, method) in a child process."""
     cmd = [sys.executable, __file__, "--model", name, "--method", method, "--seq-len", str(args.seq_len)]
     cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--child-result", str(result)]
+    cmd += ["--device", args.device]
     if args.micro_batch:
         cmd += ["--micro-batch", str(args.micro_batch)]
     if args.gradient_checkpointing:
@@ -259,7 +292,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     import torch
 
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print(
             "CUDA is not available: bench/train_gpu.py measures GPU training throughput; "
             "skipped (nothing measured)."
@@ -270,10 +303,16 @@ def main(argv: list[str]) -> int:
         return 0
     machine = machine_line()
     setting = (
-        f"`python bench/train_gpu.py {' '.join(argv)}`: seq len {args.seq_len}, bf16, sdpa, "
-        "LoRA r=16 all-linear, "
-        f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, ZeRO-2 on 1 GPU, "
-        f"{args.warmup} warm-up + {args.steps} timed steps (median), one process per configuration."
+        f"`python bench/train_gpu.py {' '.join(argv)}`: seq len {args.seq_len}, "
+        + ("bf16, " if args.device == "cuda" else "ON CPU (fp32, not bf16: MFU is meaningless), ")
+        + "sdpa, LoRA r=16 all-linear, "
+        + f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
+        + f"ZeRO-2 on 1 {'GPU' if args.device == 'cuda' else 'CPU process'}, "
+        + f"{args.warmup} warm-up + {args.steps} timed steps (median), one process per configuration. "
+        + "MFU (6N) = tokens/s x 6N / peak, the usual convention; MFU (4N) counts only the work LoRA does "
+        + "(no weight gradients for the frozen base); N = the base model's matmul parameters (attention, "
+        + "MLP, LM head; the embedding lookup left out); peak: "
+        + (f"{args.peak_tflops:g} TFLOP/s (--peak-tflops)." if args.peak_tflops else "the GPU's bf16 spec.")
     )
     print(f"machine: {machine}\n{setting}", flush=True)
     rows, goals, failed, devices = [], [], False, set()
@@ -291,21 +330,23 @@ def main(argv: list[str]) -> int:
                 if proc.returncode or not result.exists():
                     tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
                     print(f"{name} {method}: failed (exit {proc.returncode}):\n{tail}", flush=True)
-                    rows.append([name, method, "-", "-", "-", "-", "-", "failed"])
+                    rows.append([name, method, "-", "-", "-", "-", "-", "-", "failed"])
                     failed = True
                     continue
                 r = json.loads(result.read_text())
                 devices.add(r["device"])
                 peak = args.peak_tflops or peak_tflops(r["device"])
                 mfu = r["tokens_per_s"] * 4 * r["params"] / (peak * 1e12) if peak else None
+                mfu6 = r["tokens_per_s"] * 6 * r["params"] / (peak * 1e12) if peak else None
                 rows.append(
                     [
                         name,
                         method,
                         r["micro_batch"],
-                        f"{r['params'] / 1e9:.2f}B",
+                        f"{r['params'] / 1e9:.2f}B" if r["params"] >= 1e7 else f"{r['params'] / 1e6:.2f}M",
                         f"{r['tokens_per_s']:,.0f}",
-                        f"{r['peak_mem_gib']:.1f}",
+                        f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] == r["peak_mem_gib"] else "-",
+                        f"{mfu6:.1%}" if mfu6 is not None else "n/a (pass --peak-tflops)",
                         f"{mfu:.1%}" if mfu is not None else "n/a (pass --peak-tflops)",
                         f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}",
                     ]
@@ -313,10 +354,11 @@ def main(argv: list[str]) -> int:
                 print(
                     f"{name} {method} on {r['device']} (bf16 peak {peak or '?'} TFLOP/s): "
                     f"{r['tokens_per_s']:,.0f} tok/s, "
-                    f"{r['peak_mem_gib']:.1f} GiB" + (f", MFU {mfu:.1%}" if mfu is not None else ""),
+                    f"{r['peak_mem_gib']:.1f} GiB"
+                    + (f", MFU {mfu6:.1%} (6N), {mfu:.1%} (4N)" if mfu is not None else ""),
                     flush=True,
                 )
-                if mfu is not None and r["params"] >= MFU_GOAL_MIN_PARAMS:
+                if mfu is not None and r["params"] >= MFU_GOAL_MIN_PARAMS and args.device == "cuda":
                     goals.append(
                         goal(
                             f"{name} {method} MFU",
@@ -332,6 +374,7 @@ def main(argv: list[str]) -> int:
         "N (matmul params)",
         "tokens/s",
         "peak mem GiB",
+        "MFU (6N)",
         "MFU (4N)",
         "loss",
     ]
@@ -343,9 +386,11 @@ def main(argv: list[str]) -> int:
             "",
             markdown_table(headers, rows),
         ]
-        + ["", "```", *goals, "```"]
+        + (["", "```", *goals, "```"] if goals else [])
     )
     print("\n" + text)
+    if args.out:
+        args.out.write_text(text + "\n", encoding="utf-8")
     if not args.no_record:
         record_section("bench/train_gpu.py", f"## train on GPU (tokens/s, memory, MFU)\n\n{text}")
         print(f"\nrecorded in {RESULTS}")
