@@ -301,6 +301,9 @@ def build_engine(cfg: TrainJobConfig, world_size: int, steps: int, user_deepspee
     """Load model + adapter and wrap them in a DeepSpeed engine with AdamW and the LR schedule."""
     import deepspeed
 
+    from ftune.deepspeed_ops import preload
+
+    preload()  # the cached CPU op, without torch's build step and its lock (see ftune.deepspeed_ops)
     dtype = resolve_precision(cfg.train.precision, cfg.scaling.use_gpu)
     # The same seed on every rank: identical adapter initialisation everywhere.
     seed_everything(cfg.train.seed)

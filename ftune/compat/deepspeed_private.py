@@ -26,3 +26,14 @@ def link_optimizer_state(zero_optimizer: object) -> bool:
         return False
     link()
     return True
+
+
+def register_loaded_op(builder: object, module: object) -> None:
+    """Make DeepSpeed's ``builder.load()`` return ``module`` in this process without building.
+
+    ``OpBuilder._loaded_ops``: DeepSpeed's per-process table of loaded ops, which ``load()`` consults
+    before its JIT path; there is no public way to hand it a library loaded by other means.
+    """
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    OpBuilder._loaded_ops[builder.name] = module

@@ -314,6 +314,20 @@ def test_op_is_compatible_reads_deepspeeds_table():
     assert deepspeed_private.op_is_compatible("no_such_op") is False
 
 
+def test_register_loaded_op_is_what_the_builder_loads():
+    from deepspeed.ops.op_builder.builder import OpBuilder
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    builder, module = ShareMemCommBuilder(), object()
+    before = dict(OpBuilder._loaded_ops)
+    try:
+        deepspeed_private.register_loaded_op(builder, module)
+        assert builder.load() is module  # no build step: the registered module comes back
+    finally:
+        OpBuilder._loaded_ops.clear()
+        OpBuilder._loaded_ops.update(before)
+
+
 def test_link_optimizer_state_calls_zeros_linker():
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
