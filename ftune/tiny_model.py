@@ -54,7 +54,8 @@ ARCHITECTURE = {
     "max_position_embeddings": MODEL_MAX_LENGTH,
     "rope_theta": 500000.0,
     "rms_norm_eps": 1e-5,
-    # Llama's 0.02: pretraining trains the LM head, so LoRA's (frozen-head) predictions can be confident.
+    # Llama's 0.02. LoRA (all-linear) leaves the LM head frozen, so its answers can only be as confident
+    # as the head allows: full-parameter pretraining (PRETRAIN) trains the head, not this initialisation.
     "initializer_range": 0.02,
     "tie_word_embeddings": False,
 }
