@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ftune.cli import prog
+from ftune.entrypoint import prog
 from ftune.config import TrainJobConfig
 from ftune.errors import DataError, JobFailed, UserError
 from ftune.yaml_config import load_config
@@ -80,14 +80,14 @@ def check_model_reachable(cfg: TrainJobConfig) -> None:
 
 def run_staging_dir(storage, name: str) -> Path:
     """Where rank 0 writes a run's files: the run directory itself, or a staging copy under FTUNE_HOME for s3://."""
-    from ftune.builtin import ftune_home
+    from ftune.builtin_assets import ftune_home
 
     return ftune_home() / "staging" / name if storage.is_remote else Path(storage.uri) / name
 
 
 def prepare(cfg: TrainJobConfig, name: str) -> dict[str, Any]:
     """Everything checked before Ray starts: DeepSpeed config, model, data. Returns the loop config."""
-    from ftune.builtin import resolve_builtin
+    from ftune.builtin_assets import resolve_builtin
     from ftune.data import prepare_data
     from ftune.model import load_tokenizer, resolve_model_path
     from ftune.storage import Storage

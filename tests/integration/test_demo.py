@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ftune import demo
+from ftune_cli import demo
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ftune import demo
+from ftune_cli import demo
 from ftune.errors import UserError
 
 
