@@ -696,7 +696,7 @@ def main(argv: list[str]) -> int:
     from ray import cloudpickle
 
     from cluster.local import LocalCluster
-    from ftune.builtin import ensure_sample_dataset, ensure_tiny_model, ftune_home
+    from ftune.builtin_assets import ensure_sample_dataset, ensure_tiny_model, ftune_home
 
     steps = args.steps or (80 if args.quick else 3000)
     extra = [f"train.checkpoint_every={20 if args.quick else 300}", *args.set]

@@ -60,7 +60,7 @@ def build_model(spec: str, out_dir: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from ftune.builtin import ensure_tiny_model
+    from ftune.builtin_assets import ensure_tiny_model
 
     tiny = ensure_tiny_model()
     if spec == "tiny":

@@ -228,7 +228,7 @@ def measure(cfg, *, warmup: int, steps: int) -> dict[str, Any]:
 
 def run_one(args: argparse.Namespace) -> dict[str, Any]:
     """One (model, method) in this process: a fresh CUDA context, so peak memory is this run's alone."""
-    from ftune.builtin import ftune_home
+    from ftune.builtin_assets import ftune_home
 
     name, method = args.model[0], args.method[0]
     init_single_rank(args.device)

@@ -54,7 +54,7 @@ def snapshot_builtins(out_dir: Path) -> tuple[Path, Path]:
     A rebuild of the shared ``builtin:`` cache (a new tiny-model format) then cannot happen inside a
     timed run, nor change the model between the runs being compared.
     """
-    from ftune.builtin import ensure_sample_dataset, ensure_tiny_model
+    from ftune.builtin_assets import ensure_sample_dataset, ensure_tiny_model
 
     model, data = out_dir / "tiny-llama", out_dir / "sample-instructions.jsonl"
     if not model.exists():

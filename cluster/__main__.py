@@ -3,7 +3,7 @@
 import sys
 
 from cluster.cli import main
-from ftune.cli import run_job
+from ftune.entrypoint import run_job
 
 if __name__ == "__main__":
     sys.exit(run_job(main))

@@ -20,7 +20,7 @@ import pydantic
 
 from cluster.local import ClusterError, LocalCluster, default_state_path
 from cluster.local_config import LocalClusterConfig
-from ftune.cli import prog
+from ftune.entrypoint import prog
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -36,7 +36,7 @@ from typing_extensions import Self
 from cluster import gcs, processes
 from cluster.auth import enable_token_auth
 from cluster.local_config import HOST, LocalClusterConfig, head_command, worker_command
-from ftune.builtin import ftune_home
+from ftune.builtin_assets import ftune_home
 from ftune.errors import UserError
 
 NODE_START_ATTEMPTS = 3

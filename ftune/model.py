@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 def resolve_model_path(cfg: ModelConfig) -> str:
     """The path or hub id from_pretrained gets (``builtin:`` names are built locally if missing)."""
-    from ftune.builtin import resolve_builtin
+    from ftune.builtin_assets import resolve_builtin
 
     try:
         return resolve_builtin(cfg.name_or_path)

@@ -28,6 +28,12 @@ from pathlib import Path
 
 Row = dict[str, str]
 
+SAMPLE_ROWS = 4000
+"""Rows of the built-in sample dataset (``builtin:sample-instructions``); the tiny model's tokenizer is
+trained on the same rows."""
+SAMPLE_SEED = 0
+"""Generator seed of the built-in sample dataset."""
+
 # fmt: off
 WORDS: tuple[str, ...] = (
     "apple", "bird", "boat", "bread", "cake", "cat", "chair", "cloud", "coin", "cup",

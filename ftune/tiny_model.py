@@ -8,19 +8,17 @@ the sample data's closed world stated as a terse knowledge-base entry (``ftune.s
 knows the facts but has never seen a question or the chat format; LoRA fine-tuning on the sample
 instructions is what teaches it to answer, which the held-out questions measure.
 
-Run ``python -m ftune.tiny_model [--out DIR] [--seed S] [--force]``; the default location is the
-one ``builtin:tiny-llama`` resolves to.
+``ftune build-tiny-model`` (``ftune.builtin_assets``) builds it into the location
+``builtin:tiny-llama`` resolves to; this module only knows how to build, not where the cache is.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from ftune.builtin import SAMPLE_ROWS, SAMPLE_SEED, ftune_home
-from ftune.sample_data import generate_rows, heldout_rows, knowledge_texts, to_chat
+from ftune.sample_data import SAMPLE_ROWS, SAMPLE_SEED, generate_rows, heldout_rows, knowledge_texts, to_chat
 
 BOS_TOKEN = "<|begin_of_text|>"
 EOS_TOKEN = "<|end_of_text|>"
@@ -54,7 +52,8 @@ ARCHITECTURE = {
     "max_position_embeddings": MODEL_MAX_LENGTH,
     "rope_theta": 500000.0,
     "rms_norm_eps": 1e-5,
-    # Llama's 0.02: pretraining trains the LM head, so LoRA's (frozen-head) predictions can be confident.
+    # Llama's 0.02. LoRA (all-linear) leaves the LM head frozen, so its answers can only be as confident
+    # as the head allows: full-parameter pretraining (PRETRAIN) trains the head, not this initialisation.
     "initializer_range": 0.02,
     "tie_word_embeddings": False,
 }
@@ -225,43 +224,3 @@ def build_tiny_model(
     }
     (out_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return out_dir
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Command-line entry point: ``python -m ftune.tiny_model [--out DIR] [--seed S] [--force]``.
-
-    Also writes the sample dataset under FTUNE_HOME, so one command prepares both built-ins.
-    """
-    from ftune.builtin import ensure_sample_dataset, ensure_tiny_model
-    from ftune.cli import prog
-    from ftune.errors import UserError
-
-    parser = argparse.ArgumentParser(prog=prog("python -m ftune.tiny_model"), description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help=f"output directory (default {ftune_home() / 'models' / 'tiny-llama'})",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="weight-initialisation seed (default 0)")
-    parser.add_argument(
-        "--pretrain-steps", type=int, default=None, help=f"pretraining steps (default {PRETRAIN['steps']})"
-    )
-    parser.add_argument(
-        "--force", action="store_true", help="rebuild even if the directory already holds the model"
-    )
-    args = parser.parse_args(argv)
-    try:
-        path = ensure_tiny_model(args.out, seed=args.seed, force=args.force, pretrain_steps=args.pretrain_steps)
-    except FileExistsError as e:
-        raise UserError(str(e)) from e
-    marker = json.loads((path / MARKER_FILE).read_text(encoding="utf-8"))
-    print(
-        f"tiny model in {path}: {marker['num_parameters']:,} parameters, "
-        f"vocab {marker['vocab_size']}, seed {marker['seed']}"
-    )
-    print(f"sample dataset in {ensure_sample_dataset()}")
-
-
-if __name__ == "__main__":
-    main()

@@ -3,6 +3,6 @@
 import sys
 
 import serve.cli
-from ftune.cli import run_job
+from ftune.entrypoint import run_job
 
 sys.exit(run_job(serve.cli.main))

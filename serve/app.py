@@ -91,7 +91,7 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 def _registry(config: ServingConfig) -> AdapterRegistry:
-    from ftune.builtin import ftune_home
+    from ftune.builtin_assets import ftune_home
 
     cache = config.storage.cache_dir or str(ftune_home() / "adapter-cache")
     return AdapterRegistry(config.adapters, cache_dir=cache, endpoint_url=config.storage.endpoint_url)

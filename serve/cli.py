@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ftune.cli import prog
+from ftune.entrypoint import prog
 from ftune.errors import UserError
 from ftune.yaml_config import apply_overrides
 from serve.config import (

@@ -31,7 +31,7 @@ def ftune_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(ftune_home) -> Path:
     """Directory of the built-in tiny Llama model and tokenizer (HF format)."""
-    from ftune.builtin import ensure_tiny_model
+    from ftune.builtin_assets import ensure_tiny_model
 
     return ensure_tiny_model()
 
@@ -39,7 +39,7 @@ def tiny_model_dir(ftune_home) -> Path:
 @pytest.fixture(scope="session")
 def sample_data_path(ftune_home) -> Path:
     """The built-in sample instruction dataset (alpaca JSONL)."""
-    from ftune.builtin import ensure_sample_dataset
+    from ftune.builtin_assets import ensure_sample_dataset
 
     return ensure_sample_dataset()
 

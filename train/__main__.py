@@ -2,7 +2,7 @@
 
 import sys
 
-from ftune.cli import run_job
+from ftune.entrypoint import run_job
 from train.job import main
 
 sys.exit(run_job(main))

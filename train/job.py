@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from ftune.cli import prog
 from ftune.config import TrainJobConfig
+from ftune.entrypoint import prog
 from ftune.errors import DataError, JobFailed, UserError
 from ftune.yaml_config import load_config
 from train.batching import BatchPlan
@@ -102,7 +102,7 @@ def prepare_run_data(cfg: TrainJobConfig) -> RunData:
 
 def prepare(cfg: TrainJobConfig, name: str) -> tuple[RunSpec, RunData]:
     """Everything checked before Ray starts: DeepSpeed config, model, data. Returns the run's spec and data."""
-    from ftune.builtin import resolve_builtin
+    from ftune.builtin_assets import resolve_builtin
     from ftune.model import resolve_model_path
 
     # Workers get concrete paths: builtin models and data are built here, once, never by a worker.

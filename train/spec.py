@@ -39,7 +39,7 @@ def total_steps(train: TrainConfig, train_examples: int) -> int:
 
 def run_staging_dir(storage: Storage, name: str) -> Path:
     """Where rank 0 writes a run's files: the run directory itself, or a staging copy under FTUNE_HOME for s3://."""
-    from ftune.builtin import ftune_home
+    from ftune.builtin_assets import ftune_home
 
     return ftune_home() / "staging" / name if storage.is_remote else Path(storage.uri) / name
 

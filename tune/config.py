@@ -18,77 +18,8 @@ from ftune.config import TrainJobConfig
 from ftune.errors import ConfigError
 from ftune.mapping import deep_merge
 from ftune.yaml_config import Section, describe_problem, format_problem, read_yaml
-
-DISTRIBUTIONS = ("choice", "loguniform", "uniform", "ratio")
-"""The ways a parameter can be searched (keys of a parameter spec)."""
-
-# Names people bring from Ray Tune / Optuna / W&B sweeps, mapped to ours for "did you mean".
-DISTRIBUTION_ALIASES = {
-    "categorical": "choice",
-    "values": "choice",
-    "grid_search": "choice",
-    "log_uniform": "loguniform",
-    "log_uniform_values": "loguniform",
-    "reciprocal": "loguniform",
-    "float": "uniform",
-    "randu": "uniform",
-}
-
-
-class ParamSpec(Section):
-    """How one hyperparameter is searched: exactly one of the distributions below."""
-
-    choice: list[Any] | None = None
-    """Pick one of these values (categorical), e.g. [8, 16, 32]."""
-    loguniform: tuple[float, float] | None = None
-    """[low, high]: sampled uniformly in log space (learning rates)."""
-    uniform: tuple[float, float] | None = None
-    """[low, high]: sampled uniformly."""
-    ratio: float | list[float] | None = None
-    """lora.alpha only: alpha = ratio x lora.r (e.g. 2); a list of ratios is searched."""
-
-    @pydantic.model_validator(mode="before")
-    @classmethod
-    def _one_known_distribution(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            raise ValueError(f"write a mapping with one of {', '.join(DISTRIBUTIONS)}, e.g. {{choice: [8, 16]}}")
-        import difflib
-
-        data = {k: v for k, v in data.items() if v is not None}  # a dumped spec lists the unset ones as null
-
-        for key in data:
-            if key not in DISTRIBUTIONS:
-                guess = DISTRIBUTION_ALIASES.get(str(key)) or next(
-                    iter(difflib.get_close_matches(str(key), DISTRIBUTIONS, n=1, cutoff=0.5)), None
-                )
-                hint = f"did you mean '{guess}'? " if guess else ""
-                raise ValueError(f"unknown distribution '{key}'; {hint}use one of {', '.join(DISTRIBUTIONS)}")
-        if len(data) != 1:
-            raise ValueError(f"give exactly one distribution, got {len(data)}: {', '.join(map(str, data)) or 'none'}")
-        return data
-
-    @pydantic.model_validator(mode="after")
-    def _bounds(self) -> ParamSpec:
-        if self.choice is not None and not self.choice:
-            raise ValueError("choice is empty; list at least one value, e.g. {choice: [8, 16]}")
-        for name in ("loguniform", "uniform"):
-            bounds = getattr(self, name)
-            if bounds is not None:
-                low, high = bounds
-                if low >= high:
-                    raise ValueError(f"{name} low {low:g} >= high {high:g}; write [low, high] with low < high")
-                if name == "loguniform" and low <= 0:
-                    raise ValueError(f"loguniform needs low > 0 (got {low:g}); use uniform for ranges that include 0")
-        if self.ratio is not None:
-            ratios = self.ratio if isinstance(self.ratio, list) else [self.ratio]
-            if not ratios or any(r <= 0 for r in ratios):
-                raise ValueError(f"ratio must be a positive number or a non-empty list of them, got {self.ratio!r}")
-        return self
-
-    @property
-    def kind(self) -> str:
-        """The distribution set in this spec."""
-        return next(name for name in DISTRIBUTIONS if getattr(self, name) is not None)
+from tune.pricing import ComputeConfig, pricing_problems
+from tune.space import DISTRIBUTIONS, ParamSpec, space_problems
 
 
 class AshaConfig(Section):
@@ -142,19 +73,6 @@ class SearchConfig(Section):
     """Early stopping for tpe, random and grid."""
     pbt: PbtConfig = Field(default_factory=PbtConfig)
     """Population-based training settings."""
-
-
-class ComputeConfig(Section):
-    """What a trial runs on, for cost accounting and concurrency."""
-
-    pricing: str = "configs/pricing/local-cpu.yaml"
-    """Pricing table YAML (relative to the working directory), e.g. configs/pricing/aws.yaml."""
-    instance_type: str = "cpu-worker"
-    """Instance type of the pricing table the trial's workers run on (e.g. g5.12xlarge)."""
-    market: Literal["on_demand", "spot"] = "on_demand"
-    """Pay on-demand or spot prices."""
-    trial_driver_cpus: float = Field(0.5, ge=0.0)
-    """CPUs reserved for each trial's driver (the Tune actor that runs the Ray Train controller)."""
 
 
 class BudgetConfig(Section):
@@ -218,9 +136,6 @@ class SweepConfig(Section):
 
     def problems(self) -> list[tuple[str, str]]:
         """Everything checked across sections: the base job, the space, the search and the pricing."""
-        from tune.pricing import pricing_problems
-        from tune.space import space_problems
-
         out, job = self._job_problems()
         out += space_problems(self, job)
         out += pricing_problems(self.compute, job)

@@ -4,6 +4,9 @@ A trial pays for its share of the nodes it occupies: GPU trials by GPUs (2 worke
 4-GPU g5.12xlarge is half the node), CPU trials by CPUs, and the ``per_worker`` pseudo types
 (``cpu-worker``) per training worker. Multiplied by the trial's wall time, start-up and restarts
 included, that is the trial's cost.
+
+The sweep's ``compute:`` section (``ComputeConfig``) is defined here, next to the prices it names;
+``tune.config`` imports it from here, so the dependency points one way.
 """
 
 from __future__ import annotations
@@ -21,7 +24,19 @@ from ftune.yaml_config import Section, load_config
 
 if TYPE_CHECKING:
     from ftune.config import TrainJobConfig
-    from tune.config import ComputeConfig
+
+
+class ComputeConfig(Section):
+    """What a trial runs on, for cost accounting and concurrency."""
+
+    pricing: str = "configs/pricing/local-cpu.yaml"
+    """Pricing table YAML (relative to the working directory), e.g. configs/pricing/aws.yaml."""
+    instance_type: str = "cpu-worker"
+    """Instance type of the pricing table the trial's workers run on (e.g. g5.12xlarge)."""
+    market: Literal["on_demand", "spot"] = "on_demand"
+    """Pay on-demand or spot prices."""
+    trial_driver_cpus: float = Field(0.5, ge=0.0)
+    """CPUs reserved for each trial's driver (the Tune actor that runs the Ray Train controller)."""
 
 
 class InstanceType(Section):

@@ -3,6 +3,9 @@
 A trial's Tune config is flat, keyed by the dotted job key (``{"lora.r": 8, "train.lr": 3e-3}``);
 ``SearchSpace.job_overrides`` turns it into the values set on that trial's training job
 (alpha derived from a ratio, list choices decoded).
+
+A parameter spec of the ``space:`` section (``ParamSpec``) is defined here with the rules that check
+it; ``tune.config`` imports both from here, so the dependency points one way.
 """
 
 from __future__ import annotations
@@ -10,15 +13,113 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any, Protocol
 
 import pydantic
 
 from ftune.config import TrainJobConfig
-from ftune.yaml_config import KNOWN_ALIASES
+from ftune.yaml_config import KNOWN_ALIASES, Section
 
-if TYPE_CHECKING:
-    from tune.config import SweepConfig
+DISTRIBUTIONS = ("choice", "loguniform", "uniform", "ratio")
+"""The ways a parameter can be searched (keys of a parameter spec)."""
+
+# Names people bring from Ray Tune / Optuna / W&B sweeps, mapped to ours for "did you mean".
+DISTRIBUTION_ALIASES = {
+    "categorical": "choice",
+    "values": "choice",
+    "grid_search": "choice",
+    "log_uniform": "loguniform",
+    "log_uniform_values": "loguniform",
+    "reciprocal": "loguniform",
+    "float": "uniform",
+    "randu": "uniform",
+}
+
+
+class ParamSpec(Section):
+    """How one hyperparameter is searched: exactly one of the distributions below."""
+
+    choice: list[Any] | None = None
+    """Pick one of these values (categorical), e.g. [8, 16, 32]."""
+    loguniform: tuple[float, float] | None = None
+    """[low, high]: sampled uniformly in log space (learning rates)."""
+    uniform: tuple[float, float] | None = None
+    """[low, high]: sampled uniformly."""
+    ratio: float | list[float] | None = None
+    """lora.alpha only: alpha = ratio x lora.r (e.g. 2); a list of ratios is searched."""
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _one_known_distribution(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise ValueError(f"write a mapping with one of {', '.join(DISTRIBUTIONS)}, e.g. {{choice: [8, 16]}}")
+        data = {k: v for k, v in data.items() if v is not None}  # a dumped spec lists the unset ones as null
+
+        for key in data:
+            if key not in DISTRIBUTIONS:
+                guess = DISTRIBUTION_ALIASES.get(str(key)) or next(
+                    iter(difflib.get_close_matches(str(key), DISTRIBUTIONS, n=1, cutoff=0.5)), None
+                )
+                hint = f"did you mean '{guess}'? " if guess else ""
+                raise ValueError(f"unknown distribution '{key}'; {hint}use one of {', '.join(DISTRIBUTIONS)}")
+        if len(data) != 1:
+            raise ValueError(f"give exactly one distribution, got {len(data)}: {', '.join(map(str, data)) or 'none'}")
+        return data
+
+    @pydantic.model_validator(mode="after")
+    def _bounds(self) -> ParamSpec:
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice is empty; list at least one value, e.g. {choice: [8, 16]}")
+        for name in ("loguniform", "uniform"):
+            bounds = getattr(self, name)
+            if bounds is not None:
+                low, high = bounds
+                if low >= high:
+                    raise ValueError(f"{name} low {low:g} >= high {high:g}; write [low, high] with low < high")
+                if name == "loguniform" and low <= 0:
+                    raise ValueError(f"loguniform needs low > 0 (got {low:g}); use uniform for ranges that include 0")
+        if self.ratio is not None:
+            ratios = self.ratio if isinstance(self.ratio, list) else [self.ratio]
+            if not ratios or any(r <= 0 for r in ratios):
+                raise ValueError(f"ratio must be a positive number or a non-empty list of them, got {self.ratio!r}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """The distribution set in this spec."""
+        return next(name for name in DISTRIBUTIONS if getattr(self, name) is not None)
+
+
+class PbtSettings(Protocol):
+    """The part of ``search.pbt`` the space reads."""
+
+    @property
+    def mutate(self) -> list[str] | None: ...
+
+
+class SearchSettings(Protocol):
+    """The part of ``search`` the space reads."""
+
+    @property
+    def algorithm(self) -> str: ...
+
+    @property
+    def pbt(self) -> PbtSettings: ...
+
+
+class SweepSpace(Protocol):
+    """What this module reads of a sweep config; ``tune.config.SweepConfig`` is one.
+
+    Typed by shape rather than by class because ``tune.config`` imports this module to check the
+    space it declares, and the dependency points one way only.
+    """
+
+    @property
+    def space(self) -> dict[str, ParamSpec]: ...
+
+    @property
+    def search(self) -> SearchSettings: ...
+
 
 SEARCHABLE = (
     "lora.r",
@@ -70,7 +171,7 @@ def _suggest_key(key: str) -> str | None:
     return guess[0] if guess else None
 
 
-def space_problems(cfg: SweepConfig, job: TrainJobConfig | None) -> list[tuple[str, str]]:
+def space_problems(cfg: SweepSpace, job: TrainJobConfig | None) -> list[tuple[str, str]]:
     """Every problem of the space and its fit with the search algorithm, as (dotted key, message)."""
     out: list[tuple[str, str]] = []
     if not cfg.space:
@@ -127,7 +228,7 @@ def _repeated(where: str, values: list[Any]) -> list[tuple[str, str]]:
     return [(where, message)]
 
 
-def pbt_mutated(cfg: SweepConfig) -> list[str]:
+def pbt_mutated(cfg: SweepSpace) -> list[str]:
     """The job keys PBT perturbs: search.pbt.mutate, else train.lr and lora.alpha where they are searched."""
     if cfg.search.pbt.mutate is not None:
         return list(cfg.search.pbt.mutate)
@@ -135,7 +236,7 @@ def pbt_mutated(cfg: SweepConfig) -> list[str]:
     return [k for k in searched if not (cfg.space[k].kind == "ratio" and not isinstance(cfg.space[k].ratio, list))]
 
 
-def _pbt_problems(cfg: SweepConfig) -> list[tuple[str, str]]:
+def _pbt_problems(cfg: SweepSpace) -> list[tuple[str, str]]:
     where = "search.pbt.mutate"
     mutate = pbt_mutated(cfg)
     if not mutate:
@@ -199,7 +300,7 @@ class SearchSpace:
     """A fixed alpha / r ratio (alpha: {ratio: 2}), applied to every trial."""
 
     @classmethod
-    def from_config(cls, cfg: SweepConfig) -> SearchSpace:
+    def from_config(cls, cfg: SweepSpace) -> SearchSpace:
         """Build the space (values coerced to the job's field types)."""
         dims, alpha_ratio = [], None
         for key, spec in cfg.space.items():

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ftune.cli import prog
 from ftune.config import StorageConfig, TrainJobConfig
+from ftune.entrypoint import prog
 from ftune.errors import ConfigError, JobFailed, UserError
 from ftune.interrupts import sigint_handler_restored
 from ftune.storage import Storage
@@ -108,7 +108,7 @@ class Sweep:
 
 def prepare_sweep(cfg: SweepConfig, name: str) -> Sweep:
     """Check and prepare everything before Ray starts: the job, the data (once), the plan, the price."""
-    from ftune.builtin import ftune_home
+    from ftune.builtin_assets import ftune_home
     from train.job import prepare
 
     job = cfg.job_config()

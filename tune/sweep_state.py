@@ -94,7 +94,7 @@ def pull_sweep(uri: str) -> Path:
 
     The endpoint of an S3-compatible store comes from ``AWS_ENDPOINT_URL``, as for every ftune command.
     """
-    from ftune.builtin import ftune_home
+    from ftune.builtin_assets import ftune_home
 
     storage = Storage(uri.rstrip("/"))
     try:

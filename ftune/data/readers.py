@@ -78,7 +78,7 @@ def read_source(path: str, *, setting: str = "data.path", max_rows: int | None =
             or holds no rows.
     """
     if path.startswith("builtin:"):
-        from ftune.builtin import resolve_builtin
+        from ftune.builtin_assets import resolve_builtin
 
         try:
             path = resolve_builtin(path)

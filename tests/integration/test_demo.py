@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ftune import demo
+from ftune_cli import demo
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(900)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ftune import cli
+from ftune.entrypoint import prog
+from ftune_cli import command as cli
 
 
 @pytest.mark.parametrize("command", sorted(cli.SUBCOMMANDS))
@@ -34,4 +35,4 @@ def test_usage_error_names_ftune_command_and_name_is_reset_after(capsys):
         cli.main(["sweep", "--no-such-flag"])
     assert done.value.code == 2
     assert "usage: ftune sweep " in capsys.readouterr().err
-    assert cli.prog("python -m tune") == "python -m tune"  # outside `ftune sweep` again
+    assert prog("python -m tune") == "python -m tune"  # outside `ftune sweep` again

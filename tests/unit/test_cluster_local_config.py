@@ -106,7 +106,7 @@ def test_no_state_file_says_how_to_start_one(tmp_path):
 
 
 def test_cli_status_without_a_cluster_exits_2(tmp_path, capsys):
-    from ftune.cli import run_job
+    from ftune.entrypoint import run_job
 
     assert run_job(cli.main, ["local", "--state-file", str(tmp_path / "none.json"), "status"]) == 2
     assert "ftune cluster local up" in capsys.readouterr().err

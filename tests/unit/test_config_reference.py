@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pydantic
 
-from ftune.config_reference import DOC_PATH, REGENERATE, documents, render, type_name
+from ftune_cli.config_reference import DOC_PATH, REGENERATE, documents, render, type_name
 
 
 def test_committed_reference_is_current():
@@ -17,7 +17,7 @@ def test_committed_reference_is_current():
 
 def _fields(model: type[pydantic.BaseModel], prefix: str = ""):
     """Every (dotted key, field) of a config class and the classes it nests directly."""
-    from ftune.config_reference import item_model, nested_model
+    from ftune_cli.config_reference import item_model, nested_model
 
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ftune import demo
 from ftune.errors import UserError
+from ftune_cli import demo
 
 
 def test_flags_size_the_training_run_and_the_sweep(tmp_path, monkeypatch):

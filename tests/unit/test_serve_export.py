@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from ftune.cli import run_job
+from ftune.entrypoint import run_job
 from serve.export import main, merge_adapter
 
 

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from ftune import builtin, tiny_model
-from ftune.builtin import ensure_sample_dataset, ensure_tiny_model, resolve_builtin
+from ftune import builtin_assets, tiny_model
+from ftune.builtin_assets import ensure_sample_dataset, ensure_tiny_model, resolve_builtin
 from ftune.sample_data import generate_rows, jsonl_text, to_chat
 from ftune.tiny_model import ARCHITECTURE, MARKER_FILE, build_tiny_model
 
@@ -182,7 +182,7 @@ def test_ensure_builds_once_under_ftune_home(home, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("rebuilt an up-to-date model")
 
-    monkeypatch.setattr(tiny_model, "build_tiny_model", fail)
+    monkeypatch.setattr(builtin_assets, "build_tiny_model", fail)
     assert ensure_tiny_model(pretrain_steps=FAST) == path
 
 
@@ -214,7 +214,7 @@ def test_ensure_keeps_the_copy_of_a_process_that_finished_first(home, monkeypatc
         real_build(final, **kwargs)  # the competitor wins the race while we are still building
         (final / "winner.txt").write_text("competitor")
 
-    monkeypatch.setattr(tiny_model, "build_tiny_model", build_while_another_process_publishes)
+    monkeypatch.setattr(builtin_assets, "build_tiny_model", build_while_another_process_publishes)
     assert ensure_tiny_model(pretrain_steps=FAST) == final
     assert (final / "winner.txt").read_text() == "competitor"
     assert [p.name for p in final.parent.iterdir()] == ["tiny-llama"]
@@ -232,7 +232,7 @@ def test_ensure_refuses_to_overwrite_a_foreign_directory(tmp_path):
 def test_ensure_sample_dataset_writes_and_repairs_the_file(home):
     path = ensure_sample_dataset()
     assert path == home / "data" / "sample" / "train.jsonl"
-    expected = jsonl_text(generate_rows(builtin.SAMPLE_ROWS, seed=builtin.SAMPLE_SEED)).encode()
+    expected = jsonl_text(generate_rows(builtin_assets.SAMPLE_ROWS, seed=builtin_assets.SAMPLE_SEED)).encode()
     assert path.read_bytes() == expected
     path.write_text('{"instruction": "stale"}\n')
     assert ensure_sample_dataset().read_bytes() == expected
@@ -245,7 +245,7 @@ def test_resolve_builtin(ftune_home, tiny_model_dir, sample_data_path):
     assert AutoTokenizer.from_pretrained(model).bos_token == "<|begin_of_text|>"
     data = resolve_builtin("builtin:sample-instructions")
     assert data == str(ftune_home / "data" / "sample" / "train.jsonl") == str(sample_data_path)
-    assert len(Path(data).read_text().splitlines()) == builtin.SAMPLE_ROWS
+    assert len(Path(data).read_text().splitlines()) == builtin_assets.SAMPLE_ROWS
     for name in ("meta-llama/Llama-3.2-1B", "/data/train.jsonl", "tiny-llama", ""):
         assert resolve_builtin(name) == name
 
@@ -258,7 +258,7 @@ def test_resolve_builtin_rejects_unknown_names_and_lists_the_known_ones(home):
 
 
 def test_cli_builds_and_reports(tmp_path, home, capsys):
-    tiny_model.main(["--out", str(tmp_path / "cli"), "--seed", "2", "--pretrain-steps", str(FAST)])
+    builtin_assets.main(["--out", str(tmp_path / "cli"), "--seed", "2", "--pretrain-steps", str(FAST)])
     out = capsys.readouterr().out
     marker = json.loads((tmp_path / "cli" / MARKER_FILE).read_text())
     assert marker["seed"] == 2

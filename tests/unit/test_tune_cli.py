@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ftune import cli
+from ftune_cli import command as cli
 
 REPO = Path(__file__).resolve().parents[2]
 

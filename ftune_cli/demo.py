@@ -164,7 +164,7 @@ def deploy(sweep_dir: str, trained_adapter: str, port: int, verbose: bool = Fals
 
 def heldout_questions() -> list[dict[str, str]]:
     """The built-in held-out questions (facts the training file never asks about) and their answers."""
-    from ftune.builtin import ensure_sample_heldout
+    from ftune.builtin_assets import ensure_sample_heldout
 
     with ensure_sample_heldout().open(encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
@@ -302,7 +302,7 @@ def shutdown(ray_session: str | None) -> None:
 
 def main(argv: list[str]) -> int:
     """Train, sweep, serve and query on a fresh local Ray; write and print the summary."""
-    from ftune.builtin import ensure_sample_dataset, ensure_sample_heldout, ensure_tiny_model
+    from ftune.builtin_assets import ensure_sample_dataset, ensure_sample_heldout, ensure_tiny_model
     from ftune.console import quiet_libraries
     from ftune.deepspeed_ops import ensure_built
 

@@ -4,9 +4,9 @@ Every key of every YAML the project reads is listed with its type, default and t
 its field, so the reference cannot drift from the code; a unit test fails when the committed file
 is stale.
 
-    python -m ftune.config_reference --write     # regenerate docs/configuration.md
-    python -m ftune.config_reference --check     # exit 1 if docs/configuration.md is stale
-    python -m ftune.config_reference             # print the Markdown
+    python -m ftune_cli.config_reference --write     # regenerate docs/configuration.md
+    python -m ftune_cli.config_reference --check     # exit 1 if docs/configuration.md is stale
+    python -m ftune_cli.config_reference             # print the Markdown
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pydantic_core import PydanticUndefined
 
 DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 """Where the generated reference is committed."""
-REGENERATE = "python -m ftune.config_reference --write"
+REGENERATE = "python -m ftune_cli.config_reference --write"
 """The command that rewrites DOC_PATH."""
 
 
@@ -213,7 +213,7 @@ def render() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Print, write or check docs/configuration.md."""
-    parser = argparse.ArgumentParser(prog="python -m ftune.config_reference", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m ftune_cli.config_reference", description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--write", action="store_true", help=f"write {DOC_PATH.name} under docs/")
     mode.add_argument("--check", action="store_true", help="exit 1 if the committed reference is stale")

@@ -3,22 +3,27 @@
 Builds are published atomically: each process builds into a private temporary directory next to
 the destination and renames it into place, so concurrent workers never see a half-written model
 and the loser of a race simply uses the winner's copy.
+
+``ftune build-tiny-model`` (``python -m ftune.builtin_assets``) builds both ahead of time.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 from ftune.atomic_files import publish_dir, write_bytes_atomic
+from ftune.entrypoint import prog
+from ftune.errors import UserError
+from ftune.sample_data import SAMPLE_ROWS, SAMPLE_SEED, generate_rows, heldout_rows, jsonl_text
+from ftune.tiny_model import ARCHITECTURE, FORMAT_VERSION, MARKER_FILE, PRETRAIN, build_tiny_model
 
 TINY_LLAMA = "builtin:tiny-llama"
 SAMPLE_INSTRUCTIONS = "builtin:sample-instructions"
 SAMPLE_HELDOUT = "builtin:sample-instructions-heldout"
-SAMPLE_ROWS = 4000
-SAMPLE_SEED = 0
 
 
 def ftune_home() -> Path:
@@ -27,8 +32,6 @@ def ftune_home() -> Path:
 
 
 def _tiny_model_is_current(path: Path, seed: int, pretrain_steps: int) -> bool:
-    from ftune.tiny_model import ARCHITECTURE, FORMAT_VERSION, MARKER_FILE
-
     try:
         marker = json.loads((path / MARKER_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -64,8 +67,6 @@ def ensure_tiny_model(
         FileExistsError: If ``out_dir`` is a non-empty directory that is not a tiny-model build
             (it is never overwritten, since it may hold the user's files).
     """
-    from ftune.tiny_model import MARKER_FILE, PRETRAIN, build_tiny_model
-
     steps = PRETRAIN["steps"] if pretrain_steps is None else pretrain_steps
     final = Path(out_dir) if out_dir is not None else ftune_home() / "models" / "tiny-llama"
     if not force and _tiny_model_is_current(final, seed, steps):
@@ -102,16 +103,12 @@ def ensure_sample_dataset() -> Path:
     Returns:
         Path of the JSON Lines file of the sample instruction dataset.
     """
-    from ftune.sample_data import generate_rows, jsonl_text
-
     content = jsonl_text(generate_rows(SAMPLE_ROWS, seed=SAMPLE_SEED)).encode("utf-8")
     return _write_if_changed(ftune_home() / "data" / "sample" / "train.jsonl", content)
 
 
 def ensure_sample_heldout() -> Path:
     """Returns ``ftune_home()/data/sample/heldout.jsonl``: questions about facts the training file never asks."""
-    from ftune.sample_data import heldout_rows, jsonl_text
-
     content = jsonl_text(heldout_rows()).encode("utf-8")
     return _write_if_changed(ftune_home() / "data" / "sample" / "heldout.jsonl", content)
 
@@ -143,3 +140,40 @@ def resolve_builtin(name: str) -> str:
     if name not in BUILTINS:
         raise ValueError(f"unknown built-in {name!r}; known built-ins: {', '.join(sorted(BUILTINS))}")
     return str(BUILTINS[name]())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point: ``python -m ftune.builtin_assets [--out DIR] [--seed S] [--force]``.
+
+    Also writes the sample dataset under FTUNE_HOME, so one command prepares both built-ins.
+    """
+    parser = argparse.ArgumentParser(prog=prog("python -m ftune.builtin_assets"),
+                                     description="Builds the built-in tiny Llama model and the sample dataset.")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"output directory (default {ftune_home() / 'models' / 'tiny-llama'})",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="weight-initialisation seed (default 0)")
+    parser.add_argument(
+        "--pretrain-steps", type=int, default=None, help=f"pretraining steps (default {PRETRAIN['steps']})"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="rebuild even if the directory already holds the model"
+    )
+    args = parser.parse_args(argv)
+    try:
+        path = ensure_tiny_model(args.out, seed=args.seed, force=args.force, pretrain_steps=args.pretrain_steps)
+    except FileExistsError as e:
+        raise UserError(str(e)) from e
+    marker = json.loads((path / MARKER_FILE).read_text(encoding="utf-8"))
+    print(
+        f"tiny model in {path}: {marker['num_parameters']:,} parameters, "
+        f"vocab {marker['vocab_size']}, seed {marker['seed']}"
+    )
+    print(f"sample dataset in {ensure_sample_dataset()}")
+
+
+if __name__ == "__main__":
+    main()
