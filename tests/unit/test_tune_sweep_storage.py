@@ -37,4 +37,4 @@ def test_trials_keep_the_region_of_the_sweep_storage(tmp_path, tiny_model_dir, s
     assert sweep.trials.region == "eu-west-3" and sweep.trials.path() == "bucket/runs/sweeps/regional/trials"
     trial_job = TrainJobConfig.model_validate({**sweep.plan.job, "name": "t1"})
     assert Storage.from_config(trial_job.storage).region == "eu-west-3"
-    assert Storage(sweep.plan.loop_template["storage_uri"]).region == "eu-west-3"
+    assert sweep.plan.spec_for(trial_job).storage().region == "eu-west-3"
