@@ -34,7 +34,7 @@ from serve.config import (
 )
 from serve.deploy import APP_NAME, deploy, replica_urls, shutdown
 from serve.registry import AdapterRegistry, common_base_model
-from serve.sweep import adapters_from_sweep
+from serve.leaderboard_source import adapters_from_sweep
 
 
 @dataclass

@@ -10,7 +10,7 @@ import pytest
 
 from ftune.errors import ConfigError, UserError
 from serve.registry import AdapterRegistry, common_base_model
-from serve.sweep import adapter_name, adapters_from_sweep
+from serve.leaderboard_source import adapter_name, adapters_from_sweep
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@ and a single Ray instance per machine. So each run's controller hands out
 
 - its own actor handle, to the trial process (``TrialRun.mailbox``): a stopped trial aborts its run
   gracefully (``abort_run``), which stops the workers and removes their placement group;
-- every placement group it reserves, to the sweep driver (``PlacementGroupRegistry``): when a trial
-  has ended, and when the sweep ends, the driver removes any of its placement groups still there.
+- every placement group it reserves, to the sweep driver (``PlacementGroupRegistry``, held by the sweep's
+  session): when a trial has ended, and when the sweep ends, the driver removes any of its placement
+  groups still there.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import ray
 from ray import tune
 from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
 from ray.util.queue import Empty, Queue
+
+from tune.sweep_session import SweepSession
 
 
 class RunHandoff(ControllerCallback, WorkerGroupCallback):
@@ -111,10 +114,9 @@ def abort_run(trial_id: str, timeout_s: float = 120.0) -> None:
 class PlacementGroupRegistry(tune.Callback):
     """Driver side: the placement groups of the sweep's Train runs; removes those of ended trials.
 
-    Found by the sweep's location (``_open``) because Tune pickles its callbacks into the experiment state.
+    Tune pickles its callbacks into the experiment state: a copy finds the live registry through the
+    sweep's session, by the sweep's location.
     """
-
-    _open: ClassVar[dict[str, PlacementGroupRegistry]] = {}
 
     def __init__(self, sweep_uri: str):
         self.sweep_uri = sweep_uri
@@ -123,10 +125,9 @@ class PlacementGroupRegistry(tune.Callback):
 
     @classmethod
     def open(cls, sweep_uri: str) -> PlacementGroupRegistry:
-        """A registry for this driver's run of the sweep (needs Ray)."""
+        """A registry for this driver's run of the sweep (needs Ray); the sweep's session holds it."""
         registry = cls(sweep_uri)
         registry.queue = Queue(actor_options={"num_cpus": 0})
-        cls._open[sweep_uri] = registry
         return registry
 
     def __getstate__(self) -> dict[str, Any]:
@@ -135,12 +136,16 @@ class PlacementGroupRegistry(tune.Callback):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.sweep_uri, self.queue, self.groups = state["sweep_uri"], None, {}
 
-    def _live(self) -> PlacementGroupRegistry | None:
-        return self if self.queue is not None else self._open.get(self.sweep_uri)
+    def live(self) -> PlacementGroupRegistry | None:
+        """This registry if it runs in the driver that opened it, else the one the sweep's session holds."""
+        if self.queue is not None:
+            return self
+        session = SweepSession.find(self.sweep_uri)
+        return session.placement_groups if session is not None else None
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
         """Remove the ended trial's placement groups that are still there."""
-        live = self._live()
+        live = self.live()
         if live is not None:
             live.release([trial.trial_id])
 
@@ -168,10 +173,10 @@ class PlacementGroupRegistry(tune.Callback):
         return removed
 
     def close(self) -> int:
-        """Remove every remaining placement group and the registry's queue."""
+        """Remove every remaining placement group and the registry's queue (a pickled copy has neither)."""
+        if self.queue is None:
+            return 0
         removed = self.release()
-        self._open.pop(self.sweep_uri, None)
-        if self.queue is not None:
-            ray.kill(self.queue.actor)
-            self.queue = None
+        ray.kill(self.queue.actor)
+        self.queue = None
         return removed
