@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ftune.errors import JobFailed, UserError
+from ftune.sweep_result import SweepResult
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TRAIN_CONFIG = REPO_CONFIGS / "train" / "tiny.yaml"
@@ -223,12 +224,12 @@ def ask(url: str, models: dict[str, str], questions: list[dict[str, str]], shown
 
 def sweep_facts(result: dict[str, Any]) -> dict[str, Any]:
     """Counts, spend and the best trial of a sweep result, for the summary."""
-    sweep_dir = Path(result["sweep_dir"])
-    spend = json.loads((sweep_dir / "spend.json").read_text())
+    sweep = SweepResult.open(result["sweep_dir"])
+    spend = json.loads(sweep.spend_file.read_text())
     statuses = [row["status"] for row in result["rows"]]
     best = result["best"] or {}
     return {
-        "sweep_dir": str(sweep_dir),
+        "sweep_dir": str(sweep.local_dir),
         "trials": len(statuses),
         "completed": statuses.count("completed"),
         "pruned": statuses.count("pruned"),
@@ -240,9 +241,9 @@ def sweep_facts(result: dict[str, Any]) -> dict[str, Any]:
         "best_trial": best.get("trial"),
         "best_eval_loss": best.get("eval_loss"),
         "best_config": best.get("config"),
-        "best_adapter": str(sweep_dir / "best" / "adapter"),
-        "leaderboard": str(sweep_dir / "leaderboard.csv"),
-        "report": str(sweep_dir / "report.html"),
+        "best_adapter": str(sweep.best_adapter),
+        "leaderboard": str(sweep.leaderboard_csv),
+        "report": str(sweep.report),
     }
 
 

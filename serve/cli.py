@@ -33,8 +33,8 @@ from serve.config import (
     validate_serving_args,
 )
 from serve.deploy import APP_NAME, deploy, replica_urls, shutdown
+from serve.leaderboard_source import adapters_from_sweep
 from serve.registry import AdapterRegistry, common_base_model
-from serve.sweep import adapters_from_sweep
 
 
 @dataclass

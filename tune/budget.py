@@ -12,8 +12,8 @@ preemption), summed over segments across pauses, PBT exploits and sweep resumes.
 
 The dollar stop is decided early by what the running trials may spend until then (one reporting
 interval plus the grace period), so final spend stays within the budget plus one interval's cost.
-They run in the sweep driver and find the ledger by the sweep's location (``SpendLedger.of``), since Tune
-pickles searchers, schedulers and callbacks into its experiment state and restores copies on resume.
+They run in the sweep driver and find the ledger through the sweep's session (``tune.sweep_session``), since
+Tune pickles searchers, schedulers and callbacks into its experiment state and restores copies on resume.
 """
 
 from __future__ import annotations
@@ -24,25 +24,20 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import ray.tune as ray_tune
 from ray.tune.search import Searcher
 
 from ftune.atomic_files import write_text_atomic
+from ftune.sweep_result import SPEND_FILE
 from tune.config import BudgetConfig
+from tune.sweep_session import SweepSession
 
-SPEND_FILE = "spend.json"
 FINISHED_STATUSES = ("completed", "pruned", "stopped_budget", "stopped", "error")
 """Leaderboard statuses of a trial that will not run again."""
 ACTIVE_STATUSES = ("pending", "running", "paused", "interrupted")
 """Statuses of a trial that started and may still run (and spend)."""
-
-
-def sweep_key(uri: str | Path) -> str:
-    """The key a sweep's ledger, stop signal and placement groups are found by: its storage URI, or its
-    directory's absolute path."""
-    return str(uri) if "://" in str(uri) else str(Path(uri).resolve())
 
 
 @dataclass
@@ -102,8 +97,6 @@ class SpendLedger:
     every method taking ``now`` reads it on that clock, so tests drive time by hand.
     """
 
-    _open: ClassVar[dict[str, SpendLedger]] = {}
-
     def __init__(self, sweep_dir: str | Path, budget: BudgetConfig, *, rate_usd_per_h: float,
                  estimate_trial_s: float, report_interval_s: float, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
@@ -122,32 +115,15 @@ class SpendLedger:
         self.reconciled = False  # interrupted trials checked against the trials Tune restored (reconcile)
 
     @classmethod
-    def open(cls, sweep_dir: str | Path, budget: BudgetConfig, *, uri: str | None = None, **kwargs: Any) -> SpendLedger:
-        """The sweep's ledger, continued from its spend.json when resuming; registered for ``of``.
+    def open(cls, sweep_dir: str | Path, budget: BudgetConfig, **kwargs: Any) -> SpendLedger:
+        """The sweep's ledger, continued from its spend.json when resuming.
 
         Args:
             sweep_dir: The local directory of spend.json.
-            uri: Where the sweep lives in storage (default: ``sweep_dir``); what ``of`` finds the ledger by.
-                Tune pickles the sweep's callbacks, searcher and scheduler with this key, so it must not
-                depend on the machine: a sweep on s3:// resumes on any machine under the same key.
         """
         ledger = cls(sweep_dir, budget, **kwargs)
         if ledger.path.is_file():
             ledger._load(json.loads(ledger.path.read_text()))
-        cls._open[sweep_key(uri or sweep_dir)] = ledger
-        return ledger
-
-    @classmethod
-    def opened(cls, sweep_uri: str | Path) -> SpendLedger | None:
-        """The ledger opened for the sweep at ``sweep_uri`` in this process, or None."""
-        return cls._open.get(sweep_key(sweep_uri))
-
-    @classmethod
-    def of(cls, sweep_uri: str | Path) -> SpendLedger:
-        """The ledger opened for the sweep at ``sweep_uri`` in this process."""
-        ledger = cls.opened(sweep_uri)
-        if ledger is None:
-            raise RuntimeError(f"no spend ledger open for {sweep_uri}; sweeps run through tune.sweep")
         return ledger
 
     @property
@@ -257,7 +233,7 @@ class SpendLedger:
             return False
         if running and not self.stop.get("killed_trials"):
             self.stop["killed_trials"] = running
-            self._record(now)
+            self.record(now)
         return True
 
     # -- syncing with Tune -------------------------------------------------------------------
@@ -306,7 +282,7 @@ class SpendLedger:
                 if status == "error":
                     entry.error = _error_text(trial)
         if changed or now - self._last_save >= 1.0:
-            self._record(now)
+            self.record(now)
         return changed
 
     def _final_status(self, entry: TrialSpend, trial) -> str:
@@ -351,7 +327,8 @@ class SpendLedger:
 
     # -- persistence -------------------------------------------------------------------------
 
-    def _record(self, now: float) -> None:
+    def record(self, now: float) -> None:
+        """Add a point to the spend over time and save."""
         self.history.append([round(self.elapsed(now), 3), self.spend()])
         self.save(now)
 
@@ -402,7 +379,7 @@ class SpendTracker(ray_tune.Callback):
     @property
     def ledger(self) -> SpendLedger:
         """The sweep's ledger."""
-        return SpendLedger.of(self.sweep_uri)
+        return SweepSession.of(self.sweep_uri).ledger
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         """Advance running trials' segments (the first time, settle trials a dead driver left behind)."""
@@ -430,21 +407,14 @@ class SpendTracker(ray_tune.Callback):
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         """Final sync and save."""
         self.ledger.sync(trials)
-        self.ledger._record(self.ledger.clock())
+        self.ledger.record(self.ledger.clock())
 
 
 class BudgetStopper(ray_tune.Stopper):
     """Ends the sweep when spend or elapsed time reaches the budget: trials checkpoint and finish, then Tune stops."""
 
-    _signals: ClassVar[dict[str, Any]] = {}
-
     def __init__(self, sweep_uri: str):
         self.sweep_uri = sweep_uri
-
-    @classmethod
-    def attach(cls, sweep_uri: str, signal: Any) -> None:
-        """The ``train.stop.StopSignal`` every trial's training run polls (Tune pickles stoppers, not handles)."""
-        cls._signals[sweep_key(sweep_uri)] = signal
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         """Single trials are never stopped here (ASHA and the budget decide)."""
@@ -453,7 +423,8 @@ class BudgetStopper(ray_tune.Stopper):
     def stop_all(self) -> bool:
         """Checked every Tune loop step: once the budget is spent, signal the trials to checkpoint and
         finish; True (Tune stops the rest) when none runs any more or the grace period is over."""
-        ledger = SpendLedger.of(self.sweep_uri)
+        session = SweepSession.of(self.sweep_uri)
+        ledger = session.ledger
         now = ledger.clock()
         if ledger.stop is None:
             for trial in ledger.active():  # count the time since the last sync
@@ -462,11 +433,7 @@ class BudgetStopper(ray_tune.Stopper):
             reason = ledger.should_stop(now)
             if reason is None:
                 return False
-            ledger.mark_stopped(reason, now)
-            ledger._record(now)
-            signal = self._signals.get(sweep_key(self.sweep_uri))
-            if signal is not None:
-                signal.request.remote(reason)
+            session.request_stop(reason, now)
         return ledger.stop_settled(now)
 
 
@@ -488,7 +455,7 @@ class BudgetGate(Searcher):
 
     def suggest(self, trial_id: str) -> dict | str | None:
         """The wrapped searcher's suggestion if the trial fits; None to wait; FINISHED when nothing more fits."""
-        ledger = SpendLedger.of(self.sweep_uri)
+        ledger = SweepSession.of(self.sweep_uri).ledger
         decision = ledger.admit(trial_id)
         if decision == "wait":
             return None

@@ -5,7 +5,8 @@ directories (adapters). A finished run's adapter is ``<run>/adapter``, and so is
 budget stop ended (it checkpoints and exports at the step it reached); a pruned run, or one killed
 after the stop's grace period, has none, so its row points at the adapter inside its latest
 checkpoint whose adapter files match the checkpoint's manifest (a partly written or uploaded
-checkpoint never becomes ``best/adapter``). ``serve.sweep`` reads ``trial``, ``eval_loss``, ``status`` and ``adapter_path`` of these rows.
+checkpoint never becomes ``best/adapter``). Serving (``serve.leaderboard_source``) reads ``trial``, ``eval_loss``,
+``status`` and ``adapter_path`` of these rows. Where the files go is ``ftune.sweep_result.SweepResult``'s to say.
 """
 
 from __future__ import annotations
@@ -14,18 +15,14 @@ import csv
 import json
 import math
 import shutil
-from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 
 from ftune.storage import Storage
+from ftune.sweep_result import SweepResult
 from train.checkpoint import CorruptCheckpoint, verify_adapter
 from tune.space import SearchSpace, format_value
-
-LEADERBOARD_JSON = "leaderboard.json"
-LEADERBOARD_CSV = "leaderboard.csv"
-BEST_ADAPTER = Path("best") / "adapter"
 
 
 def adapter_of(storage: Storage, run: str, step: int) -> str | None:
@@ -94,22 +91,22 @@ def leaderboard(spend: dict[str, Any], trials: Storage, space: SearchSpace, base
     return rows
 
 
-def write_leaderboard(sweep_dir: Path, rows: list[dict]) -> None:
+def write_leaderboard(result: SweepResult, rows: list[dict]) -> None:
     """Write leaderboard.json (rows as they are) and leaderboard.csv (settings as columns)."""
-    (sweep_dir / LEADERBOARD_JSON).write_text(json.dumps(rows, indent=2, default=str))
+    result.leaderboard_json.write_text(json.dumps(rows, indent=2, default=str))
     keys = sorted({k for row in rows for k in row["config"]})
     fields = ["rank", "trial", "status", "eval_loss", "steps", "cost_usd", "wall_s", "pruned_at", *keys, "adapter_path"]
-    with (sweep_dir / LEADERBOARD_CSV).open("w", newline="") as f:
+    with result.leaderboard_csv.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
             writer.writerow({**row, **{k: format_value(v) for k, v in row["config"].items()}})
 
 
-def export_best(sweep_dir: Path, trials: Storage, rows: list[dict]) -> dict | None:
+def export_best(result: SweepResult, rows: list[dict]) -> dict | None:
     """Copy the best scored trial's adapter to ``best/adapter/`` (PEFT format); returns its row."""
     best = next((r for r in rows if r["status"] != "error" and r["adapter_path"] and r["eval_loss"] is not None), None)
-    target = sweep_dir / BEST_ADAPTER
+    target, trials = result.best_adapter, result.trials
     if target.exists():
         shutil.rmtree(target)
     if best is None:
@@ -122,5 +119,5 @@ def export_best(sweep_dir: Path, trials: Storage, rows: list[dict]) -> dict | No
                         destination_filesystem=pafs.LocalFileSystem())
     else:
         shutil.copytree(source, target)
-    (target.parent / "trial.json").write_text(json.dumps(best, indent=2, default=str))
+    result.best_trial.write_text(json.dumps(best, indent=2, default=str))
     return best

@@ -15,6 +15,7 @@ import ray.tune as ray_tune
 
 from tune.budget import SpendLedger, TrialSpend
 from tune.space import SearchSpace
+from tune.sweep_session import SweepSession
 
 
 def say(message: str) -> None:
@@ -45,7 +46,7 @@ class SweepProgress(ray_tune.Callback):
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         """Report every status change since the last step."""
-        ledger = SpendLedger.of(self.sweep_uri)
+        ledger = SweepSession.of(self.sweep_uri).ledger
         if ledger.stop is not None and not self._stop_reported:
             self._stop_reported = True
             stopped = ledger.stop["stopped_trials"]

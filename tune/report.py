@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from ftune.storage import Storage
+from ftune.sweep_result import SweepResult
 from tune.space import format_value
 
-REPORT_FILE = "report.html"
 STATUS_COLORS = {"completed": "#1f77b4", "pruned": "#999999", "stopped_budget": "#ff7f0e", "error": "#d62728"}
 
 
@@ -123,7 +123,7 @@ def _figures(rows: list[dict], spend: dict[str, Any], trials: Storage) -> dict[s
     return figs
 
 
-def write_report(sweep_dir: Path, rows: list[dict], spend: dict[str, Any], trials: Storage, meta: dict[str, Any]) -> Path:
+def write_report(result: SweepResult, rows: list[dict], spend: dict[str, Any], meta: dict[str, Any]) -> Path:
     """Write report.html for a finished (or stopped) sweep and return its path."""
     esc = html.escape
     counts: dict[str, int] = {}
@@ -151,7 +151,7 @@ def write_report(sweep_dir: Path, rows: list[dict], spend: dict[str, Any], trial
         *[f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in summary.items()],
         "</table>",
     ]
-    for title, png in _figures(rows, spend, trials).items():
+    for title, png in _figures(rows, spend, result.trials).items():
         parts.append(f"<h2>{esc(title)}</h2><img alt='{esc(title)}' src='data:image/png;base64,{png}'>")
     keys = sorted({k for r in rows for k in r["config"]})
     head = ["rank", "trial", "status", "eval loss", "steps", "cost (USD)", *keys, "adapter"]
@@ -162,6 +162,6 @@ def write_report(sweep_dir: Path, rows: list[dict], spend: dict[str, Any], trial
                  f"{r['cost_usd']:.5f}", *[format_value(r["config"].get(k, "")) for k in keys], r["adapter_path"] or "-"]
         parts.append("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in cells) + "</tr>")
     parts.append("</table></body></html>")
-    path = sweep_dir / REPORT_FILE
+    path = result.report
     path.write_text("\n".join(parts), encoding="utf-8")
     return path

@@ -31,7 +31,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ftune.compat.ray_private_hooks import PBTWithHooks
 from ftune.storage import Storage
 from train.checkpoint import CorruptCheckpoint, verify_checkpoint
-from tune.budget import SpendLedger
+from tune.sweep_session import SweepSession
 from tune.trial import EXPLOIT_FILE, Exploit
 
 log = logging.getLogger("ftune.tune")
@@ -53,7 +53,7 @@ class FinalStepASHA(ASHAScheduler):
             return TrialScheduler.CONTINUE
         decision = super().on_trial_result(tune_controller, trial, result)
         if decision == TrialScheduler.STOP:
-            SpendLedger.of(self.sweep_uri).mark_pruned(trial.trial_id, int(result.get("step", 0)))
+            SweepSession.of(self.sweep_uri).ledger.mark_pruned(trial.trial_id, int(result.get("step", 0)))
         return decision
 
 
@@ -83,7 +83,7 @@ class CheckpointPBT(PBTWithHooks):
 
     def choose_trial_to_run(self, tune_controller):
         """Paused trials first by training time; a population member starts only if the budget admits it."""
-        ledger = SpendLedger.of(self.sweep_uri)
+        ledger = SweepSession.of(self.sweep_uri).ledger
         if ledger.stop is not None:
             return None  # the budget stop is under way: nothing (re)starts
         waiting = [t for t in tune_controller.get_trials() if t.status in ("PENDING", "PAUSED")]
@@ -123,7 +123,7 @@ class CheckpointPBT(PBTWithHooks):
         exploit = Exploit.read(pointer)
         row = {"time": time.time(), **(exploit.__dict__ if exploit else {}), "config_before": before,
                "donor_config": dict(trial_to_clone.config), "config_after": dict(trial.config)}
-        with (SpendLedger.of(self.sweep_uri).sweep_dir / EXPLOITS_FILE).open("a") as f:
+        with (SweepSession.of(self.sweep_uri).ledger.sweep_dir / EXPLOITS_FILE).open("a") as f:
             f.write(json.dumps(row, default=str) + "\n")
         from tune.progress import say
 
@@ -158,7 +158,7 @@ class CheckpointPBT(PBTWithHooks):
             say(f"PBT: trial {trial.trial_id} does not exploit {donor.trial_id}: its checkpoint at step {step} "
                 f"({source}) is gone or incomplete ({e}); the trial continues unchanged")
             return None
-        ledger = SpendLedger.of(self.sweep_uri)
+        ledger = SweepSession.of(self.sweep_uri).ledger
         donor_run = ledger.trials[donor.trial_id].run if donor.trial_id in ledger.trials else donor.trial_id
         exploit = Exploit(trial.trial_id, donor.trial_id, donor_run, step, run, f"{target}/checkpoint")
         storage.write_text(exploit.to_json(), PBT_DIR, run, EXPLOIT_FILE)

@@ -43,14 +43,16 @@ from ftune.entrypoint import prog
 from ftune.errors import ConfigError, JobFailed, UserError
 from ftune.interrupts import sigint_handler_restored
 from ftune.storage import Storage
+from ftune.sweep_result import SweepResult
 from ftune.yaml_config import apply_overrides, load_config
 from train.spec import RunData
 from tune.budget import BudgetGate, BudgetStopper, SpendLedger, SpendTracker
 from tune.config import SweepConfig
+from tune.placement_groups import PlacementGroupRegistry
 from tune.pricing import TrialShape, hourly_rate
 from tune.space import SearchSpace, format_value, pbt_mutated
+from tune.sweep_session import SweepSession
 from tune.sweep_state import SWEEP_FILE, SweepState, SweepStateSync, SweepStudyStorage, pull_sweep
-from tune.train_runs import PlacementGroupRegistry
 from tune.trial import TRIALS_DIR, TrialPlan, trial_trainable
 
 TUNE_DIR = "tune"
@@ -284,7 +286,7 @@ def concurrency_of(sweep: Sweep) -> int:
 def open_ledger(sweep: Sweep) -> SpendLedger:
     """The sweep's spend ledger (continued from spend.json on resume)."""
     est = estimate(sweep)
-    ledger = SpendLedger.open(sweep.sweep_dir, sweep.cfg.budget, uri=sweep.uri, rate_usd_per_h=sweep.rate_usd_per_h,
+    ledger = SpendLedger.open(sweep.sweep_dir, sweep.cfg.budget, rate_usd_per_h=sweep.rate_usd_per_h,
                               estimate_trial_s=est.trial_s, report_interval_s=sweep.plan.job["train"]["report_interval_s"])
     if ledger.stop is not None and ledger.should_stop() is None:
         ledger.stop = None  # resumed with a larger budget
@@ -322,7 +324,7 @@ def run(sweep: Sweep, *, resume: bool, show_trial_logs: bool) -> dict[str, Any]:
     ledger = open_ledger(sweep)
     registry = PlacementGroupRegistry.open(sweep.uri)
     stop_signal = create_stop_signal()  # raised by BudgetStopper; every trial's training run polls it
-    BudgetStopper.attach(sweep.uri, stop_signal)
+    session = SweepSession.begin(sweep.uri, ledger, placement_groups=registry, stop_signal=stop_signal)
     if resume:
         say(f"resuming {sweep.name}: ${ledger.spend():.4f} spent so far over {len(ledger.trials)} trial(s)")
         tuner = ray_tune.Tuner.restore(str(sweep.sweep_dir / TUNE_DIR), resume_unfinished=True,
@@ -346,7 +348,7 @@ def run(sweep: Sweep, *, resume: bool, show_trial_logs: bool) -> dict[str, Any]:
         with sigint_handler_restored():
             tuner.fit()
     finally:
-        registry.close()  # trials killed at the end of the sweep leave their runs' placement groups behind
+        session.end()  # trials killed at the end of the sweep leave their runs' placement groups behind
         ray.kill(stop_signal)
     return finish(sweep, ledger)
 
@@ -357,19 +359,19 @@ def finish(sweep: Sweep, ledger: SpendLedger) -> dict[str, Any]:
     from tune.progress import say
     from tune.report import write_report
 
-    s = sweep.cfg.search
+    s, result = sweep.cfg.search, SweepResult(sweep.sweep_dir, sweep.storage)
     ledger.save()
     spend = ledger.to_json()
-    rows = leaderboard(spend, sweep.trials, sweep.plan.space, sweep.plan.base_r, s.metric, s.mode)
-    write_leaderboard(sweep.sweep_dir, rows)
-    best = export_best(sweep.sweep_dir, sweep.trials, rows)
-    report = write_report(sweep.sweep_dir, rows, spend, sweep.trials,
+    rows = leaderboard(spend, result.trials, sweep.plan.space, sweep.plan.base_r, s.metric, s.mode)
+    write_leaderboard(result, rows)
+    best = export_best(result, rows)
+    report = write_report(result, rows, spend,
                           {"name": sweep.name, "algorithm": s.algorithm, "metric": s.metric, "mode": s.mode})
     budget = f" of ${spend['budget_usd']:.4f}" if spend["budget_usd"] else ""
     say(f"done: {len(rows)} trial(s), spent ${spend['spent_usd']:.4f}{budget}"
         + (f" ({spend['stop']['reason']})" if spend["stop"] else ""))
     if best:
-        say(f"best: #{best['number']} {best['trial']} eval loss {best['eval_loss']:.4f} -> {sweep.sweep_dir / 'best' / 'adapter'}")
+        say(f"best: #{best['number']} {best['trial']} eval loss {best['eval_loss']:.4f} -> {result.best_adapter}")
     say(f"report: {report}")
     if sweep.storage.is_remote:
         sweep.state.push()

@@ -36,14 +36,15 @@ from pyarrow import ArrowException
 
 from ftune.errors import UserError
 from ftune.storage import Storage
-from tune.budget import SPEND_FILE, SpendLedger
+from ftune.sweep_result import BEST_DIR, LEADERBOARD_CSV, LEADERBOARD_JSON, REPORT_FILE, SPEND_FILE
+from tune.sweep_session import SweepSession
 
 log = logging.getLogger("ftune.tune")
 SWEEP_FILE = "sweep.json"
 OPTUNA_DB = "optuna.db"
-FILES = (SWEEP_FILE, SPEND_FILE, "pbt_exploits.jsonl", "leaderboard.json", "leaderboard.csv", "report.html")
+FILES = (SWEEP_FILE, SPEND_FILE, "pbt_exploits.jsonl", LEADERBOARD_JSON, LEADERBOARD_CSV, REPORT_FILE)
 """Single files of the driver's directory kept in storage."""
-DIRS = ("tune", "best")
+DIRS = ("tune", BEST_DIR)
 """Directories of the driver's directory kept in storage."""
 
 
@@ -139,7 +140,7 @@ class SweepStateSync(ray_tune.Callback):
     def push(self) -> bool:
         """Push now; False (and a warning) if storage refused."""
         self._last_attempt = time.monotonic()
-        local = SpendLedger.of(self.sweep_uri).sweep_dir
+        local = SweepSession.of(self.sweep_uri).ledger.sweep_dir
         try:
             SweepState(local, self.storage).push()
         except (OSError, ArrowException) as e:
@@ -155,7 +156,7 @@ class SweepStateSync(ray_tune.Callback):
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         """Push if a trial's status changed since the last push, or a checkpoint came in a while after it."""
-        statuses = {t.trial_id: t.status for t in SpendLedger.of(self.sweep_uri).trials.values()}
+        statuses = {t.trial_id: t.status for t in SweepSession.of(self.sweep_uri).ledger.trials.values()}
         recent = time.monotonic() - self._last_attempt < self.min_interval_s
         if self._failed and recent:
             return  # back off after a failed push
@@ -178,7 +179,7 @@ class SweepStudyStorage(optuna.storages.RDBStorage):
         super().__init__(f"sqlite:///{Path(sweep_dir) / OPTUNA_DB}")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        ledger = SpendLedger.opened(state["sweep_uri"])
-        if ledger is not None:
-            state = {**state, "url": f"sqlite:///{ledger.sweep_dir / OPTUNA_DB}"}
+        session = SweepSession.find(state["sweep_uri"])
+        if session is not None:
+            state = {**state, "url": f"sqlite:///{session.ledger.sweep_dir / OPTUNA_DB}"}
         super().__setstate__(state)

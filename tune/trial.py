@@ -14,7 +14,7 @@ When the budget runs out the sweep raises its ``train.stop.StopSignal``, which e
 polls: the run checkpoints at the step it reached, writes its adapter and summary, and the trial
 ends on its own. When Tune stops a trial (ASHA, a PBT exploit, the budget's grace period over) the
 trainable's ``cleanup`` aborts the Train run and the sweep removes any placement group it leaves
-behind (tune/train_runs.py).
+behind (tune/placement_groups.py).
 """
 
 from __future__ import annotations
@@ -31,11 +31,10 @@ from ray.util.queue import Queue
 from ftune.config import TrainJobConfig
 from ftune.storage import Storage
 from train.spec import RunData, RunSpec
+from tune.placement_groups import RunHandoff, abort_run, end_run, start_run, was_stopped
 from tune.space import SearchSpace
-from tune.train_runs import RunHandoff, abort_run, end_run, start_run, was_stopped
 
 EXPLOIT_FILE = "exploit.json"
-TRIALS_DIR = "trials"
 """Sub-directory of the sweep holding every trial's training runs."""
 
 

@@ -101,7 +101,7 @@ def test_sweep_facts_match_its_files(demo_run):
 
 
 def test_winner_was_served_and_answered_over_http(demo_run):
-    from serve.sweep import adapter_name
+    from serve.leaderboard_source import adapter_name
 
     _, out, summary, port = demo_run
     serving = summary["serving"]

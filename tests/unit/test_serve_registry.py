@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from ftune.errors import ConfigError, UserError
+from serve.leaderboard_source import adapter_name, adapters_from_sweep
 from serve.registry import AdapterRegistry, common_base_model
-from serve.sweep import adapter_name, adapters_from_sweep
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,16 @@ from tune.budget import SpendLedger
 from tune.config import BudgetConfig
 from tune.leaderboard import leaderboard
 from tune.report import pareto_front
+from tune.sweep_session import SweepSession
 
 RATE = 36.0  # $/h: one cent per second keeps the arithmetic readable
 
 
 def ledger(tmp_path, clock=None, **budget) -> SpendLedger:
     extra = {"clock": clock} if clock is not None else {}
-    return SpendLedger.open(tmp_path, BudgetConfig(**budget), rate_usd_per_h=RATE, estimate_trial_s=10.0,
+    book = SpendLedger.open(tmp_path, BudgetConfig(**budget), rate_usd_per_h=RATE, estimate_trial_s=10.0,
                             report_interval_s=0.5, **extra)
+    return SweepSession.begin(tmp_path, book).ledger
 
 
 def stub(trial_id: str, status: str, **config) -> Trial:

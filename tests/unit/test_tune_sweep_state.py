@@ -11,6 +11,7 @@ from ray.tune.experiment import Trial
 from ftune.storage import Storage
 from tune.budget import SpendLedger, SpendTracker
 from tune.config import BudgetConfig
+from tune.sweep_session import SweepSession
 from tune.sweep_state import SweepState, SweepStateSync, SweepStudyStorage
 
 
@@ -56,8 +57,8 @@ def test_sync_pushes_on_status_changes_and_throttles_checkpoints(tmp_path):
     local, bucket = tmp_path / "local", tmp_path / "bucket"
     driver_files(local)
     uri = str(bucket)  # the sweep's key is where it lives in storage, not the driver's directory
-    ledger = SpendLedger.open(local, BudgetConfig(), uri=uri, rate_usd_per_h=36.0, estimate_trial_s=10.0,
-                              report_interval_s=0.5)
+    ledger = SpendLedger.open(local, BudgetConfig(), rate_usd_per_h=36.0, estimate_trial_s=10.0, report_interval_s=0.5)
+    SweepSession.begin(uri, ledger)
     tracker, sync = SpendTracker(uri, "eval_loss"), SweepStateSync(uri, Storage(uri), min_interval_s=3600.0)
     ledger.admit("a")
     a = stub("a", "RUNNING")
@@ -91,8 +92,8 @@ def test_study_storage_follows_the_sweep_to_another_directory(tmp_path):
     pickled = pickle.dumps(SweepStudyStorage(uri, tmp_path / "m1"))
     shutil.rmtree(tmp_path / "m1")  # the first machine is gone
     (tmp_path / "m2").mkdir()
-    SpendLedger.open(tmp_path / "m2", BudgetConfig(), uri=uri, rate_usd_per_h=1.0, estimate_trial_s=1.0,
-                     report_interval_s=1.0)
+    SweepSession.begin(uri, SpendLedger.open(tmp_path / "m2", BudgetConfig(), rate_usd_per_h=1.0, estimate_trial_s=1.0,
+                                             report_interval_s=1.0))
     moved = pickle.loads(pickled)  # what Tune does with the searcher when the sweep resumes elsewhere
     assert moved.url == f"sqlite:///{tmp_path / 'm2' / 'optuna.db'}"
     assert (tmp_path / "m2" / "optuna.db").is_file() and not (tmp_path / "m1" / "optuna.db").exists()

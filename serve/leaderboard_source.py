@@ -1,8 +1,8 @@
 """Hand-off from a sweep to serving: pick the best adapters from a sweep directory's leaderboard.
 
-A sweep directory holds ``leaderboard.json`` (a list of rows, best first, each with at least
-``trial``, ``eval_loss``, ``status`` and ``adapter_path``) and ``best/adapter/`` (the winner's
-adapter). Served adapters are named ``trial-<id>`` so a client can tell them apart.
+A sweep directory (``ftune.sweep_result.SweepResult``) holds ``leaderboard.json`` (a list of rows, best
+first, each with at least ``trial``, ``eval_loss``, ``status`` and ``adapter_path``) and ``best/adapter/``
+(the winner's adapter). Served adapters are named ``trial-<id>`` so a client can tell them apart.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ftune.errors import UserError
+from ftune.sweep_result import LEADERBOARD_JSON, SweepResult
 
-LEADERBOARD_FILE = "leaderboard.json"
-BEST_ADAPTER_DIR = Path("best") / "adapter"
 FAILED_STATUSES = frozenset({"error", "errored", "failed", "failure", "crashed"})
 """Row statuses whose adapter is never served."""
 
@@ -27,7 +26,7 @@ def adapter_name(trial: Any) -> str:
     return f"trial-{safe}"[:64]
 
 
-def _usable(row: dict[str, Any], sweep_dir: Path) -> tuple[Path | None, str]:
+def _usable(row: dict[str, Any], sweep: SweepResult) -> tuple[Path | None, str]:
     """(adapter directory, "") for a servable row, else (None, why not)."""
     status = str(row.get("status", "")).lower()
     if status in FAILED_STATUSES:
@@ -37,8 +36,7 @@ def _usable(row: dict[str, Any], sweep_dir: Path) -> tuple[Path | None, str]:
         return None, f"eval_loss {loss!r}"
     if not row.get("adapter_path"):
         return None, "no adapter_path"
-    path = Path(str(row["adapter_path"])).expanduser()
-    path = path if path.is_absolute() else sweep_dir / path
+    path = sweep.adapter_dir(row["adapter_path"])
     if not path.is_dir():
         return None, f"adapter_path {str(path)!r} does not exist"
     return path, ""
@@ -53,10 +51,10 @@ def adapters_from_sweep(sweep_dir: str | Path, top_k: int = 1) -> dict[str, str]
         UserError: the directory or leaderboard is missing or malformed, or fewer than ``top_k``
             trials have a servable adapter (the message lists why each skipped trial was skipped).
     """
-    sweep_dir = Path(sweep_dir).expanduser()
-    board = sweep_dir / LEADERBOARD_FILE
+    sweep = SweepResult.open(sweep_dir)
+    board = sweep.leaderboard_json
     if not board.is_file():
-        raise UserError(f"--sweep {sweep_dir}: no {LEADERBOARD_FILE} there; is it a sweep directory?")
+        raise UserError(f"--sweep {sweep.local_dir}: no {LEADERBOARD_JSON} there; is it a sweep directory?")
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
     try:
@@ -70,7 +68,7 @@ def adapters_from_sweep(sweep_dir: str | Path, top_k: int = 1) -> dict[str, str]
     chosen: dict[str, str] = {}
     skipped = []
     for row in rows:
-        path, why = _usable(row, sweep_dir)
+        path, why = _usable(row, sweep)
         if path is None:
             skipped.append(f"trial {row['trial']}: {why}")
             continue
@@ -85,7 +83,6 @@ def adapters_from_sweep(sweep_dir: str | Path, top_k: int = 1) -> dict[str, str]
         raise UserError(
             f"{board}: asked for the top {top_k} adapters but only {len(chosen)} trial(s) have one{detail}"
         )
-    best = sweep_dir / BEST_ADAPTER_DIR
-    if top_k == 1 and best.is_dir():
-        return {name: str(best) for name in chosen}
+    if top_k == 1 and sweep.best_adapter.is_dir():
+        return {name: str(sweep.best_adapter) for name in chosen}
     return chosen

@@ -8,8 +8,9 @@ and a single Ray instance per machine. So each run's controller hands out
 
 - its own actor handle, to the trial process (``TrialRun.mailbox``): a stopped trial aborts its run
   gracefully (``abort_run``), which stops the workers and removes their placement group;
-- every placement group it reserves, to the sweep driver (``PlacementGroupRegistry``): when a trial
-  has ended, and when the sweep ends, the driver removes any of its placement groups still there.
+- every placement group it reserves, to the sweep driver (``PlacementGroupRegistry``, held by the sweep's
+  session): when a trial has ended, and when the sweep ends, the driver removes any of its placement
+  groups still there.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import ray
 import ray.tune as ray_tune
@@ -25,6 +26,7 @@ from ray.util.queue import Empty, Queue
 
 from ftune.compat.ray_private import worker_group_placement_group
 from ftune.compat.ray_private_hooks import ControllerCallback, WorkerGroupCallback
+from tune.sweep_session import SweepSession
 
 
 class RunHandoff(ControllerCallback, WorkerGroupCallback):
@@ -113,10 +115,9 @@ def abort_run(trial_id: str, timeout_s: float = 120.0) -> None:
 class PlacementGroupRegistry(ray_tune.Callback):
     """Driver side: the placement groups of the sweep's Train runs; removes those of ended trials.
 
-    Found by the sweep's location (``_open``) because Tune pickles its callbacks into the experiment state.
+    Tune pickles its callbacks into the experiment state: a copy finds the live registry through the
+    sweep's session, by the sweep's location.
     """
-
-    _open: ClassVar[dict[str, PlacementGroupRegistry]] = {}
 
     def __init__(self, sweep_uri: str):
         self.sweep_uri = sweep_uri
@@ -125,10 +126,9 @@ class PlacementGroupRegistry(ray_tune.Callback):
 
     @classmethod
     def open(cls, sweep_uri: str) -> PlacementGroupRegistry:
-        """A registry for this driver's run of the sweep (needs Ray)."""
+        """A registry for this driver's run of the sweep (needs Ray); the sweep's session holds it."""
         registry = cls(sweep_uri)
         registry.queue = Queue(actor_options={"num_cpus": 0})
-        cls._open[sweep_uri] = registry
         return registry
 
     def __getstate__(self) -> dict[str, Any]:
@@ -137,12 +137,16 @@ class PlacementGroupRegistry(ray_tune.Callback):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.sweep_uri, self.queue, self.groups = state["sweep_uri"], None, {}
 
-    def _live(self) -> PlacementGroupRegistry | None:
-        return self if self.queue is not None else self._open.get(self.sweep_uri)
+    def live(self) -> PlacementGroupRegistry | None:
+        """This registry if it runs in the driver that opened it, else the one the sweep's session holds."""
+        if self.queue is not None:
+            return self
+        session = SweepSession.find(self.sweep_uri)
+        return session.placement_groups if session is not None else None
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
         """Remove the ended trial's placement groups that are still there."""
-        live = self._live()
+        live = self.live()
         if live is not None:
             live.release([trial.trial_id])
 
@@ -170,10 +174,10 @@ class PlacementGroupRegistry(ray_tune.Callback):
         return removed
 
     def close(self) -> int:
-        """Remove every remaining placement group and the registry's queue."""
+        """Remove every remaining placement group and the registry's queue (a pickled copy has neither)."""
+        if self.queue is None:
+            return 0
         removed = self.release()
-        self._open.pop(self.sweep_uri, None)
-        if self.queue is not None:
-            ray.kill(self.queue.actor)
-            self.queue = None
+        ray.kill(self.queue.actor)
+        self.queue = None
         return removed
