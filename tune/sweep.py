@@ -43,7 +43,7 @@ from ftune.entrypoint import prog
 from ftune.errors import ConfigError, JobFailed, UserError
 from ftune.interrupts import sigint_handler_restored
 from ftune.storage import Storage
-from ftune.sweep_result import SweepResult
+from ftune.sweep_result import TRIALS_DIR, SweepResult
 from ftune.yaml_config import apply_overrides, load_config
 from train.spec import RunData
 from tune.budget import BudgetGate, BudgetStopper, SpendLedger, SpendTracker
@@ -53,7 +53,7 @@ from tune.pricing import TrialShape, hourly_rate
 from tune.space import SearchSpace, format_value, pbt_mutated
 from tune.sweep_session import SweepSession
 from tune.sweep_state import SWEEP_FILE, SweepState, SweepStateSync, SweepStudyStorage, pull_sweep
-from tune.trial import TRIALS_DIR, TrialPlan, trial_trainable
+from tune.trial import TrialPlan, trial_trainable
 
 TUNE_DIR = "tune"
 

@@ -35,7 +35,6 @@ from tune.placement_groups import RunHandoff, abort_run, end_run, start_run, was
 from tune.space import SearchSpace
 
 EXPLOIT_FILE = "exploit.json"
-"""Sub-directory of the sweep holding every trial's training runs."""
 
 
 @dataclass(frozen=True)
