@@ -9,11 +9,21 @@ run of the sweep (``tune.sweep.run``) and ends it when Tune returns.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
-if TYPE_CHECKING:
-    from tune.budget import SpendLedger
-    from tune.placement_groups import PlacementGroupRegistry
+
+class SpendLedger(Protocol):
+    """What the session needs of ``tune.budget.SpendLedger`` (which imports this module, so not the class)."""
+
+    def mark_stopped(self, reason: str, now: float) -> None: ...
+
+    def record(self, now: float) -> None: ...
+
+
+class PlacementGroupRegistry(Protocol):
+    """What the session needs of ``tune.placement_groups.PlacementGroupRegistry`` (which imports this module)."""
+
+    def close(self) -> int: ...
 
 
 def sweep_key(uri: str | Path) -> str:
