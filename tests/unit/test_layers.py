@@ -207,3 +207,13 @@ def test_import_scan_sees_function_level_relative_and_type_checking_imports(tmp_
     )
     names = _imported("train.mod", source)
     assert {"tune.config.SweepConfig", "serve.cli", "train.sibling"} <= names
+
+
+def test_no_product_function_is_longer_than_80_lines():
+    long = []
+    for package in PROJECT:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, "split these: " + ", ".join(long)

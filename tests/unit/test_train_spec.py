@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import pickle
 from pathlib import Path
 
@@ -51,12 +50,3 @@ def test_a_spec_never_changes_and_copies_small(tmp_path):
     assert shipped.replace(phase_timer=None) == started.replace(phase_timer=None)
     assert type(shipped.phase_timer) is type(NO_PHASE_TIMER)
     assert len(pickle.dumps(started)) < 16_000  # the job as JSON and a few strings: no data, no tokenizer
-
-
-def test_no_function_in_train_is_longer_than_80_lines():
-    long = []
-    for path in sorted(TRAIN.glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
-                long.append(f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
-    assert not long, "split these: " + ", ".join(long)
