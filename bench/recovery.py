@@ -47,7 +47,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))  # faults.py
 
-from faults import Background, last_step, wait_for
+from faults import Background, last_step
 from ray.train.v2._internal.execution.callback import (
     ControllerCallback,
     ReportCallback,
@@ -56,6 +56,7 @@ from ray.train.v2._internal.execution.callback import (
 )
 
 from bench.report import REPO, RESULTS, goal, machine_line, markdown_table, record_section
+from tests.waiting import wait_for
 
 TINY_CONFIG = REPO / "configs" / "train" / "tiny.yaml"
 EVENTS_ENV = "FTUNE_BENCH_EVENTS"
@@ -306,7 +307,7 @@ def run(
             return background.error is not None or background.result is not None
 
         wait_for(
-            lambda: last_step(run_dir) >= at_step or finished(), RUN_TIMEOUT_S, f"step {at_step} of {name}"
+            lambda: last_step(run_dir) >= at_step or finished(), f"step {at_step} of {name}", timeout_s=RUN_TIMEOUT_S
         )
         if finished():
             background.join(0)
@@ -322,7 +323,7 @@ def run(
             cluster.drain_worker(victim, reason="PREEMPTION", deadline_s=deadline_s, kill_at_deadline=True)
             marks["t_kill"] = time.time() + deadline_s  # the cluster's timer SIGKILLs the node then
             time.sleep(max(0.0, marks["t_kill"] - time.time()))
-            wait_for(lambda: not cluster.pids(victim), 60, f"node {victim[:8]} to go at its deadline")
+            wait_for(lambda: not cluster.pids(victim), f"node {victim[:8]} to go at its deadline", timeout_s=60)
         marks["t_replacement_start"] = time.time()
         cluster.add_worker()  # the spot fleet replaces the node
         marks["t_replacement_up"] = time.time()

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
@@ -35,6 +36,7 @@ from ray import serve as ray_serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ftune.compat.ray_private import on_multiplexed_unload
+from ftune.lean_imports import skip_bitsandbytes
 from serve.adapter_checks import BaseModelLayout, base_model_layout
 from serve.adapter_pool import AdapterPool
 from serve.admission import Admission, authorize, read_body, sampling_params
@@ -124,6 +126,8 @@ class LoraServer:
         from ftune.model import load_base_model, load_tokenizer, resolve_model_path, resolve_precision
 
         self.config = cfg = ServingConfig.model_validate(config)
+        if ray.get_runtime_context().get_actor_id():  # a replica's own process, not a test's or a script's
+            skip_bitsandbytes(quantized=cfg.model.load_in_4bit)
         torch.set_num_threads(cfg.resources.torch_threads)
         self.api_key = None
         if cfg.api_key_env:

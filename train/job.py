@@ -14,6 +14,7 @@ import json
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +217,29 @@ def ensure_ray() -> None:
         announce_ray_logs(show_only_ftune_lines())
 
 
+def prepare_while_ray_starts(cfg: TrainJobConfig, name: str) -> tuple[RunSpec, RunData]:
+    """``prepare`` in a thread while this process starts or joins Ray: its result, once Ray is up.
+
+    Starting a local Ray (GCS, raylet, dashboard) is mostly waiting on other processes, and the
+    driver's preparation (imports, tokenizing the data) is mostly this process's own work, so doing
+    them together takes about the longer of the two instead of their sum. A config or data error
+    is still raised before any worker starts; Ray may have started by then (it stops when the
+    process exits).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return prepare(cfg, name)
+    with ThreadPoolExecutor(1, thread_name_prefix="prepare") as pool:
+        prepared = pool.submit(prepare, cfg, name)
+        try:
+            ensure_ray()
+        except BaseException:
+            prepared.cancel()
+            raise
+        return prepared.result()
+
+
 def run_training(
     cfg: TrainJobConfig, *, name: str | None = None, callbacks: list | None = None, stop_signal=None,
     phase_timer: PhaseTimer | None = None,
@@ -232,8 +256,7 @@ def run_training(
     import ray.train
 
     name = name or cfg.name or default_run_name(None)
-    spec, data = prepare(cfg, name)
-    ensure_ray()
+    spec, data = prepare_while_ray_starts(cfg, name)
     trainer = build_trainer(cfg, spec, data, callbacks, stop_signal=stop_signal, phase_timer=phase_timer)
     started = time.perf_counter()
     try:

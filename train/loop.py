@@ -30,6 +30,7 @@ from ftune.adapters import add_adapter, save_adapter, trainable_parameters
 from ftune.config import TrainJobConfig
 from ftune.data.collate import Collator
 from ftune.data.tokenize import pad_token_id
+from ftune.lean_imports import skip_bitsandbytes
 from ftune.model import load_base_model, load_tokenizer, resolve_precision
 from train.batching import BatchPlan
 from train.cadence import Cadence, StepActions
@@ -104,6 +105,7 @@ class Outcome:
 def start_worker(spec: RunSpec, phases: PhaseTimer) -> Worker:
     """Rebuild the typed config, fetch the data, build the engine and restore the run's state."""
     cfg = spec.config()
+    skip_bitsandbytes(quantized=cfg.model.load_in_4bit)  # before transformers and peft are imported here
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(int(cfg.scaling.torch_threads or max(1, cfg.scaling.cpus_per_worker)))

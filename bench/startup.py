@@ -1,0 +1,217 @@
+"""Start-up: a training job's seconds from launch to its first optimizer step, in the ways a job starts.
+
+Three kinds of start, each a fresh process, interleaved over the repeats (plain, own-ray, cluster, plain, ...):
+
+  plain     the floor, measured in the same run: one Python process with no Ray and no DeepSpeed that
+            imports the same stack, tokenizes the same data, loads the same model, adds the same LoRA
+            adapter and takes one AdamW step (bench/train_overhead.py's plain loop, one step)
+  own-ray   ``python -m train --config configs/train/tiny.yaml`` starting its own local Ray (the README's path)
+  cluster   the same command with RAY_ADDRESS set to a running local cluster (a head and two 1-CPU worker
+            nodes with token auth, cluster/local.py): what ``ray job submit`` runs on the head, minus the
+            job API's own hop
+
+Milestones come from the job's own output lines, time-stamped as they arrive: data prepared, Ray up
+(own-ray), engines built (rank 0's "[ftune] N worker(s)" line) and the first step (from metrics.jsonl).
+A second table times, in fresh processes, the imports a Train worker does, with and without bitsandbytes
+(``ftune.lean_imports``: a worker that loads no 4-bit model skips it).
+
+    python bench/startup.py                 # 3 repeats, 2 workers, recorded in bench/RESULTS.md
+    python bench/startup.py --repeats 1 --no-record
+
+Goals (issue 14): first step <= 8 s when submitted to a running cluster, <= 15 s with its own local Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.report import REPO, goal, machine_line, markdown_table, record_section  # noqa: E402
+
+TINY_CONFIG = REPO / "configs" / "train" / "tiny.yaml"
+CLUSTER_GOAL_S, OWN_RAY_GOAL_S = 8.0, 15.0
+KINDS = ("plain", "own-ray", "cluster")
+MILESTONES = (
+    ("data", "[ftune] data:"),
+    ("ray_up", "[ftune] Ray's own logs:"),
+    ("engines", " worker(s), global batch"),
+)
+WORKER_IMPORTS = """
+import sys, time
+{skip}
+t0 = time.process_time()
+import torch, deepspeed, transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+import peft
+print(time.process_time() - t0, "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is not None)
+"""
+
+
+def overrides(steps: int, workers: int, storage: Path) -> list[str]:
+    """tiny.yaml cut to the start-up: a few steps, evaluation and checkpoint only at the end."""
+    return [f"train.max_steps={steps}", f"train.eval_every={steps}", f"train.checkpoint_every={steps}",
+            "train.exact_match_examples=0", "data.max_validation_rows=16", f"scaling.num_workers={workers}",
+            "failure.max_failures=0", f"storage.path={storage}", "tracking.wandb=disabled"]
+
+
+def first_step_time(run_dir: Path) -> float | None:
+    """Unix time of the first step row in the run's metrics.jsonl."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    times = [r["time"] for r in rows if r.get("step", 0) >= 1 and "loss" in r and "time" in r]
+    return min(times) if times else None
+
+
+def timed_process(command: list[str], env: dict[str, str]) -> tuple[float, dict[str, float], str]:
+    """Run ``command``; its start time and the first time each milestone line appeared."""
+    seen: dict[str, float] = {}
+    lines: list[str] = []
+    started = time.time()
+    with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, bufsize=1) as proc:
+        for line in proc.stdout:
+            lines.append(line)
+            for key, marker in MILESTONES:
+                if marker in line and key not in seen:
+                    seen[key] = time.time()
+        if proc.wait() != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{''.join(lines[-40:])}")
+    return started, seen, "".join(lines)
+
+
+def start_job(kind: str, work: Path, name: str, workers: int, env: dict[str, str]) -> dict[str, Any]:
+    """One start of ``kind``; seconds from launch to each milestone and to the first step."""
+    storage = work / "runs"
+    if kind == "plain":
+        command = [sys.executable, __file__, "--plain-child", str(storage / name), "--workers", str(workers)]
+    else:
+        command = [sys.executable, "-m", "train", "--config", str(TINY_CONFIG), "--name", name,
+                   *overrides(3, workers, storage)]
+    started, seen, _ = timed_process(command, env)
+    first = first_step_time(storage / name)
+    if first is None:
+        raise RuntimeError(f"{kind} run {name}: no step in {storage / name}/metrics.jsonl")
+    return {"kind": kind, "first_step_s": first - started, **{k: t - started for k, t in seen.items()}}
+
+
+def plain_child(run_dir: Path, workers: int) -> None:
+    """The floor: bench/train_overhead.py's plain loop for one step; writes the step row where ftune would."""
+    from bench.train_overhead import run_plain
+    from ftune.config import TrainJobConfig
+    from ftune.yaml_config import load_config
+
+    cfg = load_config(TrainJobConfig, TINY_CONFIG, overrides(1, workers, run_dir.parent))
+    print(f"[ftune] data: {cfg.data.path}", flush=True)
+    result = run_plain(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result["rows"]))
+
+
+def worker_imports(skip: bool) -> float:
+    """CPU seconds a fresh process spends importing what a Train worker imports."""
+    code = WORKER_IMPORTS.format(
+        skip="from ftune.lean_imports import skip_bitsandbytes; skip_bitsandbytes(quantized=False)" if skip else "")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    seconds, loaded = done.stdout.splitlines()[-1].split()  # deepspeed prints its own lines first
+    if (loaded == "True") == skip:
+        raise RuntimeError(f"bitsandbytes loaded={loaded} with skip={skip}")
+    return float(seconds)
+
+
+def measure(args: argparse.Namespace, work: Path) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[float]]]:
+    """Every start and every import timing, interleaved."""
+    from cluster.local import LocalCluster
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
+    env.pop("RAY_ADDRESS", None)
+    starts: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS}
+    imports: dict[str, list[float]] = {"with bitsandbytes": [], "bitsandbytes skipped": []}
+    with LocalCluster(cpus_per_worker=1, state_path=work / "cluster.json").up(workers=2) as cluster:
+        cluster_env = {**env, **{k: v for k, v in os.environ.items() if k.startswith("RAY_AUTH")},
+                       "RAY_ADDRESS": cluster.address}
+        for repeat in range(args.repeats):
+            for kind in KINDS:
+                run_env = cluster_env if kind == "cluster" else env
+                starts[kind].append(start_job(kind, work, f"{kind}-{repeat}", args.workers, run_env))
+                print(f"[bench] {kind} #{repeat}: {starts[kind][-1]}", flush=True)
+            imports["with bitsandbytes"].append(worker_imports(skip=False))
+            imports["bitsandbytes skipped"].append(worker_imports(skip=True))
+    return starts, imports
+
+
+def report(args: argparse.Namespace, starts, imports, load_before: str) -> str:
+    """The section for bench/RESULTS.md."""
+    def med(kind: str, key: str) -> str:
+        values = [s[key] for s in starts[kind] if key in s]
+        return f"{statistics.median(values):.1f}" if values else "-"
+
+    floor = statistics.median(s["first_step_s"] for s in starts["plain"])
+    rows = []
+    for kind in KINDS:
+        first = statistics.median(s["first_step_s"] for s in starts[kind])
+        every = "/".join(f"{s['first_step_s']:.1f}" for s in starts[kind])
+        rows.append([kind, med(kind, "data"), med(kind, "ray_up"), med(kind, "engines"), f"{first:.1f}",
+                     f"{first / floor:.2f}x", every])
+    table = markdown_table(["start", "data prepared s", "Ray up s", "engines built s", "first step s (median)",
+                            "x plain", "each repeat"], rows)
+    import_rows = [[k, f"{statistics.median(v):.2f}", "/".join(f"{x:.2f}" for x in v)] for k, v in imports.items()]
+    saved = statistics.median(imports["with bitsandbytes"]) - statistics.median(imports["bitsandbytes skipped"])
+    cluster = statistics.median(s["first_step_s"] for s in starts["cluster"])
+    own = statistics.median(s["first_step_s"] for s in starts["own-ray"])
+    verdicts = [
+        goal("first step, submitted to a running cluster", f"{cluster:.1f} s", f"<= {CLUSTER_GOAL_S:.0f} s",
+             cluster <= CLUSTER_GOAL_S),
+        goal("first step, python -m train with its own Ray", f"{own:.1f} s", f"<= {OWN_RAY_GOAL_S:.0f} s",
+             own <= OWN_RAY_GOAL_S),
+    ]
+    return "\n".join([
+        f"## Start-up (`python bench/startup.py --repeats {args.repeats} --workers {args.workers}`)", "",
+        f"{machine_line()}; load avg before {load_before}. Tiny config, {args.workers} workers, 3 steps, "
+        "seconds from the process's launch; median of the repeats.", "",
+        table, "",
+        "CPU seconds a fresh process spends importing a Train worker's stack (torch, deepspeed, transformers, "
+        "peft):", "",
+        markdown_table(["imports", "CPU s (median)", "each repeat"], import_rows), "",
+        f"Skipping bitsandbytes saves {saved:.2f} CPU s per worker or replica start.", "",
+        "```", *verdicts, "```",
+    ])
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--no-record", action="store_true", help="print the section only")
+    parser.add_argument("--plain-child", type=Path, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if args.plain_child:
+        plain_child(args.plain_child, args.workers)
+        return 0
+    load_before = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    with tempfile.TemporaryDirectory(prefix="ftune-startup-") as tmp:
+        starts, imports = measure(args, Path(tmp))
+    section = report(args, starts, imports, load_before)
+    print(section)
+    if not args.no_record:
+        record_section("bench/startup.py", section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
