@@ -12,13 +12,16 @@ Three kinds of start, each a fresh process, interleaved over the repeats (plain,
 
 Milestones come from the job's own output lines, time-stamped as they arrive: data prepared, Ray up
 (own-ray), engines built (rank 0's "[ftune] N worker(s)" line) and the first step (from metrics.jsonl).
-A second table times, in fresh processes, the imports a Train worker does, with and without bitsandbytes
+A sweep of ``--sweep-trials`` trials of ``--sweep-steps`` steps, one at a time (``python -m tune``, its own
+local Ray), gives the trial turnaround (a trial's last metrics row -> the next trial's first step) and the
+share of each trial's time spent before its first step. A last table times, in fresh processes, the imports a Train worker does, with and without bitsandbytes
 (``ftune.lean_imports``: a worker that loads no 4-bit model skips it).
 
     python bench/startup.py                 # 3 repeats, 2 workers, recorded in bench/RESULTS.md
     python bench/startup.py --repeats 1 --no-record
 
-Goals (issue 14): first step <= 8 s when submitted to a running cluster, <= 15 s with its own local Ray.
+Goals (issue 14): first step <= 8 s when submitted to a running cluster, <= 15 s with its own local Ray;
+trial turnaround <= 5 s; start-up share of a 300-step trial <= 15 %.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.report import REPO, goal, machine_line, markdown_table, record_section  # noqa: E402
 
 TINY_CONFIG = REPO / "configs" / "train" / "tiny.yaml"
-CLUSTER_GOAL_S, OWN_RAY_GOAL_S = 8.0, 15.0
+TINY_SWEEP = REPO / "configs" / "sweep" / "tiny.yaml"
+CLUSTER_GOAL_S, OWN_RAY_GOAL_S, TURNAROUND_GOAL_S, STARTUP_SHARE_GOAL = 8.0, 15.0, 5.0, 0.15
 KINDS = ("plain", "own-ray", "cluster")
 MILESTONES = (
     ("data", "[ftune] data:"),
@@ -119,6 +123,44 @@ def plain_child(run_dir: Path, workers: int) -> None:
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result["rows"]))
 
 
+def sweep_trials(work: Path, trials: int, steps: int, env: dict[str, str]) -> list[dict[str, float]]:
+    """Run a sweep of ``trials`` trials one at a time; per trial: wall s, first step and last row (unix s)."""
+    storage = work / "sweep"
+    command = [sys.executable, "-m", "tune", "--config", str(TINY_SWEEP), "--name", "turnaround",
+               f"job.storage.path={storage}", "search.algorithm=random", f"search.num_samples={trials}",
+               "search.max_concurrent_trials=1", "search.asha.enabled=false", "budget.usd=null",
+               f"job.train.max_steps={steps}", f"job.train.eval_every={steps}", f"job.train.checkpoint_every={steps}",
+               "job.tracking.wandb=disabled"]
+    timed_process(command, env)
+    sweep_dir = storage / "sweeps" / "turnaround"
+    ledger = json.loads((sweep_dir / "spend.json").read_text())
+    found = []
+    for trial in ledger["trials"]:
+        rows = [json.loads(line) for line in (sweep_dir / "trials" / trial["trial_id"] / "metrics.jsonl")
+                .read_text().splitlines() if line.strip()]
+        first = min(r["time"] for r in rows if r.get("step", 0) >= 1 and "loss" in r)
+        found.append({"wall_s": trial["wall_s"], "first_step": first, "last_row": max(r["time"] for r in rows)})
+    return sorted(found, key=lambda t: t["first_step"])
+
+
+def sweep_lines(trials: list[dict[str, float]], steps: int) -> tuple[list[str], list[str]]:
+    """Report lines and goal verdicts of the sweep's trials."""
+    gaps = [b["first_step"] - a["last_row"] for a, b in zip(trials, trials[1:])]
+    shares = [1 - (t["last_row"] - t["first_step"]) / t["wall_s"] for t in trials]
+    gap, share = statistics.median(gaps), statistics.median(shares)
+    lines = [f"Sweep, {len(trials)} trials of {steps} steps one at a time (`python -m tune`, its own local Ray): "
+             f"trial turnaround (last metrics row -> next trial's first step) {gap:.1f} s median "
+             f"({'/'.join(f'{g:.1f}' for g in gaps)}); outside training (wall - first step to last row) "
+             f"{share:.0%} of a trial's wall time median ({'/'.join(f'{x:.0%}' for x in shares)}).", ""]
+    verdicts = [
+        goal("sweep: one trial's end -> the next trial's first step", f"{gap:.1f} s", f"<= {TURNAROUND_GOAL_S:.0f} s",
+             gap <= TURNAROUND_GOAL_S),
+        goal(f"sweep: start-up share of a {steps}-step trial", f"{share:.0%}", f"<= {STARTUP_SHARE_GOAL:.0%}",
+             share <= STARTUP_SHARE_GOAL),
+    ]
+    return lines, verdicts
+
+
 def worker_imports(skip: bool) -> float:
     """CPU seconds a fresh process spends importing what a Train worker imports."""
     code = WORKER_IMPORTS.format(
@@ -130,7 +172,7 @@ def worker_imports(skip: bool) -> float:
     return float(seconds)
 
 
-def measure(args: argparse.Namespace, work: Path) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[float]]]:
+def measure(args: argparse.Namespace, work: Path):
     """Every start and every import timing, interleaved."""
     from cluster.local import LocalCluster
 
@@ -148,10 +190,11 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[dict[str, list[dict[s
                 print(f"[bench] {kind} #{repeat}: {starts[kind][-1]}", flush=True)
             imports["with bitsandbytes"].append(worker_imports(skip=False))
             imports["bitsandbytes skipped"].append(worker_imports(skip=True))
-    return starts, imports
+    trials = sweep_trials(work, args.sweep_trials, args.sweep_steps, env) if args.sweep_trials > 1 else []
+    return starts, imports, trials
 
 
-def report(args: argparse.Namespace, starts, imports, load_before: str) -> str:
+def report(args: argparse.Namespace, starts, imports, trials, load_before: str) -> str:
     """The section for bench/RESULTS.md."""
     def med(kind: str, key: str) -> str:
         values = [s[key] for s in starts[kind] if key in s]
@@ -176,11 +219,15 @@ def report(args: argparse.Namespace, starts, imports, load_before: str) -> str:
         goal("first step, python -m train with its own Ray", f"{own:.1f} s", f"<= {OWN_RAY_GOAL_S:.0f} s",
              own <= OWN_RAY_GOAL_S),
     ]
+    sweep_text: list[str] = []
+    if trials:
+        sweep_text, sweep_verdicts = sweep_lines(trials, args.sweep_steps)
+        verdicts += sweep_verdicts
     return "\n".join([
         f"## Start-up (`python bench/startup.py --repeats {args.repeats} --workers {args.workers}`)", "",
         f"{machine_line()}; load avg before {load_before}. Tiny config, {args.workers} workers, 3 steps, "
         "seconds from the process's launch; median of the repeats.", "",
-        table, "",
+        table, "", *sweep_text,
         "CPU seconds a fresh process spends importing a Train worker's stack (torch, deepspeed, transformers, "
         "peft):", "",
         markdown_table(["imports", "CPU s (median)", "each repeat"], import_rows), "",
@@ -193,6 +240,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--sweep-trials", type=int, default=3, help="trials of the turnaround sweep (0: none)")
+    parser.add_argument("--sweep-steps", type=int, default=300, help="steps of each of its trials")
     parser.add_argument("--no-record", action="store_true", help="print the section only")
     parser.add_argument("--plain-child", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -205,8 +254,8 @@ def main(argv: list[str]) -> int:
         return 0
     load_before = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     with tempfile.TemporaryDirectory(prefix="ftune-startup-") as tmp:
-        starts, imports = measure(args, Path(tmp))
-    section = report(args, starts, imports, load_before)
+        starts, imports, trials = measure(args, Path(tmp))
+    section = report(args, starts, imports, trials, load_before)
     print(section)
     if not args.no_record:
         record_section("bench/startup.py", section)

@@ -36,6 +36,7 @@ from typing_extensions import Self
 from cluster import gcs, processes
 from cluster.auth import enable_token_auth
 from cluster.local_config import HOST, LocalClusterConfig, head_command, worker_command
+from ftune.atomic_files import write_text_atomic
 from ftune.builtin_assets import ftune_home
 from ftune.errors import UserError
 
@@ -324,9 +325,7 @@ class LocalCluster:
             "nodes": [asdict(n) for n in self.nodes],
         }
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(self.state_path)
+        write_text_atomic(self.state_path, json.dumps(state, indent=2) + "\n")
 
     # ----------------------------------------------------------------- internals
 
