@@ -22,7 +22,9 @@ def test_unloads_on_the_gpu_keep_the_other_adapters_right(tiny_model_dir, tiny_t
 
     adapters = write_random_adapters(tiny_model_dir, tmp_path, {"a": 1, "b": 2, "c": 3})
     pools = {
-        gathered: AdapterPool(AutoModelForCausalLM.from_pretrained(tiny_model_dir).cuda().eval(), gathered=gathered)
+        gathered: AdapterPool(
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir).cuda().eval(), gathered=gathered
+        )
         for gathered in (True, False)
     }
     names = ["c", "__base__", "a", "c"]
