@@ -11,14 +11,21 @@ Measured in one run, on one machine, with one torch thread for the model everywh
                   adapter_names loop, the baseline that serve/gathered_lora.py replaces
   d. cold load    loading an adapter into the replica's peft model: in process, and the extra latency
                   of the first request to an adapter over HTTP
+  e. many         with ``--adapters N`` (S-LoRA's regime, e.g. 64): in process, a batch of N rows on one
+                  adapter vs. on N distinct adapters; through Serve, 16 clients whose requests each pick one
+                  of the N adapters at random vs. all on one adapter, on a replica that keeps all N loaded;
+                  and the same random spread on a replica that keeps only ``--capacity`` loaded (LRU churn:
+                  requests/s, latency, loads and unloads from the replica's /stats, milliseconds per load)
 
     python bench/serve.py                    # tiny model, 40 sequential requests, 16 tokens each
     python bench/serve.py --model 512x4      # a larger random Llama (HIDDENxLAYERS), same tokenizer
     python bench/serve.py --no-serve         # in-process rows only (no Ray)
     python bench/serve.py --no-serve --device cuda --model 2048x16   # the in-process rows on a GPU
+    python bench/serve.py --adapters 64 --capacity 16 --requests 20  # also 64 adapters and LRU churn
 
 Goals: Serve HTTP overhead <= 3 ms at p50 over in-process; 8 mixed adapters >= 0.9x the throughput of
-one adapter; adapter cold load <= 50 ms (tiny model). Results go to bench/RESULTS.md (section "serve").
+one adapter; adapter cold load <= 50 ms (tiny model); N = 64 mixed adapters >= 0.8x the throughput of one
+adapter, in process and through Serve. Results go to bench/RESULTS.md (section "serve").
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import shutil
 import socket
 import statistics
@@ -47,6 +55,10 @@ ROUNDS = 2
 THROUGHPUT_WAIT_S = 0.03
 """batch_wait_timeout_s of the throughput app: about the spread of 8 clients' arrivals on 2 cores."""
 LATENCY_APP, THROUGHPUT_APP = "latency", "throughput"
+MANY_GOAL = 0.8
+MANY_CLIENTS = 16
+"""Concurrent clients of the many-adapter runs, and those apps' max_batch_size."""
+MANY_APP, CHURN_APP = "many", "churn"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -179,20 +191,37 @@ def deploy_apps(model_dir: Path, adapters: dict[str, Path], port: int) -> dict[s
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     urls = {}
     for name, batching in ((LATENCY_APP, {}), (THROUGHPUT_APP, {"batch_wait_timeout_s": THROUGHPUT_WAIT_S})):
-        config = validate_serving_args(
-            {
-                "model": {"name_or_path": str(model_dir)},
-                "adapters": {k: str(v) for k, v in adapters.items()},
-                "max_adapters_per_replica": len(adapters),
-                "batching": {"max_batch_size": 8, **batching},
-                "limits": {"max_ongoing_requests": 16, "max_queued_requests": -1, "max_tokens": 256},
-                "resources": {"num_cpus": 0.5, "torch_threads": 1},
-            }
-        )
-        serve.run(build_application(config), name=name, route_prefix=f"/{name}", blocking=False)
-        urls[name] = f"http://127.0.0.1:{port}/{name}"
+        batching = {"max_batch_size": 8, **batching}
+        urls[name] = run_app(name, model_dir, adapters, port, len(adapters), batching)
     urls["direct"] = replica_urls(LATENCY_APP)[0].removesuffix("/v1")
     return urls
+
+
+def run_app(
+    name: str, model_dir: Path, adapters: dict[str, Path], port: int, capacity: int, batching: dict
+) -> str:
+    """Deploy one application (one replica of 0.5 CPU) keeping ``capacity`` adapters loaded; its URL."""
+    from ray import serve
+
+    from serve.app import build_application
+    from serve.config import validate_serving_args
+
+    config = validate_serving_args(
+        {
+            "model": {"name_or_path": str(model_dir)},
+            "adapters": {k: str(v) for k, v in adapters.items()},
+            "max_adapters_per_replica": capacity,
+            "batching": batching,
+            "limits": {
+                "max_ongoing_requests": max(16, 2 * batching["max_batch_size"]),
+                "max_queued_requests": -1,
+                "max_tokens": 256,
+            },
+            "resources": {"num_cpus": 0.5, "torch_threads": 1},
+        }
+    )
+    serve.run(build_application(config), name=name, route_prefix=f"/{name}", blocking=False)
+    return f"http://127.0.0.1:{port}/{name}"
 
 
 def http_call(session, url: str, model: str, max_tokens: int) -> None:
@@ -202,8 +231,11 @@ def http_call(session, url: str, model: str, max_tokens: int) -> None:
     assert response.json()["usage"]["completion_tokens"] == max_tokens
 
 
-def concurrent_run(url: str, models: list[str], clients: int, per_client: int, max_tokens: int) -> dict:
-    """``clients`` threads, each sending ``per_client`` requests cycling through ``models``."""
+def concurrent_run(
+    url: str, models: list[str], clients: int, per_client: int, max_tokens: int, seed: int | None = None
+) -> dict:
+    """``clients`` threads, each sending ``per_client`` requests cycling through ``models`` (with a ``seed``:
+    each request picks one of ``models`` at random instead, the same picks for the same seed)."""
     import requests
 
     latencies: list[float] = []
@@ -211,9 +243,11 @@ def concurrent_run(url: str, models: list[str], clients: int, per_client: int, m
 
     def worker(offset: int) -> None:
         session = requests.Session()
+        picks = random.Random(seed * 1000 + offset) if seed is not None else None
         for i in range(per_client):
+            model = picks.choice(models) if picks else models[(offset + i) % len(models)]
             start = time.perf_counter()
-            http_call(session, url, models[(offset + i) % len(models)], max_tokens)
+            http_call(session, url, model, max_tokens)
             with lock:
                 latencies.append(1000 * (time.perf_counter() - start))
 
@@ -235,10 +269,109 @@ def concurrent_run(url: str, models: list[str], clients: int, per_client: int, m
     }
 
 
-def batching_stats(url: str) -> dict:
+def replica_stats(url: str) -> dict:
     import requests
 
-    return requests.get(url + "/stats", timeout=10).json()["batching"]  # the bench deploys without an API key
+    return requests.get(url + "/stats", timeout=10).json()  # the bench deploys without an API key
+
+
+def batching_stats(url: str) -> dict:
+    return replica_stats(url)["batching"]
+
+
+# ---------------------------------------------------------------------------------- many adapters
+def many_in_process(model_dir: Path, adapters: dict[str, Path], tokens: int, rounds: int, device: str):
+    """A batch of N rows all on one adapter vs. on N distinct adapters, with N loaded; and what one more
+    load costs with few and with N - 1 adapters loaded. Returns (rows, ratio mixed/one)."""
+    names = list(adapters)
+    n = len(names)
+    many = InProcess(model_dir, adapters, device=device)
+    one, mix = time_interleaved(
+        [lambda: many.generate(names[:1] * n, tokens), lambda: many.generate(names, tokens)], rounds
+    )
+    rows = [
+        row(f"in-process batch of {n}, {label}", lat, n * 1000 / statistics.mean(lat),
+            n * 1000 * tokens / statistics.mean(lat))
+        for label, lat in (("1 adapter", one), (f"{n} adapters", mix))
+    ]  # fmt: skip
+    for label, loads in (("1-8 loaded", many.load_ms[:8]), (f"{n - 9}-{n - 2} loaded", many.load_ms[-8:])):
+        rows.append(
+            [f"adapter load with {label} (x{len(loads)})", f"{statistics.median(loads):.1f}",
+             f"{max(loads):.1f}", "-", "-", "in process"]
+        )  # fmt: skip
+    return rows, statistics.mean(one) / statistics.mean(mix)
+
+
+def deploy_many(model_dir: Path, adapters: dict[str, Path], port: int, capacity: int) -> dict[str, str]:
+    """Two more applications on the running Serve: ``many`` keeps every adapter loaded, ``churn`` only
+    ``capacity`` of them; both batch up to MANY_CLIENTS requests."""
+    batching = {"max_batch_size": MANY_CLIENTS, "batch_wait_timeout_s": THROUGHPUT_WAIT_S}
+    return {
+        MANY_APP: run_app(MANY_APP, model_dir, adapters, port, len(adapters), batching),
+        CHURN_APP: run_app(CHURN_APP, model_dir, adapters, port, capacity, batching),
+    }
+
+
+def many_through_serve(urls: dict[str, str], names: list[str], capacity: int, tokens: int, per_client: int):
+    """MANY_CLIENTS clients: all on one adapter, spread at random over the N adapters (all loaded), and the
+    same spread on the replica that keeps ``capacity`` loaded. Returns (rows, notes, runs by label)."""
+    import requests
+
+    session = requests.Session()
+    for name in names:  # warm: all N loaded in ``many``; ``churn`` has evicted all but its last ``capacity``
+        for app in (MANY_APP, CHURN_APP):
+            http_call(session, urls[app], name, 1)
+    n = len(names)
+    plan = {
+        "1 adapter": (MANY_APP, names[:1]),
+        f"{n} adapters mixed": (MANY_APP, names),
+        f"{n} adapters mixed, LRU of {capacity}": (CHURN_APP, names),
+    }
+    keys = ("batches", "requests", "loads", "unloads", "load_s", "unload_s")
+    runs = {label: {"latencies": [], "seconds": 0.0, **dict.fromkeys(keys, 0)} for label in plan}
+    for round_ in range(ROUNDS):  # alternate, so load drift on a shared machine hits all alike
+        for label, (app, models) in plan.items():
+            before = replica_stats(urls[app])
+            result = concurrent_run(urls[app], models, MANY_CLIENTS, per_client, tokens, seed=round_)
+            after = replica_stats(urls[app])
+            total = runs[label]
+            total["latencies"] += result["latencies"]
+            total["seconds"] += len(result["latencies"]) / result["rps"]
+            for key in keys:
+                group = "batching" if key in ("batches", "requests") else "adapter_pool"
+                total[key] += after[group][key] - before[group][key]
+    rows = []
+    for label, total in runs.items():
+        rps = len(total["latencies"]) / total["seconds"]
+        note = f"mean batch {total['requests'] / max(total['batches'], 1):.1f}"
+        if total["loads"]:
+            note += f"; {total['loads']} loads, {total['unloads']} unloads"
+        name = f"serve-http, {MANY_CLIENTS} clients, {label}"
+        rows.append(row(name, total["latencies"], rps, rps * tokens, note))
+    return rows, churn_notes(runs, plan, capacity), runs
+
+
+def churn_notes(runs: dict[str, dict], plan: dict, capacity: int) -> list[str]:
+    """What LRU churn costs: loads per request, milliseconds per load and unload, throughput vs. no churn."""
+    labels = list(plan)
+    mixed, churn = runs[labels[1]], runs[labels[2]]
+    requests_, spread = len(churn["latencies"]), len(plan[labels[2]][1])
+    per_load = 1000 * churn["load_s"] / max(churn["loads"], 1)
+    per_unload = 1000 * churn["unload_s"] / max(churn["unloads"], 1)
+    busy = churn["load_s"] + churn["unload_s"]
+    p50s = [percentile(run["latencies"], 50) for run in (churn, mixed)]
+    p99s = [percentile(run["latencies"], 99) for run in (churn, mixed)]
+    return [
+        f"LRU churn ({labels[2]}): {churn['loads']} adapter loads and {churn['unloads']} unloads for "
+        f"{requests_} requests ({churn['loads'] / max(requests_, 1):.0%} of requests loaded their adapter; "
+        f"with {capacity} of {spread} slots a uniform spread misses about {1 - capacity / spread:.0%}), "
+        f"{per_load:.1f} ms per load and {per_unload:.1f} ms per unload in the replica (from its /stats "
+        f"adapter_pool counters), {busy:.1f} s of model-locked changes in {churn['seconds']:.1f} s of run: "
+        f"{mixed['seconds'] / churn['seconds']:.2f}x the throughput of the same spread with all adapters "
+        f"loaded (p50 {p50s[0]:.0f} vs {p50s[1]:.0f} ms, p99 {p99s[0]:.0f} vs {p99s[1]:.0f} ms). A "
+        "request whose adapter is not loaded waits for its load, and loads run one at a time between decode "
+        "steps, so under churn requests reach the batcher a few at a time (the mean batch above).",
+    ]
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -261,6 +394,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tokens", type=int, default=16, help="max_tokens of every request")
     parser.add_argument("--per-client", type=int, default=8, help="requests per client in the mixed runs")
     parser.add_argument("--no-serve", action="store_true", help="skip the Ray Serve rows")
+    parser.add_argument(
+        "--adapters", type=int, default=0, help="also measure this many distinct adapters (e.g. 64); 0: off"
+    )
+    parser.add_argument(
+        "--capacity", type=int, default=16, help="adapters the churn replica keeps loaded (with --adapters)"
+    )
     parser.add_argument("--no-record", action="store_true", help="do not update bench/RESULTS.md")
     parser.add_argument("--out", type=Path, help="also write the report (markdown) to this file")
     parser.add_argument(
@@ -272,6 +411,10 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.device != "cpu" and not args.no_serve:
         parser.error("--device cuda measures the in-process rows only: add --no-serve")
+    if args.adapters and not len(ADAPTERS) < args.adapters <= 1000:
+        parser.error(f"--adapters must be above {len(ADAPTERS)} (the mixed runs' own count) and at most 1000")
+    if args.adapters and not 1 <= args.capacity < args.adapters:
+        parser.error(f"--capacity must be at least 1 and below --adapters ({args.adapters}) to cause churn")
 
     import torch
 
@@ -281,9 +424,10 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     model_dir = build_model(args.model, work)
-    adapters = write_random_adapters(
-        model_dir, work / "adapters", {name: i for i, name in enumerate(ADAPTERS)}
-    )
+    names = [f"a{i}" for i in range(max(args.adapters, len(ADAPTERS)))]  # ADAPTERS first
+    seeds = {name: i for i, name in enumerate(names)}
+    all_adapters = write_random_adapters(model_dir, work / "adapters", seeds)
+    adapters = {name: all_adapters[name] for name in ADAPTERS}
     n, tokens = args.requests, args.tokens
 
     local = InProcess(model_dir, adapters, device=args.device)
@@ -338,6 +482,11 @@ def main(argv: list[str]) -> int:
         ]
     )
 
+    many_ratio = many_serve_ratio = None
+    if args.adapters:
+        many_rows, many_ratio = many_in_process(model_dir, all_adapters, tokens, max(5, n // 4), args.device)
+        rows += many_rows
+
     serve_ratio = cold_http = None
     overheads: dict[str, float] = {}
     if args.no_serve:
@@ -356,7 +505,8 @@ def main(argv: list[str]) -> int:
     else:
         import requests
 
-        urls = deploy_apps(model_dir, adapters, free_port())
+        port = free_port()
+        urls = deploy_apps(model_dir, adapters, port)
         session = requests.Session()
         lat_url, direct_url = urls[LATENCY_APP], urls["direct"]
         http_call(session, lat_url, "a0", 1)  # load a0 before timing
@@ -443,6 +593,15 @@ def main(argv: list[str]) -> int:
             note = f"mean batch {total['requests'] / max(total['batches'], 1):.1f}"
             rows.append(row(f"serve-http, 8 clients, {label}", total["latencies"], rps, rps * tokens, note))
         serve_ratio = runs["1 adapter"]["seconds"] / runs["8 adapters mixed"]["seconds"]
+        if args.adapters:
+            many_urls = deploy_many(model_dir, all_adapters, port, args.capacity)
+            many_rows, many_notes, many_runs = many_through_serve(
+                many_urls, names, args.capacity, tokens, args.per_client
+            )
+            rows += many_rows
+            notes += many_notes
+            mixed_s = many_runs[f"{len(names)} adapters mixed"]["seconds"]
+            many_serve_ratio = many_runs["1 adapter"]["seconds"] / mixed_s
         from ray import serve
 
         serve.shutdown()
@@ -493,6 +652,13 @@ def main(argv: list[str]) -> int:
                 cold_http <= COLD_GOAL_MS,
             )
         )
+    for where, ratio in (
+        (f"in process (batch of {args.adapters})", many_ratio),
+        (f"through Serve ({MANY_CLIENTS} clients)", many_serve_ratio),
+    ):
+        if ratio is not None:
+            name = f"{args.adapters} mixed adapters vs 1, {where}"
+            verdicts.append(goal(name, f"{ratio:.2f}x", f">= {MANY_GOAL}x", ratio >= MANY_GOAL))
     import peft
 
     try:
@@ -507,6 +673,7 @@ def main(argv: list[str]) -> int:
     header = (
         f"## serve (bench/serve.py --model {args.model} --requests {n} --tokens {tokens}"
         + ("" if args.device == "cpu" else f" --device {args.device}")
+        + (f" --adapters {args.adapters} --capacity {args.capacity}" if args.adapters else "")
         + ")\n\n"
         f"{machine_line()}; {ray_version}torch {torch.__version__}, peft {peft.__version__}; "
         f"{on}, replica 0.5 CPU.\n"
@@ -517,7 +684,8 @@ def main(argv: list[str]) -> int:
         args.out.write_text(report + "\n", encoding="utf-8")
     shutil.rmtree(work, ignore_errors=True)
     if not args.no_record:
-        record_section(f"bench/serve.py --model {args.model}", report)
+        many = f" --adapters {args.adapters}" if args.adapters else ""
+        record_section(f"bench/serve.py --model {args.model}{many}", report)
         print(f"\nrecorded in {RESULTS}")
     return 0
 

@@ -23,6 +23,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,30 @@ import torch
 from serve.gathered_lora import GatheredLora
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class PoolCounters:
+    """What a pool has loaded and unloaded since it was made (LRU churn shows as loads well above the
+    number of distinct adapters)."""
+
+    loads: int = 0
+    """Adapters loaded into the peft model (failed loads not counted)."""
+    unloads: int = 0
+    """Adapters deleted from the peft model (evicted, at once or after their last user)."""
+    failed_loads: int = 0
+    """Loads undone because the adapter's files could not be loaded."""
+    load_s: float = 0.0
+    """Seconds spent in successful loads (reading files, peft's injection, restacking)."""
+    unload_s: float = 0.0
+    """Seconds spent deleting adapters (peft's deletion, restacking)."""
+
+    def as_dict(self) -> dict[str, float]:
+        """The counters, plus the mean milliseconds per load and per unload."""
+        out = asdict(self)
+        out["ms_per_load"] = 1000 * self.load_s / self.loads if self.loads else 0.0
+        out["ms_per_unload"] = 1000 * self.unload_s / self.unloads if self.unloads else 0.0
+        return out
 
 
 class AdapterPool:
@@ -52,6 +77,8 @@ class AdapterPool:
         self._doomed: set[str] = set()  # evicted while in use: deleted when the last user releases
         self._adapter_layers: list[torch.nn.Module] = []  # peft layers that take adapter_names
         self.last_load_s = 0.0
+        self.counters = PoolCounters()
+        """Loads, unloads and their time (read on the event loop; written under the model lock)."""
 
     @property
     def loaded(self) -> list[str]:
@@ -98,10 +125,14 @@ class AdapterPool:
                 self._peft.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
         except BaseException:
             self._discard(name)
+            self.counters.failed_loads += 1
             raise
-        self._peft.eval()
+        # peft's load_adapter with is_trainable=False has put the model in eval mode already (another
+        # walk over every module, which grows with the adapters loaded, would only repeat it).
         self._restack()
         self.last_load_s = time.perf_counter() - start
+        self.counters.loads += 1
+        self.counters.load_s += self.last_load_s
         log.info("loaded adapter %s from %s in %.1f ms", name, adapter_dir, 1000 * self.last_load_s)
 
     def _discard(self, name: str) -> None:
@@ -135,11 +166,14 @@ class AdapterPool:
     def _delete(self, name: str) -> None:
         if self._peft is None or name not in self._peft.peft_config:
             return
+        start = time.perf_counter()
         with warnings.catch_warnings():
             # peft warns when the deleted adapter was the "active" one; rows name their adapter.
             warnings.simplefilter("ignore", UserWarning)
             self._peft.delete_adapter(name)
         self._restack()
+        self.counters.unloads += 1
+        self.counters.unload_s += time.perf_counter() - start
         log.info("unloaded adapter %s", name)
 
     def _restack(self) -> None:
@@ -226,10 +260,25 @@ class AdapterPool:
 
 
 def _adapter_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The layers that take ``adapter_names``, in ``model.modules()`` order.
+
+    The walk does not descend into such a layer: below it are only its adapters' own submodules, a
+    dozen per adapter, so ``model.modules()`` would cost time in proportion to the adapters loaded.
+    """
     from peft.tuners.lora import LoraLayer
     from peft.utils.other import AuxiliaryTrainingWrapper
 
-    return [m for m in model.modules() if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper))]
+    found, todo, seen = [], [model], set()
+    while todo:
+        module = todo.pop()
+        if id(module) in seen:  # a module shared by two parents is listed once, as modules() does
+            continue
+        seen.add(id(module))
+        if isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper)):
+            found.append(module)
+        else:
+            todo.extend(reversed(list(module.children())))
+    return found
 
 
 def _add_adapter_names(module, args, kwargs, adapter_names):

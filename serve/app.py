@@ -188,11 +188,13 @@ class LoraServer:
 
     @api.get("/stats")
     async def stats(self, request: Request) -> dict[str, Any]:
-        """This replica's counters (key needed): adapters, batching, requests held, rows cancelled/failed."""
+        """This replica's counters (key needed): adapters and their loads/unloads, batching, requests held,
+        rows cancelled/failed."""
         authorize(request, self.api_key)
         return {
             "adapters_loaded": self.pool.loaded,
             "adapters_refused": sorted(self._refused),
+            "adapter_pool": self.pool.counters.as_dict(),
             "batching": self.batch_stats,
             "requests": {
                 "preparing": self.admission.preparing,

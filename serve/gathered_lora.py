@@ -73,7 +73,9 @@ class GatheredLora:
         self.reason = None
         kept = [name for name in self.adapters if name in adapters]
         if kept != self.adapters:
-            index = torch.tensor([BASE_SLOT] + [self.slots[name] for name in kept])
+            # On the stacks' device: index_select wants its index where its input is (a GPU replica).
+            slots = [BASE_SLOT] + [self.slots[name] for name in kept]
+            index = torch.tensor(slots, device=self._stacks[0].a.device)
             self._stacks = [_Stack(s.a.index_select(0, index), s.b.index_select(0, index)) for s in self._stacks]
         added = [name for name in adapters if name not in kept]
         if added:

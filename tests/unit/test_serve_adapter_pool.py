@@ -187,3 +187,54 @@ def test_a_failed_load_leaves_the_other_adapters_exactly_as_they_were(
     assert torch.equal(last_logits(pool, tiny_tokenizer, names), before)
     asyncio.run(pool.load("b", adapters["b"]))
     assert pool.resident == ["a", "b"]
+
+
+def test_counters_count_loads_unloads_and_failed_loads(pool, adapters, tmp_path):
+    async def scenario():
+        await pool.load("a", adapters["a"])
+        await pool.load("b", adapters["b"])
+        await pool.load("a", adapters["a"])  # still loaded: no load
+        pool.acquire("b")
+        await pool.evict("b")  # in use: unloaded only when released
+        assert pool.counters.unloads == 0
+        await pool.release("b")
+        await pool.evict("a")
+        await pool.load("a", adapters["a"])
+        with pytest.raises(Exception, match="(?i)safetensor|deserializ|incomplete"):
+            await pool.load("cut", truncated_copy(adapters["b"], tmp_path / "cut"))
+
+    asyncio.run(scenario())
+    counters = pool.counters.as_dict()
+    assert (counters["loads"], counters["unloads"], counters["failed_loads"]) == (3, 2, 1)
+    assert counters["ms_per_load"] > 0 and counters["ms_per_unload"] > 0
+    assert counters["load_s"] >= pool.last_load_s > 0
+
+
+def test_adapter_layers_are_the_lora_modules_of_the_model_in_order(pool, adapters):
+    from peft.tuners.lora import LoraLayer
+
+    from serve.adapter_pool import _adapter_layers
+
+    for name, path in adapters.items():
+        asyncio.run(pool.load(name, path))
+    expected = [m for m in pool._base.modules() if isinstance(m, LoraLayer)]
+    assert expected and [id(m) for m in _adapter_layers(pool._base)] == [id(m) for m in expected]
+
+
+def test_gathered_stacks_keep_each_adapter_in_its_slot_through_unloads(pool, adapters, mixed_rank_adapters):
+    from serve.gathered_lora import GatheredLora
+
+    for name, path in {**adapters, **mixed_rank_adapters}.items():
+        asyncio.run(pool.load(name, path))
+    layers = pool._adapter_layers
+    stacks = GatheredLora()
+    stacks.sync(layers, ["a", "r16", "b", "r4"])
+    before = {name: (stacks._stacks[0].a[stacks.slots[name]], stacks._stacks[0].b[stacks.slots[name]])
+              for name in ("b", "r4")}
+    stacks.sync(layers, ["b", "r4"])  # unload a and r16: the rest move down, the rank stays padded to 16
+    assert stacks.adapters == ["b", "r4"] and stacks.slots == {"b": 1, "r4": 2}
+    assert stacks._stacks[0].a.shape[0] == 3 and stacks._stacks[0].a.device == layers[0].weight.device
+    for name, (a, b) in before.items():
+        assert torch.equal(stacks._stacks[0].a[stacks.slots[name]], a)
+        assert torch.equal(stacks._stacks[0].b[stacks.slots[name]], b)
+    assert not stacks._stacks[0].a[0].any() and not stacks._stacks[0].b[0].any()  # slot 0 is still the base
