@@ -34,6 +34,7 @@ import pyarrow.fs as pafs
 import ray.tune as ray_tune
 from pyarrow import ArrowException
 
+from ftune.compat.optuna_private import rdb_storage_state_with_url
 from ftune.errors import UserError
 from ftune.storage import Storage
 from ftune.sweep_result import BEST_DIR, LEADERBOARD_CSV, LEADERBOARD_JSON, REPORT_FILE, SPEND_FILE
@@ -181,5 +182,5 @@ class SweepStudyStorage(optuna.storages.RDBStorage):
     def __setstate__(self, state: dict[str, Any]) -> None:
         session = SweepSession.find(state["sweep_uri"])
         if session is not None:
-            state = {**state, "url": f"sqlite:///{session.ledger.sweep_dir / OPTUNA_DB}"}
+            state = rdb_storage_state_with_url(state, f"sqlite:///{session.ledger.sweep_dir / OPTUNA_DB}")
         super().__setstate__(state)

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ftune.compat import deepspeed_private, peft_private, ray_private, torch_private
+from ftune.compat import deepspeed_private, optuna_private, peft_private, ray_private, torch_private
 
 APPS = {"train", "tune", "serve", "cluster"}
 
@@ -364,3 +364,22 @@ def test_set_adapters_disabled_runs_the_base_layer_alone():
         peft_private.set_adapters_disabled(layer, False)
         assert torch.allclose(layer(x), with_adapter)
     assert all(p.requires_grad for n, p in layer.named_parameters() if "lora_" in n)  # left as they were
+
+
+# ---- optuna_private ---------------------------------------------------------------------------------
+
+
+def test_rdb_storage_state_with_url_moves_a_pickled_study(tmp_path):
+    import pickle
+
+    import optuna
+
+    first, second = tmp_path / "a.db", tmp_path / "b.db"
+    storage = optuna.storages.RDBStorage(f"sqlite:///{first}")
+    optuna.create_study(study_name="s", storage=storage).optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    state = pickle.loads(pickle.dumps(storage)).__getstate__()
+    assert state[optuna_private.RDB_STORAGE_URL] == f"sqlite:///{first}"
+    first.rename(second)
+    moved = optuna.storages.RDBStorage.__new__(optuna.storages.RDBStorage)
+    moved.__setstate__(optuna_private.rdb_storage_state_with_url(state, f"sqlite:///{second}"))
+    assert len(optuna.load_study(study_name="s", storage=moved).trials) == 1
