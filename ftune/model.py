@@ -100,7 +100,7 @@ def load_base_model(cfg: ModelConfig, *, dtype: torch.dtype, for_training: bool 
     except (OSError, ValueError) as e:
         raise UserError(_load_hint(cfg.name_or_path, path, e)) from e
     if is_s3_model(cfg.name_or_path):  # adapters record where the base model is, not a node's cache path
-        model.config._name_or_path = cfg.name_or_path
+        model.config.name_or_path = model.name_or_path = cfg.name_or_path
     if for_training:
         model.config.use_cache = False
     for param in model.parameters():

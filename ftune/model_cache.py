@@ -98,26 +98,30 @@ def fetch_model(
     storage = Storage(uri, endpoint_url)
     home = _model_home(root or cache_root(), storage)
     everything = _remote_files(storage)
-    wanted = everything if weights else [f for f in everything if not f.name.endswith(WEIGHTS)]
-    for files in (everything, wanted):
+    for files in _usable(everything, weights):
         if (found := _complete(home, files)) is not None:
             return found
     home.mkdir(parents=True, exist_ok=True)
     with _locked(home / ".lock"):
         for _ in range(_ATTEMPTS):
-            for files in (everything, wanted):
+            for files in _usable(everything, weights):
                 if (found := _complete(home, files)) is not None:
                     return found  # another process fetched it while this one waited for the lock
-            _salvage(home, wanted)
+            wanted = _usable(everything, weights)[-1]
+            _salvage(home, wanted, current=everything)
             for f in wanted:
                 _fetch_file(storage, f, home / ".partial")
-            everything = _remote_files(storage)
-            now = everything if weights else [f for f in everything if not f.name.endswith(WEIGHTS)]
-            if now == wanted:
-                return _publish(home, wanted, storage, keep={_set_id(everything), _set_id(now)})
-            wanted = now  # replaced while being fetched: fetch the new versions of what changed
+            now = _remote_files(storage)
+            if now == everything:
+                return _publish(home, wanted, storage, keep={_set_id(s) for s in _usable(everything, False)})
+            everything = now  # replaced while being fetched: fetch the new versions of what changed
     raise UserError(f"{FIELD}={uri!r}: the model changed in S3 during {_ATTEMPTS} fetches in a row; "
                     "upload it to a new prefix, or retry once the upload is done")
+
+
+def _usable(everything: list[RemoteFile], weights: bool) -> list[list[RemoteFile]]:
+    """The file sets that serve a request, best first: the whole model, then (no weights) its small files."""
+    return [everything] if weights else [everything, [f for f in everything if not f.name.endswith(WEIGHTS)]]
 
 
 def _model_home(root: Path, storage: Storage) -> Path:
@@ -177,18 +181,19 @@ def _complete(home: Path, files: list[RemoteFile]) -> Path | None:
     return None
 
 
-def _salvage(home: Path, files: list[RemoteFile]) -> None:
+def _salvage(home: Path, files: list[RemoteFile], current: list[RemoteFile]) -> None:
     """Drop what a fetch of ``files`` cannot use; right-sized files of a damaged copy become partials.
 
-    Runs under the lock. Partials of other versions or other files are deleted, as is a copy of this
-    set that failed ``_complete`` (a file truncated or overwritten since it was published). Files
+    Runs under the lock. Partials of objects not in ``current`` (the remote listing) are deleted, as is
+    a copy of this set that failed ``_complete`` (a file truncated or overwritten since published). Files
     another finished copy holds (the config and tokenizer fetched alone) are linked, not fetched again.
     """
     staging = home / ".partial"
     staging.mkdir(exist_ok=True)
     wanted = {f.partial_name: f for f in files}
+    listed = {f.partial_name for f in current}
     for part in staging.iterdir():
-        if part.name not in wanted:
+        if part.name not in listed:  # an old version's bytes; a partial of the weights stays for later
             part.unlink()
     for other in (d for d in home.iterdir() if d.is_dir() and d.name != staging.name):
         if other.name.startswith("."):  # a publish killed midway (publish_dir's building or old copy)

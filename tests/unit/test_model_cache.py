@@ -166,7 +166,7 @@ def test_an_s3_model_loads_like_its_local_copy_and_a_second_resolve_fetches_noth
     local = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     pairs = zip(loaded.state_dict().values(), local.state_dict().values(), strict=True)
     assert all(torch.equal(a, b) for a, b in pairs)
-    assert loaded.config._name_or_path == uri, "an adapter trained on it names the S3 model, not a cache path"
+    assert loaded.name_or_path == loaded.config.name_or_path == uri, "adapters name the S3 model, not a cache"
     fetched = recorder.keys_fetched(prefix)
     assert fetched == {p.name: 1 for p in tiny_model_dir.iterdir()}, "each object once; never the .bin"
     path = Path(resolve_model_path(cfg))
@@ -210,11 +210,16 @@ def test_a_fetch_killed_mid_file_resumes_from_its_partial(s3, model, tiny_model_
     kill_while_holding(s3, uri, prefix, root, nth=4)
     [part] = [p for p in partials(root) if p.name.startswith(WEIGHTS)]
     assert part.stat().st_size == 3 * SMALL_CHUNK, "the three chunks fetched before the kill are kept"
+    from ftune.model_cache import fetch_model
+
+    small = fetch_model(uri, endpoint_url=endpoint, root=root, weights=False)  # e.g. the driver's tokenizer
+    assert not (small / WEIGHTS).exists() and part.stat().st_size == 3 * SMALL_CHUNK, "the partial is kept"
     recorder.gets.clear()
     path = fetch(uri, endpoint, root, SMALL_CHUNK)
     resumed = [(first, last) for key, first, last in recorder.gets if key.endswith(WEIGHTS)]
     assert resumed[0] == (3 * SMALL_CHUNK, 4 * SMALL_CHUNK - 1), "continued with a ranged GET, not from 0"
     assert_same_files(path, tiny_model_dir)
+    assert recorder.keys_fetched(prefix).keys() == {WEIGHTS}, "the small files came from the first copy"
     assert partials(root) == []
 
 
