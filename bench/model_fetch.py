@@ -153,6 +153,7 @@ def measure(uri: str, endpoint: str, work: Path, repeats: int, with_copy_files: 
         for label, run in runs:
             out = work / f"{label.replace(' ', '-')}-{rep}"
             times[label].append(timed(lambda: run(out)))
+            print(f"repeat {rep + 1}: {label} {times[label][-1]:.2f} s", flush=True)
             if label == "cold fetch":
                 times["warm resolve"].append(timed(lambda: fetch_model(uri, endpoint_url=endpoint, root=out)))
             shutil.rmtree(out)
