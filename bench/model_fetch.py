@@ -6,7 +6,8 @@ uploaded to an S3-compatible server (moto, in its own process on 127.0.0.1), the
   a. plain copy   each object read start to end into a local file (pyarrow's input stream,
                   as ``Storage.download_file`` does), one after the other
   b. copy_files   pyarrow's ``copy_files`` of the prefix (its default threads; with --copy-files)
-  c. cold fetch   ``ftune.model_cache.fetch_model`` into an empty cache
+  c. cold fetch   ``ftune.model_cache.fetch_model`` into an empty cache (16 MB ranged reads, each file
+                  fsynced before the copy is published; the plain copy does not fsync)
   d. warm resolve the same call again (list + HEADs, nothing fetched)
   e. resumed      a fetch in another process, SIGKILLed once half the bytes are on disk, then the
                   fetch again: what it re-reads and how long it takes
@@ -213,7 +214,8 @@ def main(argv: list[str]) -> int:
             f"`python bench/model_fetch.py {' '.join(argv)}`: random-weight Llama "
             f"{args.hidden}x{args.layers} "
             f"in bf16, {total / 1e6:.0f} MB in {len(files)} files, on a moto server in its own process on "
-            f"127.0.0.1; best of {args.repeats} interleaved repeat(s); the local disk's page cache is warm.",
+            f"127.0.0.1; best of {args.repeats} interleaved repeat(s). The cold fetch fsyncs what it wrote, the "
+            "plain copy leaves it in the page cache.",
             "", table, "", "```", *goals, "```",
         ])
         print("\n" + text)
