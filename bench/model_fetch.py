@@ -214,8 +214,8 @@ def main(argv: list[str]) -> int:
             f"`python bench/model_fetch.py {' '.join(argv)}`: random-weight Llama "
             f"{args.hidden}x{args.layers} "
             f"in bf16, {total / 1e6:.0f} MB in {len(files)} files, on a moto server in its own process on "
-            f"127.0.0.1; best of {args.repeats} interleaved repeat(s). The cold fetch fsyncs what it wrote, the "
-            "plain copy leaves it in the page cache.",
+            f"127.0.0.1; best of {args.repeats} interleaved repeat(s). The cold fetch fsyncs what it wrote, "
+            "the plain copy leaves it in the page cache.",
             "", table, "", "```", *goals, "```",
         ])
         print("\n" + text)

@@ -3,7 +3,9 @@
 Every training worker, driver and Serve replica on a node resolves an s3:// model to the same local
 directory, so a replacement spot node fetches the model once, not once per process. The prefix holds
 what ``save_pretrained`` writes (config.json, safetensors weights, tokenizer files); only its own files
-are fetched (not sub-folders), and pickled weights (``*.bin``, ``*.pt``...) never are.
+are fetched (not sub-folders), and pickled weights (``*.bin``, ``*.pt``...) never are. A tokenizer or
+a model's config needs only the small files: ``weights=False`` fetches those alone (so the driver
+never downloads the weights), and a later full fetch hard-links them instead of fetching them again.
 
 Layout under the cache root (``$FTUNE_MODEL_CACHE``, default ``$FTUNE_HOME/models/s3``)::
 
@@ -92,9 +94,13 @@ def fetch_model(
         root: Cache root; default ``cache_root()``.
 
     Raises:
-        UserError: the prefix is empty or is no model, the endpoint cannot be reached or refuses the
-            credentials, or the model kept changing while it was fetched.
+        UserError: the URI is malformed, the prefix is empty or is no model, the endpoint cannot be
+            reached or refuses the credentials, or the model kept changing while it was fetched.
     """
+    try:
+        split_s3_uri(uri)
+    except ValueError as e:
+        raise UserError(f"{FIELD}: {e}") from e
     storage = Storage(uri, endpoint_url)
     home = _model_home(root or cache_root(), storage)
     everything = _remote_files(storage)

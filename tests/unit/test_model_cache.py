@@ -307,9 +307,26 @@ def test_a_partial_longer_than_its_object_is_started_over(s3, model, tiny_model_
     assert_same_files(path, tiny_model_dir)
 
 
+def test_what_a_publish_killed_midway_left_is_cleared(s3, model, tiny_model_dir, tmp_path):
+    endpoint, _, _ = s3
+    uri, _ = model
+    root = tmp_path / "cache"
+    path = fetch(uri, endpoint, root)
+    home = path.parents[1]
+    shutil.rmtree(path.parent)
+    stale = home / ".0123456789abcdef.building-x" / "tiny-llama"  # publish_dir's directory, never renamed
+    stale.mkdir(parents=True)
+    (stale / WEIGHTS).write_bytes(b"half")
+    assert fetch(uri, endpoint, root) == path
+    assert_same_files(path, tiny_model_dir)
+    assert sorted(p.name for p in home.iterdir()) == sorted([".lock", ".partial", path.parent.name])
+
+
 def test_a_prefix_that_holds_no_model_says_what_is_wrong(s3, model, tmp_path):
     endpoint, client, _ = s3
     uri, prefix = model
+    with pytest.raises(UserError, match=r"model.name_or_path: .*the only query an s3:// path takes is one"):
+        fetch(f"{uri}?versionId=3", endpoint, tmp_path)
     with pytest.raises(UserError, match=r"model.name_or_path=.*no files under s3://ftune-models/nowhere/"):
         fetch(f"s3://{BUCKET}/nowhere", endpoint, tmp_path)
     client.delete_object(Bucket=BUCKET, Key=f"{prefix}/config.json")
