@@ -343,3 +343,16 @@ def test_an_unreachable_endpoint_names_the_fix(s3, model, tmp_path):
     with pytest.raises(UserError, match=r"model.name_or_path=.*cannot list the model at http://127.0.0.1:9 .*"
                                         r"credentials.*model.endpoint_url or AWS_ENDPOINT_URL"):
         fetch(uri, "http://127.0.0.1:9", tmp_path)
+
+
+def test_a_serve_replica_loads_its_base_model_from_the_bucket(s3, model, tiny_model_dir, tmp_path,
+                                                              monkeypatch):
+    from serve.app import LoraServer
+
+    endpoint, _, recorder = s3
+    uri, prefix = model
+    monkeypatch.setenv("FTUNE_MODEL_CACHE", str(tmp_path / "cache"))
+    server = LoraServer({"model": {"name_or_path": uri, "endpoint_url": endpoint},
+                         "allow_unauthenticated": True})
+    assert Path(server.layout.name).parent.parent.parent == tmp_path / "cache" / BUCKET
+    assert recorder.keys_fetched(prefix) == {p.name: 1 for p in tiny_model_dir.iterdir()}
