@@ -12,7 +12,7 @@ Layout under the cache root (``$FTUNE_MODEL_CACHE``, default ``$FTUNE_HOME/model
     <bucket>/<prefix, quoted>-<hash of endpoint, bucket, prefix>/
         .lock                   flock'ed by the process fetching; the others wait on it
         .partial/NAME.TAG       bytes fetched so far of one version (TAG) of object NAME
-        <SET>/manifest.json     written last: the copy beside it is complete (names, sizes, versions)
+        <SET>/manifest.json     names, sizes and versions of the files beside it
         <SET>/<prefix's last part>/   the directory from_pretrained loads
 
 ``SET`` is a hash of the fetched objects' names, sizes and versions (S3's ETags, via
@@ -25,9 +25,10 @@ Concurrency and crashes: the fetching process holds an ``fcntl.flock`` on ``.loc
 on it, then find the finished copy. The kernel releases a flock when its holder dies (even by
 SIGKILL), so a killed fetch never blocks the node; the next process resumes each partial file with
 ranged reads from its current length, provided the object's version is unchanged (the tag is in the
-partial's name). Complete files are renamed into place and the set is published with one directory
-rename (``publish_dir``). The cache must be on a local disk: flock is not reliable on network
-filesystems.
+partial's name). A copy is built in a hidden directory (its manifest first, then each complete
+file renamed in) and published with one directory rename (``publish_dir``), so a reader sees all of
+it or none; the files of a build killed midway are taken up again by the next fetch. The cache must
+be on a local disk: flock is not reliable on network filesystems.
 """
 
 from __future__ import annotations
@@ -202,10 +203,9 @@ def _salvage(home: Path, files: list[RemoteFile], current: list[RemoteFile]) -> 
         if part.name not in listed:  # an old version's bytes; a partial of the weights stays for later
             part.unlink()
     for other in (d for d in home.iterdir() if d.is_dir() and d.name != staging.name):
+        _reuse(other, wanted, staging)
         if other.name.startswith("."):  # a publish killed midway (publish_dir's building or old copy)
             shutil.rmtree(other, ignore_errors=True)
-        else:
-            _reuse(other, wanted, staging)
     entry = home / _set_id(files)
     if entry.exists():
         for model_dir in (d for d in entry.iterdir() if d.is_dir()):
@@ -257,20 +257,21 @@ def _fetch_file(storage: Storage, f: RemoteFile, staging: Path) -> None:
 
 
 def _publish(home: Path, files: list[RemoteFile], storage: Storage, keep: set[str]) -> Path:
-    """Move the finished partials into a new copy, manifest last; delete copies of other versions."""
+    """Move the finished partials into a new copy and publish it; delete copies of other versions."""
     entry = home / _set_id(files)
     directory = split_s3_uri(storage.uri)[1].rstrip("/").rsplit("/", 1)[-1] or "model"
 
     def build(tmp: Path) -> None:
         (tmp / directory).mkdir()
+        # The manifest first: if this process dies before the rename, the next fetch reuses the files.
+        manifest = {"uri": storage.uri_of(), "directory": directory, "files": [asdict(f) for f in files]}
+        write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
         for f in files:
             path = home / ".partial" / f.partial_name
             if path.stat().st_size != f.size:
                 raise UserError(f"{FIELD}: {storage.uri_of(f.name)} fetched {path.stat().st_size} bytes, "
                                 f"the listing said {f.size}; fetch again")
             os.replace(path, tmp / directory / f.name)
-        manifest = {"uri": storage.uri_of(), "directory": directory, "files": [asdict(f) for f in files]}
-        write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
 
     publish_dir(build, entry, is_current=lambda _: False)
     for old in home.iterdir():

@@ -223,6 +223,36 @@ def test_a_fetch_killed_mid_file_resumes_from_its_partial(s3, model, tiny_model_
     assert partials(root) == []
 
 
+def blocked_on_a_lock(pid: int) -> bool:
+    """Whether ``pid`` waits for a file lock (Linux lists waiters in /proc/locks as ``N: -> FLOCK ...``)."""
+    waiters = [line.split() for line in Path("/proc/locks").read_text().splitlines() if "->" in line]
+    return any(fields[5] == str(pid) for fields in waiters)
+
+
+def test_a_fetcher_killed_holding_the_lock_lets_the_waiting_one_resume(s3, model, tiny_model_dir, tmp_path):
+    endpoint, _, recorder = s3
+    uri, prefix = model
+    root = tmp_path / "cache"
+    recorder.hold = (f"{prefix}/{WEIGHTS}", 3)
+    first = start_fetcher(uri, endpoint, root, SMALL_CHUNK)
+    try:
+        assert recorder.holding.wait(60), first.communicate(timeout=5)
+        waiting = start_fetcher(uri, endpoint, root, SMALL_CHUNK)
+        wait_for(lambda: blocked_on_a_lock(waiting.pid) or waiting.poll() is not None, "the second to wait")
+        assert waiting.poll() is None, waiting.communicate()
+        fetched = len(recorder.gets)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+        recorder.hold = None
+        recorder.released.set()
+    out, err = waiting.communicate(timeout=120)
+    assert waiting.returncode == 0, err
+    after = [first for key, first, _ in recorder.gets[fetched:] if key.endswith(WEIGHTS)]
+    assert after[0] == 2 * SMALL_CHUNK, "the waiting fetcher continued the killed one's partial"
+    assert_same_files(Path(out.strip()), tiny_model_dir)
+
+
 def test_a_partial_of_a_replaced_object_is_not_resumed(s3, model, tiny_model_dir, tmp_path):
     endpoint, client, recorder = s3
     uri, prefix = model
@@ -307,17 +337,19 @@ def test_a_partial_longer_than_its_object_is_started_over(s3, model, tiny_model_
     assert_same_files(path, tiny_model_dir)
 
 
-def test_what_a_publish_killed_midway_left_is_cleared(s3, model, tiny_model_dir, tmp_path):
-    endpoint, _, _ = s3
-    uri, _ = model
+def test_what_a_publish_killed_midway_left_is_reused_or_cleared(s3, model, tiny_model_dir, tmp_path):
+    endpoint, _, recorder = s3
+    uri, prefix = model
     root = tmp_path / "cache"
     path = fetch(uri, endpoint, root)
     home = path.parents[1]
-    shutil.rmtree(path.parent)
-    stale = home / ".0123456789abcdef.building-x" / "tiny-llama"  # publish_dir's directory, never renamed
-    stale.mkdir(parents=True)
-    (stale / WEIGHTS).write_bytes(b"half")
+    os.rename(path.parent, home / f".{path.parent.name}.building-x")  # built, never renamed into place
+    junk = home / ".0123456789abcdef.building-y" / "tiny-llama"  # killed before its manifest
+    junk.mkdir(parents=True)
+    (junk / WEIGHTS).write_bytes(b"half")
+    recorder.gets.clear()
     assert fetch(uri, endpoint, root) == path
+    assert recorder.gets == [], "the files of the unfinished publish were taken up, not fetched again"
     assert_same_files(path, tiny_model_dir)
     assert sorted(p.name for p in home.iterdir()) == sorted([".lock", ".partial", path.parent.name])
 
