@@ -22,7 +22,12 @@ class ModelConfig(Section):
     """The base model and how it is loaded."""
 
     name_or_path: str = "builtin:tiny-llama"
-    """Hugging Face hub id or local directory passed to from_pretrained; builtin:tiny-llama is built locally."""
+    """Hugging Face hub id, local directory, or s3://bucket/prefix (what save_pretrained wrote; fetched once
+    per node into the node's model cache, $FTUNE_MODEL_CACHE) passed to from_pretrained; builtin:tiny-llama
+    is built locally."""
+    endpoint_url: str | None = None
+    """S3-compatible endpoint for an s3:// name_or_path (MinIO, a local server); None: AWS_ENDPOINT_URL,
+    else AWS."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) to load; None for the default branch."""
     load_in_4bit: bool = False
@@ -286,12 +291,13 @@ class TrainJobConfig(Section):
     def fingerprint(self) -> str:
         """Hash of what a checkpoint's weights and optimizer state depend on: model, lora, data, train.
 
-        Left out: storage, tracking, workers, and the run length and cadences (``RESUMABLE_TRAIN_FIELDS``),
-        so a run re-started under its name may train for more steps; its learning-rate schedule then
-        spans the new length.
+        Left out: storage, tracking, workers, the endpoint the model is fetched from, and the run length
+        and cadences (``RESUMABLE_TRAIN_FIELDS``), so a run re-started under its name may train for more
+        steps; its learning-rate schedule then spans the new length.
         """
         relevant = self.model_dump(
-            mode="json", include={"model", "lora", "data", "train"}, exclude={"train": RESUMABLE_TRAIN_FIELDS}
+            mode="json", include={"model", "lora", "data", "train"},
+            exclude={"train": RESUMABLE_TRAIN_FIELDS, "model": {"endpoint_url"}},
         )
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

@@ -12,10 +12,28 @@ from ftune.errors import UserError
 log = logging.getLogger(__name__)
 
 
-def resolve_model_path(cfg: ModelConfig) -> str:
-    """The path or hub id from_pretrained gets (``builtin:`` names are built locally if missing)."""
+def is_s3_model(name_or_path: str) -> bool:
+    """Whether the model is kept in S3 (each node fetches it into its own cache: ``ftune.model_cache``)."""
+    return name_or_path.startswith("s3://")
+
+
+def resolve_model_path(cfg: ModelConfig, *, weights: bool = True) -> str:
+    """The path or hub id from_pretrained gets.
+
+    ``builtin:`` names are built locally if missing; ``s3://`` models are fetched into the node's
+    model cache (once per node) and their local copy returned.
+
+    Args:
+        cfg: Model section of the config.
+        weights: False when only the config and tokenizer are needed: an s3:// model then fetches
+            only its small files, unless the whole model is cached already.
+    """
     from ftune.builtin_assets import resolve_builtin
 
+    if is_s3_model(cfg.name_or_path):
+        from ftune.model_cache import fetch_model
+
+        return str(fetch_model(cfg.name_or_path, endpoint_url=cfg.endpoint_url, weights=weights))
     try:
         return resolve_builtin(cfg.name_or_path)
     except ValueError as e:
@@ -35,7 +53,7 @@ def load_tokenizer(cfg: ModelConfig, *, padding_side: str = "right"):
     """Load the tokenizer with AutoTokenizer; a missing pad token falls back to eos."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(cfg)
+    path = resolve_model_path(cfg, weights=False)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
@@ -81,6 +99,8 @@ def load_base_model(cfg: ModelConfig, *, dtype: torch.dtype, for_training: bool 
         )
     except (OSError, ValueError) as e:
         raise UserError(_load_hint(cfg.name_or_path, path, e)) from e
+    if is_s3_model(cfg.name_or_path):  # adapters record where the base model is, not a node's cache path
+        model.config.name_or_path = model.name_or_path = cfg.name_or_path
     if for_training:
         model.config.use_cache = False
     for param in model.parameters():
@@ -91,6 +111,7 @@ def load_base_model(cfg: ModelConfig, *, dtype: torch.dtype, for_training: bool 
 def _load_hint(name: str, path: str, error: Exception) -> str:
     return (
         f"could not load model {name!r} (from {path!r}): {error}\n"
-        "Check model.name_or_path: it must be a local directory saved with save_pretrained or a hub id "
+        "Check model.name_or_path: it must be a local directory saved with save_pretrained, an s3:// prefix "
+        "holding one, or a hub id "
         "this machine can reach (set HF_HUB_OFFLINE=1 and use a local copy where there is no network)."
     )

@@ -79,7 +79,7 @@ def base_model_layout(model_cfg: Any) -> BaseModelLayout:
     from ftune.errors import UserError
     from ftune.model import resolve_model_path
 
-    path = resolve_model_path(model_cfg)
+    path = resolve_model_path(model_cfg, weights=False)
     try:
         config = AutoConfig.from_pretrained(
             path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code

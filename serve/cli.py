@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=DIR",
         help="serve the adapter in DIR (or s3://...) as model NAME",
     )
-    parser.add_argument("--base", help="base model (hub id, directory or builtin:tiny-llama)")
+    parser.add_argument("--base",
+                        help="base model (hub id, directory, s3://bucket/prefix or builtin:tiny-llama)")
     parser.add_argument("--host", help="HTTP host (default: the config's http_options, else 127.0.0.1)")
     parser.add_argument("--port", type=int, help="HTTP port (default: the config's http_options, else 8000)")
     parser.add_argument("--api-key-env", help="require 'Authorization: Bearer $VAR' from clients")

@@ -71,7 +71,7 @@ def check_model_reachable(cfg: TrainJobConfig) -> None:
 
     from ftune.model import resolve_model_path
 
-    path = resolve_model_path(cfg.model)
+    path = resolve_model_path(cfg.model, weights=False)
     try:
         AutoConfig.from_pretrained(path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as e:
@@ -104,11 +104,13 @@ def prepare_run_data(cfg: TrainJobConfig) -> RunData:
 def prepare(cfg: TrainJobConfig, name: str) -> tuple[RunSpec, RunData]:
     """Everything checked before Ray starts: DeepSpeed config, model, data. Returns the run's spec and data."""
     from ftune.builtin_assets import resolve_builtin
-    from ftune.model import resolve_model_path
+    from ftune.model import is_s3_model, resolve_model_path
 
-    # Workers get concrete paths: builtin models and data are built here, once, never by a worker.
+    # Workers get concrete paths: builtin models and data are built here, once, never by a worker. An
+    # s3:// model stays a URI: each node fetches it into its own cache.
     cfg = cfg.model_copy(deep=True)
-    cfg.model.name_or_path = resolve_model_path(cfg.model)
+    if not is_s3_model(cfg.model.name_or_path):
+        cfg.model.name_or_path = resolve_model_path(cfg.model)
     cfg.data.path = resolve_builtin(cfg.data.path)
     if cfg.data.validation_path:
         cfg.data.validation_path = resolve_builtin(cfg.data.validation_path)

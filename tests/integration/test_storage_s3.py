@@ -196,3 +196,21 @@ def test_worker_killed_while_uploading_a_checkpoint_resumes_from_the_previous_on
     assert read == {"0000006"}, f"the restarted run read checkpoint(s) {sorted(read)}, not the last complete one (6)"
     assert "checkpoint_step0000009/manifest_rank0.json" in keys(client, prefix)  # rewritten whole by the new attempt
     assert_same_run(client, prefix, uninterrupted, tmp_path)
+
+
+def test_a_run_trains_on_a_base_model_in_the_bucket(s3, tiny_model_dir, ftune_home, tmp_path):
+    endpoint, client, faults = s3
+    model = f"models/{uuid.uuid4().hex[:8]}/tiny-llama"
+    for path in tiny_model_dir.iterdir():
+        client.upload_file(str(path), BUCKET, f"{model}/{path.name}")
+    requests_before = len(faults.requests)
+    cfg = job(str(tmp_path / "runs"), None, 2)
+    cfg.model.name_or_path, cfg.model.endpoint_url = f"s3://{BUCKET}/{model}", endpoint
+    summary = run_training(cfg, name="on-s3-model")
+    assert summary["steps"] == 2
+    adapter = json.loads((tmp_path / "runs" / "on-s3-model" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == f"s3://{BUCKET}/{model}", "the adapter names the bucket"
+    weights = [key for method, key in faults.requests[requests_before:]
+               if method == "GET" and key == f"{BUCKET}/{model}/model.safetensors"]
+    assert len(weights) == 1, "the driver fetched no weights; the worker fetched them once"
+    assert (ftune_home / "models" / "s3" / BUCKET).is_dir(), "the node's cache is under FTUNE_HOME"
