@@ -113,6 +113,17 @@ class InProcess:
             if i:
                 self.load_ms.append(1000 * (time.perf_counter() - start))
 
+    def swap_ms(self, count: int) -> list[float]:
+        """Milliseconds of ``count`` loads that each follow an eviction (an LRU's load into a full pool):
+        each evicts the first loaded adapter and loads it again, as the last."""
+        times = []
+        for name in list(self.adapters)[:count]:
+            asyncio.run(self.pool.evict(name))
+            start = time.perf_counter()
+            asyncio.run(self.pool.load(name, self.adapters[name]))
+            times.append(1000 * (time.perf_counter() - start))
+        return times
+
     def generate(self, models: list[str | None], max_tokens: int) -> None:
         """Tokenize, decode ``len(models)`` requests in one batch, detokenize (as a replica does)."""
         from serve.generation import BatchDecoder, GenerationRequest, SamplingParams
@@ -294,7 +305,11 @@ def many_in_process(model_dir: Path, adapters: dict[str, Path], tokens: int, rou
             n * 1000 * tokens / statistics.mean(lat))
         for label, lat in (("1 adapter", one), (f"{n} adapters", mix))
     ]  # fmt: skip
-    for label, loads in (("1-8 loaded", many.load_ms[:8]), (f"{n - 9}-{n - 2} loaded", many.load_ms[-8:])):
+    swaps = many.swap_ms(8)  # after the timed batches, which it reorders the slots of
+    reuses = many.pool.counters.slot_reuses
+    loads_ = (("1-8 loaded", many.load_ms[:8]), (f"{n - 9}-{n - 2} loaded", many.load_ms[-8:]),
+              (f"{n - 1} loaded, after an eviction ({reuses} into the evicted slot)", swaps))
+    for label, loads in loads_:
         rows.append(
             [f"adapter load with {label} (x{len(loads)})", f"{statistics.median(loads):.1f}",
              f"{max(loads):.1f}", "-", "-", "in process"]
@@ -327,7 +342,7 @@ def many_through_serve(urls: dict[str, str], names: list[str], capacity: int, to
         f"{n} adapters mixed": (MANY_APP, names),
         f"{n} adapters mixed, LRU of {capacity}": (CHURN_APP, names),
     }
-    keys = ("batches", "requests", "loads", "unloads", "load_s", "unload_s")
+    keys = ("batches", "requests", "loads", "unloads", "slot_reuses", "load_s", "unload_s")
     runs = {label: {"latencies": [], "seconds": 0.0, **dict.fromkeys(keys, 0)} for label in plan}
     for round_ in range(ROUNDS):  # alternate, so load drift on a shared machine hits all alike
         for label, (app, models) in plan.items():
@@ -345,7 +360,8 @@ def many_through_serve(urls: dict[str, str], names: list[str], capacity: int, to
         rps = len(total["latencies"]) / total["seconds"]
         note = f"mean batch {total['requests'] / max(total['batches'], 1):.1f}"
         if total["loads"]:
-            note += f"; {total['loads']} loads, {total['unloads']} unloads"
+            reused = total["slot_reuses"]
+            note += f"; {total['loads']} loads ({reused} into a slot), {total['unloads']} unloads"
         name = f"serve-http, {MANY_CLIENTS} clients, {label}"
         rows.append(row(name, total["latencies"], rps, rps * tokens, note))
     return rows, churn_notes(runs, plan, capacity), runs
@@ -362,7 +378,8 @@ def churn_notes(runs: dict[str, dict], plan: dict, capacity: int) -> list[str]:
     p50s = [percentile(run["latencies"], 50) for run in (churn, mixed)]
     p99s = [percentile(run["latencies"], 99) for run in (churn, mixed)]
     return [
-        f"LRU churn ({labels[2]}): {churn['loads']} adapter loads and {churn['unloads']} unloads for "
+        f"LRU churn ({labels[2]}): {churn['loads']} adapter loads ({churn['slot_reuses']} of them copied "
+        f"into an evicted adapter's slot) and {churn['unloads']} unloads for "
         f"{requests_} requests ({churn['loads'] / max(requests_, 1):.0%} of requests loaded their adapter; "
         f"with {capacity} of {spread} slots a uniform spread misses about {1 - capacity / spread:.0%}), "
         f"{per_load:.1f} ms per load and {per_unload:.1f} ms per unload in the replica (from its /stats "

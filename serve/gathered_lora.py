@@ -83,6 +83,20 @@ class GatheredLora:
         self.adapters = kept + added
         self.slots = {name: i + 1 for i, name in enumerate(self.adapters)}
 
+    def refresh(self, adapter: str) -> None:
+        """Restack ``adapter`` in its slot after its weights and scalings were overwritten in place."""
+        if self.reason is not None or adapter not in self.slots:
+            return
+        self._gathered_for = None
+        slot = self.slots[adapter]
+        for layer, stack in zip(self.layers, self._stacks):
+            stack.a[slot].zero_()
+            stack.b[slot].zero_()
+            if adapter in layer.lora_A:
+                a, b = layer.lora_A[adapter].weight.detach(), layer.lora_B[adapter].weight.detach()
+                stack.a[slot, : a.shape[0]] = a.to(stack.a.dtype)
+                stack.b[slot, :, : b.shape[1]] = b.to(stack.b.dtype) * layer.scaling[adapter]
+
     def slots_of(self, adapter_names: list[str]) -> torch.Tensor:
         """Each row's slot (0 for the base model and for adapters unknown to this stack)."""
         return torch.tensor([self.slots.get(name, BASE_SLOT) for name in adapter_names], dtype=torch.long)

@@ -227,14 +227,16 @@ def test_gathered_stacks_keep_each_adapter_in_its_slot_through_unloads(pool, ada
     for name, path in {**adapters, **mixed_rank_adapters}.items():
         asyncio.run(pool.load(name, path))
     layers = pool._adapter_layers
+    a, r16, b, r4 = (pool._slot_of[name] for name in ("a", "r16", "b", "r4"))  # their names in the peft model
     stacks = GatheredLora()
-    stacks.sync(layers, ["a", "r16", "b", "r4"])
-    before = {name: (stacks._stacks[0].a[stacks.slots[name]], stacks._stacks[0].b[stacks.slots[name]])
-              for name in ("b", "r4")}
-    stacks.sync(layers, ["b", "r4"])  # unload a and r16: the rest move down, the rank stays padded to 16
-    assert stacks.adapters == ["b", "r4"] and stacks.slots == {"b": 1, "r4": 2}
+    stacks.sync(layers, [a, r16, b, r4])
+    before = {slot: (stacks._stacks[0].a[stacks.slots[slot]], stacks._stacks[0].b[stacks.slots[slot]])
+              for slot in (b, r4)}
+    assert all(x.any() for pair in before.values() for x in pair)
+    stacks.sync(layers, [b, r4])  # unload a and r16: the rest move down, the rank stays padded to 16
+    assert stacks.adapters == [b, r4] and stacks.slots == {b: 1, r4: 2}
     assert stacks._stacks[0].a.shape[0] == 3 and stacks._stacks[0].a.device == layers[0].weight.device
-    for name, (a, b) in before.items():
-        assert torch.equal(stacks._stacks[0].a[stacks.slots[name]], a)
-        assert torch.equal(stacks._stacks[0].b[stacks.slots[name]], b)
+    for slot, (a, b) in before.items():
+        assert torch.equal(stacks._stacks[0].a[stacks.slots[slot]], a)
+        assert torch.equal(stacks._stacks[0].b[stacks.slots[slot]], b)
     assert not stacks._stacks[0].a[0].any() and not stacks._stacks[0].b[0].any()  # slot 0 is still the base
