@@ -126,7 +126,7 @@ class LoraServer:
         from ftune.model import load_base_model, load_tokenizer, resolve_model_path, resolve_precision
 
         self.config = cfg = ServingConfig.model_validate(config)
-        if ray.get_runtime_context().get_actor_id():  # a replica's own process, not a test's or a script's
+        if ray.is_initialized() and ray.get_runtime_context().get_actor_id():  # a replica's process, not a script's
             skip_bitsandbytes(quantized=cfg.model.load_in_4bit)
         torch.set_num_threads(cfg.resources.torch_threads)
         self.api_key = None
