@@ -65,17 +65,10 @@ def s3(ftune_home):
     credentials through runtime_env."""
     import boto3
     import ray
-    from moto.server import DomainDispatcherApplication, create_backend_app
-    from werkzeug.serving import WSGIRequestHandler, make_server
+    from tests.s3_server import start_s3_server
 
-    class QuietHandler(WSGIRequestHandler):
-        def log_request(self, *args, **kwargs) -> None:
-            pass
-
-    faults = StallingS3(DomainDispatcherApplication(create_backend_app))
-    server = make_server("127.0.0.1", 0, faults, threaded=True, request_handler=QuietHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    endpoint = f"http://127.0.0.1:{server.server_port}"
+    server, endpoint = start_s3_server(StallingS3)
+    faults = server.app
     with pytest.MonkeyPatch.context() as env:
         for key, value in CREDENTIALS.items():
             env.setenv(key, value)

@@ -83,17 +83,10 @@ class RecordingS3:
 def s3():
     """(endpoint, boto3 client, RecordingS3) with the bucket made and test credentials in the environment."""
     import boto3
-    from moto.server import DomainDispatcherApplication, create_backend_app
-    from werkzeug.serving import WSGIRequestHandler, make_server
+    from tests.s3_server import start_s3_server
 
-    class QuietHandler(WSGIRequestHandler):
-        def log_request(self, *args, **kwargs) -> None:
-            pass
-
-    recorder = RecordingS3(DomainDispatcherApplication(create_backend_app))
-    server = make_server("127.0.0.1", 0, recorder, threaded=True, request_handler=QuietHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    endpoint = f"http://127.0.0.1:{server.server_port}"
+    server, endpoint = start_s3_server(RecordingS3)
+    recorder = server.app
     with pytest.MonkeyPatch.context() as env:
         for key, value in CREDENTIALS.items():
             env.setenv(key, value)
