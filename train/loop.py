@@ -223,6 +223,7 @@ def train_step(worker: Worker, stop: StopPoller | None, outcome: Outcome) -> tup
         "total_steps": w.steps,
         "world_size": w.world,
         "gradient_accumulation_steps": w.accum,
+        "restarts": state.restarts,  # a resume that loses no step is visible only here
     }
     return metrics, clock, stopping
 
