@@ -13,6 +13,15 @@ runs three trainings of the tiny config with the same settings, one after the ot
     python bench/recovery.py --quick          # 80 steps, checkpoint_every 20: a smoke run, not recorded
     python bench/recovery.py --deadline 20 --set train.checkpoint_every=20
     python bench/recovery.py --set failure.poll_interval_s=2   # the Train controller's poll at Ray's default
+    python bench/recovery.py --s3-model 1024x22               # a ~1 GB base model fetched from S3, see below
+
+With ``--s3-model HIDDENxLAYERS`` the base model is a random-weight Llama of that shape (fp32 safetensors,
+the tiny model's tokenizer; bench/train_overhead.py's ``build_llama``) on an S3-compatible server (moto, its own process on 127.0.0.1), trained as
+``model.name_or_path: s3://...``. Every node of the local cluster has its own model cache (a real node's
+disk), so the first run fetches the model on both worker nodes and each replacement node fetches it again
+before it can resume: the recovery figures include that fetch. A plain copy of the same objects, timed in
+the same run before the trainings, is the bandwidth baseline. Defaults then: 60 steps, a checkpoint every
+20, micro-batch 2, global batch 4 (a 1 GB model steps in about a second on one core).
 
 Why 3000 steps: on an idle 2-core machine the tiny model trains at ~24 ms a step, so the config's
 own 120-300 steps are shorter than one recovery, and every ratio below would measure the run's
@@ -71,6 +80,9 @@ ON_SPOT = [
     "tracking.wandb=disabled",
 ]
 RECOVERY_GOAL_S, NOTICE_LOST_GOAL, CHECKPOINT_GOAL, WALL_GOAL = 30.0, 1, 0.05, 1.2
+FETCH_BANDWIDTH_GOAL = 0.8
+"""A replacement node's fetch of an s3:// base model, against a plain copy's bandwidth in the same run."""
+S3_DEFAULTS = ["train.micro_batch_size=2", "train.global_batch_size=4"]
 RUN_TIMEOUT_S = 1800
 
 
@@ -184,6 +196,28 @@ class EventPhases:
 
         setattr(owner, attr, wrapper)
 
+    def _time_model_fetch(self) -> None:
+        """Time each s3:// model fetch into this node's cache, with the bytes it added to the cache."""
+        import ray
+
+        import ftune.model_cache as model_cache
+
+        inner = model_cache.fetch_model
+
+        def cached_bytes() -> int:
+            return sum(p.stat().st_size for p in model_cache.cache_root().rglob("*") if p.is_file())
+
+        def fetch(*args, **kwargs):
+            label = "fetch_model" if kwargs.get("weights", True) else "fetch_model.small"
+            before = cached_bytes()
+            self.emit(f"{label}:start")
+            path = inner(*args, **kwargs)
+            self.emit(f"{label}:end", fetched_bytes=cached_bytes() - before,
+                      node_id=ray.get_runtime_context().get_node_id())
+            return path
+
+        model_cache.fetch_model = fetch
+
     def _start_worker(self) -> None:
         entered, preloaded = time.time(), [m for m in ("transformers", "peft", "deepspeed") if m in sys.modules]
         import deepspeed  # noqa: F401 - imported here, as the loop's engine would, to time the imports
@@ -214,6 +248,7 @@ class EventPhases:
         ):
             if hasattr(train_context.TrainContext, attr):
                 self._timed(train_context.TrainContext, attr, label)
+        self._time_model_fetch()
         self.emit("process_started", t=psutil.Process().create_time())
         self.emit("imports_done")
         self.emit(
@@ -337,9 +372,12 @@ def run(
 
 # ------------------------------------------------------------------------------------- analysis
 def first_restart(rows: list[dict[str, Any]], after: float) -> tuple[dict, dict] | None:
-    """(last row before, first row after) of the first restart after ``after``: the step number goes back."""
+    """(last row before, first row after) of the first restart after ``after``.
+
+    The rows' restart count changes there; a resume that lost no step does not repeat one.
+    """
     for prev, row in itertools.pairwise(rows):
-        if row["step"] <= prev["step"] and row["time"] > after:
+        if row.get("restarts", 0) != prev.get("restarts", 0) and row["time"] > after:
             return prev, row
     return None
 
@@ -412,6 +450,7 @@ MILESTONES = (
     ("train.loop and deepspeed imported", "imports_done"),
     ("data fetched from the object store", "load_tokenizer:start"),
     ("tokenizer loaded (first import of transformers)", "load_tokenizer:end"),
+    ("s3:// base model in the node's cache (fetched or found)", "fetch_model:end"),
     ("base model loaded", "load_base_model:end"),
     ("LoRA adapter added (first import of peft)", "add_adapter:end"),
     ("deepspeed.initialize done", "deepspeed.initialize:end"),
@@ -474,6 +513,7 @@ def phase_durations(o: Outcome) -> dict[str, float]:
     out = {}
     for label in (
         "load_tokenizer",
+        "fetch_model",
         "load_base_model",
         "add_adapter",
         "deepspeed.initialize",
@@ -668,6 +708,69 @@ def report(base: Outcome, faulted: list[Outcome]) -> tuple[str, list[str], list[
     return markdown_table(headers, rows), [timeline_table(faulted), "", *(f"- {n}" for n in notes)], verdicts
 
 
+def model_fetches(o: Outcome) -> list[dict[str, Any]]:
+    """Every full s3:// model fetch of a run: rank, start, seconds and bytes added to the node's cache."""
+    starts: dict[int, float] = {}
+    out = []
+    for e in o.events:
+        if e["event"] == "fetch_model:start":
+            starts[e["rank"]] = e["t"]
+        elif e["event"] == "fetch_model:end" and e["rank"] in starts:
+            t0 = starts.pop(e["rank"])
+            out.append({"rank": e["rank"], "t": t0, "s": e["t"] - t0, "bytes": e["fetched_bytes"]})
+    return out
+
+
+def fetch_report(outcomes: list[Outcome], model_bytes: int, plain_s: float) -> tuple[list[str], list[str]]:
+    """Notes and verdicts on the s3:// base model: each node's fetch against the plain copy's bandwidth."""
+    plain_bw = model_bytes / plain_s
+    notes = [f"base model: {model_bytes / 1e6:.0f} MB of safetensors in S3; plain copy (driver, before the "
+             f"trainings): {plain_s:.1f} s = {plain_bw / 1e6:.0f} MB/s"]
+    verdicts = []
+    for o in outcomes:
+        fetches = model_fetches(o)
+        cold = [f for f in fetches if f["bytes"] >= 0.9 * model_bytes]
+        warm = [f for f in fetches if f["bytes"] < 0.01 * model_bytes]
+        parts = [f"rank {f['rank']} {f['s']:.1f} s = {f['bytes'] / f['s'] / 1e6:.0f} MB/s "
+                 f"({f['bytes'] / f['s'] / plain_bw:.2f}x the plain copy)" for f in cold]
+        notes.append(f"{o.name}: {len(cold)} node(s) fetched the model ({'; '.join(parts) or 'none'}), "
+                     f"{len(warm)} found it in their node's cache" + (f" in {max(f['s'] for f in warm) * 1e3:.0f} ms"
+                                                                     if warm else ""))
+        after_fault = [f for f in cold if "t_kill" in o.fault and f["t"] > o.fault["t_kill"]]
+        for f in after_fault:
+            ratio = f["bytes"] / f["s"] / plain_bw
+            verdicts.append(goal(f"{o.name}: replacement node's fetch / plain copy bandwidth", f"{ratio:.2f}x",
+                                 f">= {FETCH_BANDWIDTH_GOAL}x", ratio >= FETCH_BANDWIDTH_GOAL))
+        if "t_kill" in o.fault:
+            verdicts.append(goal(f"{o.name}: nodes that fetched the model after the fault", str(len(after_fault)),
+                                 "1 (the replacement only)", len(after_fault) == 1))
+    return notes, verdicts
+
+
+@contextlib.contextmanager
+def s3_model(shape: str, work: Path, tokenizer_dir: Path):
+    """A random-weight Llama of ``shape`` (HIDDENxLAYERS) on a local S3 server: (uri, endpoint, bytes, plain copy s)."""
+    from bench.model_fetch import BUCKET, CREDENTIALS, PREFIX, plain_copy, start_server, timed, upload
+    from bench.train_overhead import build_llama
+    from ftune.storage import Storage
+
+    local = build_llama(shape, work / "s3-model", tokenizer_dir)
+    total = sum(p.stat().st_size for p in local.iterdir())
+    server, endpoint = start_server()
+    try:
+        os.environ.update(CREDENTIALS)
+        upload(local, endpoint)
+        shutil.rmtree(local)
+        uri = f"s3://{BUCKET}/{PREFIX}"
+        plain_s = timed(lambda: plain_copy(Storage(uri, endpoint), work / "plain-copy"))
+        shutil.rmtree(work / "plain-copy")
+        print(f"[bench] base model: {total / 1e6:.0f} MB at {uri} ({endpoint}); plain copy {plain_s:.1f} s", flush=True)
+        yield uri, endpoint, total, plain_s
+    finally:
+        server.kill()
+        server.wait()
+
+
 # ----------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -684,6 +787,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--out", help="keep runs, time stamps and the built model here (default: a temporary folder, deleted)"
     )
+    parser.add_argument(
+        "--s3-model", metavar="HIDDENxLAYERS",
+        help="train a random-weight Llama of this shape fetched from a local S3 server (1024x22: ~1 GB in fp32)",
+    )
     parser.add_argument("--verbose", action="store_true", help="show the workers' and controller's logs")
     parser.add_argument("--no-record", action="store_true", help="do not update bench/RESULTS.md")
     return parser.parse_args(argv)
@@ -699,25 +806,18 @@ def main(argv: list[str]) -> int:
     from cluster.local import LocalCluster
     from ftune.builtin_assets import ensure_sample_dataset, ensure_tiny_model, ftune_home
 
-    steps = args.steps or (80 if args.quick else 3000)
-    extra = [f"train.checkpoint_every={20 if args.quick else 300}", *args.set]
+    short = args.quick or args.s3_model
+    steps = args.steps or (80 if args.quick else 60 if args.s3_model else 3000)
+    extra = [f"train.checkpoint_every={20 if short else 300}", *(S3_DEFAULTS if args.s3_model else []), *args.set]
     work = Path(args.out or tempfile.mkdtemp(prefix="ftune-bench-recovery-")).resolve()
     (work / "events").mkdir(parents=True, exist_ok=True)
-    cfg = job(work / "runs", steps, extra)
-    every = cfg.train.checkpoint_every
-    # Faults halfway between two checkpoints: the mean loss of a kill at a random moment.
-    at_step = (steps // 2) // every * every + every // 2
     command = "python bench/recovery.py " + " ".join(argv)
     machine = machine_line()
-    print(
-        f"machine: {machine}\ncommand: {command}\n{steps} steps, checkpoint_every {every}, faults at step {at_step}, "
-        f"notice deadline {args.deadline:.0f} s, work dir {work}",
-        flush=True,
-    )
     # A private FTUNE_HOME unless one is set: concurrent tests that rebuild the shared tiny model
     # would otherwise rebuild it inside a timed run.
     os.environ.setdefault("FTUNE_HOME", str(work / "ftune_home"))
-    ensure_tiny_model(), ensure_sample_dataset()  # built before anything is timed
+    tiny = ensure_tiny_model()
+    ensure_sample_dataset()  # built before anything is timed
     if __name__ != "__main__":  # workers cannot import bench/: ship the timers by value
         cloudpickle.register_pickle_by_value(sys.modules[__name__])
     os.environ["RAY_AUTH_MODE"] = "token"
@@ -728,9 +828,30 @@ def main(argv: list[str]) -> int:
         "WANDB_MODE": "offline",
         EVENTS_ENV: str(work / "events"),
     }
-    poll = f"{cfg.failure.poll_interval_s:g} s (failure.poll_interval_s)"
+    fetch_notes: list[str] = []
+    fetch_verdicts: list[str] = []
     try:
-        with LocalCluster(head_cpus=1, cpus_per_worker=1).up(2) as cluster:
+        with contextlib.ExitStack() as stack:
+            model_desc = "Tiny config"
+            if args.s3_model:
+                from bench.model_fetch import CREDENTIALS
+
+                uri, endpoint, model_bytes, plain_s = stack.enter_context(s3_model(args.s3_model, work, tiny))
+                extra += [f"model.name_or_path={uri}", f"model.endpoint_url={endpoint}"]
+                env.update(CREDENTIALS)
+                model_desc = (f"Tiny config on a random-weight {args.s3_model} Llama ({model_bytes / 1e6:.0f} MB fp32 "
+                              f"safetensors) fetched from S3 (moto on 127.0.0.1) into each node's own cache")
+            cfg = job(work / "runs", steps, extra)
+            every = cfg.train.checkpoint_every
+            # Faults halfway between two checkpoints: the mean loss of a kill at a random moment.
+            at_step = (steps // 2) // every * every + every // 2
+            print(
+                f"machine: {machine}\ncommand: {command}\n{steps} steps, checkpoint_every {every}, faults at step "
+                f"{at_step}, notice deadline {args.deadline:.0f} s, work dir {work}",
+                flush=True,
+            )
+            poll = f"{cfg.failure.poll_interval_s:g} s (failure.poll_interval_s)"
+            cluster = stack.enter_context(LocalCluster(head_cpus=1, cpus_per_worker=1).up(2))
             ray.init(address=cluster.address, runtime_env={"env_vars": env}, log_to_driver=args.verbose)
             try:
                 base = run(cluster, cfg, "uninterrupted", work)
@@ -741,33 +862,37 @@ def main(argv: list[str]) -> int:
         outcomes = [base, sigkill, notice]
         (work / "outcomes.json").write_text(json.dumps([dataclasses.asdict(o) for o in outcomes]))
         table, timeline, verdicts = report(base, [sigkill, notice])
+        if args.s3_model:
+            fetch_notes, fetch_verdicts = fetch_report(outcomes, model_bytes, plain_s)
     finally:
         if args.out is None:
             shutil.rmtree(work, ignore_errors=True)
     load_after = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     text = "\n".join(
         [
-            f"## Recovery (`{command}`)\n",
+            f"## Recovery{' with the base model fetched from S3' if args.s3_model else ''} (`{command}`)\n",
             (
                 f"{machine}; load avg after {load_after}; ray {ray.__version__}, deepspeed {deepspeed.__version__}, "
                 f"torch {torch.__version__}. Local cluster: head (1 CPU) + 2 worker raylets (1 CPU, `spot: 1`), GCS "
-                f"health check 1 s x 5, Train preemption poll 0.5 s, Train controller poll {poll}. Tiny config, {steps} steps, checkpoint_every "
+                f"health check 1 s x 5, Train preemption poll 0.5 s, Train controller poll {poll}. {model_desc}, {steps} steps, checkpoint_every "
                 f"{every}, evaluation only at the end; faults hit rank 1's node at step {at_step}; notice deadline "
                 f"{args.deadline:.0f} s.\n"
             ),
             table,
             "\nWhere the recovery time went (seconds from the kill; worker phases are the slowest rank's):\n",
             *timeline,
+            *(f"- {n}" for n in fetch_notes),
             "\n```",
             *verdicts,
+            *fetch_verdicts,
             "```",
         ]
     )
     print("\n" + text)
     if not (args.quick or args.no_record):
-        record_section("bench/recovery.py", text)
+        record_section("bench/recovery.py" + (" --s3-model" if args.s3_model else ""), text)
         print(f"\nrecorded in {RESULTS}")
-    return 0 if all(v.startswith("PASS") for v in verdicts) else 1
+    return 0 if all(v.startswith("PASS") for v in verdicts + fetch_verdicts) else 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@ Three kinds of start, each a fresh process, interleaved over the repeats (plain,
   cluster   the same command with RAY_ADDRESS set to a running local cluster (a head and two 1-CPU worker
             nodes with token auth, cluster/local.py): what ``ray job submit`` runs on the head, minus the
             job API's own hop
+  ray-own / ray-cluster
+            Ray's own floor for each of the two: a process that starts (or joins) Ray and fits a bare
+            TorchTrainer with the same workers, CPUs and gloo backend, whose workers import torch and
+            report one step; what is left of ftune's time above it is ftune's own
 
 Milestones come from the job's own output lines, time-stamped as they arrive: data prepared, Ray up
 (own-ray), engines built (rank 0's "[ftune] N worker(s)" line) and the first step (from metrics.jsonl).
@@ -46,7 +50,8 @@ from bench.report import REPO, goal, machine_line, markdown_table, record_sectio
 TINY_CONFIG = REPO / "configs" / "train" / "tiny.yaml"
 TINY_SWEEP = REPO / "configs" / "sweep" / "tiny.yaml"
 CLUSTER_GOAL_S, OWN_RAY_GOAL_S, TURNAROUND_GOAL_S, STARTUP_SHARE_GOAL, DEMO_GOAL_S = 8.0, 15.0, 5.0, 0.15, 180.0
-KINDS = ("plain", "own-ray", "cluster")
+KINDS = ("plain", "ray-own", "own-ray", "ray-cluster", "cluster")
+FLOOR_OF = {"own-ray": "ray-own", "cluster": "ray-cluster"}
 MILESTONES = (
     ("data", "[ftune] data:"),
     ("ray_up", "[ftune] Ray's own logs:"),
@@ -102,6 +107,8 @@ def start_job(kind: str, work: Path, name: str, workers: int, env: dict[str, str
     storage = work / "runs"
     if kind == "plain":
         command = [sys.executable, __file__, "--plain-child", str(storage / name), "--workers", str(workers)]
+    elif kind.startswith("ray-"):
+        command = [sys.executable, __file__, "--ray-floor-child", str(storage / name), "--workers", str(workers)]
     else:
         command = [sys.executable, "-m", "train", "--config", str(TINY_CONFIG), "--name", name,
                    *overrides(3, workers, storage)]
@@ -123,6 +130,31 @@ def plain_child(run_dir: Path, workers: int) -> None:
     result = run_plain(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result["rows"]))
+
+
+def ray_floor_child(run_dir: Path, workers: int) -> None:
+    """Ray's floor: a bare TorchTrainer shaped like the tiny job whose workers import torch and report one step."""
+    import ray
+    import ray.train
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    def loop(config: dict[str, Any]) -> None:
+        import torch  # noqa: F401 - a worker of any torch job imports it
+        import torch.distributed as dist
+
+        dist.barrier()  # the process group works on every rank
+        if ray.train.get_context().get_world_rank() == 0:
+            Path(config["run_dir"]).mkdir(parents=True, exist_ok=True)
+            row = {"step": 1, "loss": 0.0, "time": time.time()}
+            (Path(config["run_dir"]) / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+        ray.train.report({"step": 1})
+
+    ray.init(log_to_driver=False)
+    TorchTrainer(loop, train_loop_config={"run_dir": str(run_dir)},
+                 scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
+                 torch_config=TorchConfig(backend="gloo"),
+                 run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent / "ray"))).fit()
 
 
 def sweep_trials(work: Path, trials: int, steps: int, env: dict[str, str]) -> list[dict[str, float]]:
@@ -200,7 +232,7 @@ def measure(args: argparse.Namespace, work: Path):
                        "RAY_ADDRESS": cluster.address}
         for repeat in range(args.repeats):
             for kind in KINDS:
-                run_env = cluster_env if kind == "cluster" else env
+                run_env = cluster_env if kind.endswith("cluster") else env
                 starts[kind].append(start_job(kind, work, f"{kind}-{repeat}", args.workers, run_env))
                 print(f"[bench] {kind} #{repeat}: {starts[kind][-1]}", flush=True)
             imports["with bitsandbytes"].append(worker_imports(skip=False))
@@ -216,19 +248,21 @@ def report(args: argparse.Namespace, starts, imports, trials, demo_s: float | No
         values = [s[key] for s in starts[kind] if key in s]
         return f"{statistics.median(values):.1f}" if values else "-"
 
-    floor = statistics.median(s["first_step_s"] for s in starts["plain"])
+    def first(kind: str) -> float:
+        return statistics.median(s["first_step_s"] for s in starts[kind])
+
+    floor = first("plain")
     rows = []
     for kind in KINDS:
-        first = statistics.median(s["first_step_s"] for s in starts[kind])
         every = "/".join(f"{s['first_step_s']:.1f}" for s in starts[kind])
-        rows.append([kind, med(kind, "data"), med(kind, "ray_up"), med(kind, "engines"), f"{first:.1f}",
-                     f"{first / floor:.2f}x", every])
+        above = f"+{first(kind) - first(FLOOR_OF[kind]):.1f}" if kind in FLOOR_OF else "-"
+        rows.append([kind, med(kind, "data"), med(kind, "ray_up"), med(kind, "engines"), f"{first(kind):.1f}",
+                     f"{first(kind) / floor:.2f}x", above, every])
     table = markdown_table(["start", "data prepared s", "Ray up s", "engines built s", "first step s (median)",
-                            "x plain", "each repeat"], rows)
+                            "x plain", "s above Ray's floor", "each repeat"], rows)
     import_rows = [[k, f"{statistics.median(v):.2f}", "/".join(f"{x:.2f}" for x in v)] for k, v in imports.items()]
     saved = statistics.median(imports["with bitsandbytes"]) - statistics.median(imports["bitsandbytes skipped"])
-    cluster = statistics.median(s["first_step_s"] for s in starts["cluster"])
-    own = statistics.median(s["first_step_s"] for s in starts["own-ray"])
+    cluster, own = first("cluster"), first("own-ray")
     verdicts = [
         goal("first step, submitted to a running cluster", f"{cluster:.1f} s", f"<= {CLUSTER_GOAL_S:.0f} s",
              cluster <= CLUSTER_GOAL_S),
@@ -266,6 +300,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--demo", action="store_true", help="also time one warm `ftune demo` (about 5 min)")
     parser.add_argument("--no-record", action="store_true", help="print the section only")
     parser.add_argument("--plain-child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--ray-floor-child", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -273,6 +308,9 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.plain_child:
         plain_child(args.plain_child, args.workers)
+        return 0
+    if args.ray_floor_child:
+        ray_floor_child(args.ray_floor_child, args.workers)
         return 0
     load_before = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     with tempfile.TemporaryDirectory(prefix="ftune-startup-") as tmp:

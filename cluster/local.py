@@ -3,7 +3,9 @@
 Each node is a separate ``ray start --block`` process with its own raylet, object store and
 ``--temp-dir`` (two raylets starting at once in one temp dir race for the same socket names), so
 killing one worker's process tree loses that node exactly as losing a spot instance would. The
-head carries a ``head`` resource and no GPUs; workers carry ``spot`` and ``worker``. Token auth
+head carries a ``head`` resource and no GPUs; workers carry ``spot`` and ``worker``. Each node
+also gets its own model cache (``FTUNE_MODEL_CACHE`` under its temp dir), as each machine of a real
+cluster has its own disk: a replacement node fetches an ``s3://`` base model again. Token auth
 stays on. ``up`` records pids and node ids in a state file so ``down`` stops exactly what it
 started.
 
@@ -380,6 +382,8 @@ class LocalCluster:
                 "RAY_AUTH_MODE": "token",
                 "RAY_USAGE_STATS_ENABLED": "0",
                 processes.MARKER_ENV: processes.node_marker(self.cluster_id, name),
+                # The node's own disk; Ray's worker processes inherit it from the raylet.
+                "FTUNE_MODEL_CACHE": os.path.join(temp_dir, "model_cache"),
             }
         )
         with open(log_path, "wb") as log:

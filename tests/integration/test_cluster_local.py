@@ -51,10 +51,13 @@ def test_up_kill_down(tmp_path, monkeypatch):
         assert "GPU" not in head["Resources"] and "spot" not in head["Resources"]
 
         @ray.remote(num_cpus=1, resources={"spot": 1})
-        def where() -> str:
-            return ray.get_runtime_context().get_node_id()
+        def where() -> tuple[str, str]:
+            return ray.get_runtime_context().get_node_id(), os.environ.get("FTUNE_MODEL_CACHE", "")
 
-        assert ray.get(where.remote(), timeout=60) in spot, "spot work runs on a worker, never the head"
+        node_id, cache = ray.get(where.remote(), timeout=60)
+        assert node_id in spot, "spot work runs on a worker, never the head"
+        (record,) = [r for r in cluster.nodes if r.node_id == node_id]
+        assert cache == os.path.join(record.temp_dir, "model_cache"), "each node has its own model cache"
 
         victim = cluster.nodes[1]
         victim_pids = cluster.pids(0)

@@ -97,20 +97,11 @@ def _s3_credentials():
 @pytest.fixture
 def s3():
     """(endpoint, boto3 client) of an S3-compatible server (moto) on 127.0.0.1 with an empty bucket."""
-    import threading
-
     import boto3
-    from moto.server import DomainDispatcherApplication, create_backend_app
-    from werkzeug.serving import WSGIRequestHandler, make_server
 
-    class QuietHandler(WSGIRequestHandler):
-        def log_request(self, *args, **kwargs) -> None:
-            pass
+    from tests.s3_server import start_s3_server
 
-    server = make_server("127.0.0.1", 0, DomainDispatcherApplication(create_backend_app), threaded=True,
-                         request_handler=QuietHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    endpoint = f"http://127.0.0.1:{server.server_port}"
+    server, endpoint = start_s3_server()
     client = boto3.client("s3", endpoint_url=endpoint)
     client.create_bucket(Bucket=BUCKET)
     try:

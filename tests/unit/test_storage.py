@@ -11,7 +11,6 @@ import contextlib
 import logging
 import resource
 import signal
-import threading
 import uuid
 from pathlib import Path
 
@@ -187,18 +186,10 @@ def test_a_bad_query_on_an_s3_path_is_a_config_error(query):
 
 @pytest.fixture(scope="module")
 def moto_endpoint():
-    from moto.server import DomainDispatcherApplication, create_backend_app
-    from werkzeug.serving import WSGIRequestHandler, make_server
+    from tests.s3_server import start_s3_server
 
-    class QuietHandler(WSGIRequestHandler):
-        def log_request(self, *args, **kwargs) -> None:
-            pass
-
-    app = DomainDispatcherApplication(create_backend_app)
-    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
+    server, endpoint = start_s3_server()
+    yield endpoint
     server.shutdown()
 
 
