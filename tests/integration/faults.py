@@ -114,3 +114,25 @@ def curve(run_dir: Path) -> dict[int, float]:
         if "loss" in row:
             out[row["step"]] = row["loss"]
     return out
+
+
+_UNINTERRUPTED: dict[tuple[str, ...], Path] = {}
+
+
+def uninterrupted_run(tmp_path_factory, config: Path, overrides: list[str]) -> Path:
+    """Run directory of an uninterrupted run of ``config`` with ``overrides``, trained once per test session.
+
+    A run is a function of its settings (the same seeds on the same number of workers give the same
+    losses and adapter, whichever Ray runs it), so the tests that compare a faulted run with the
+    uninterrupted one share it: it trains on the Ray of the first test that asks.
+    """
+    from ftune.config import TrainJobConfig
+    from ftune.yaml_config import load_config
+    from train.job import run_training
+
+    key = (str(config), *overrides)
+    if key not in _UNINTERRUPTED:
+        root = tmp_path_factory.mktemp("uninterrupted")
+        run_training(load_config(TrainJobConfig, config, [f"storage.path={root}", *overrides]), name="baseline")
+        _UNINTERRUPTED[key] = root / "baseline"
+    return _UNINTERRUPTED[key]

@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 
 import pytest
-from faults import Background, curve, has_registered_checkpoint, last_step
-from test_fault_tolerance import assert_same_adapter
+from faults import Background, curve, has_registered_checkpoint, last_step, uninterrupted_run
+from test_fault_tolerance import EXACT, assert_same_adapter
 
 from cluster.local import LocalCluster
 from ftune.config import TrainJobConfig
@@ -61,18 +61,18 @@ def restarts(run_dir: Path) -> list[tuple[int, int]]:
             if rows[i]["restarts"] != rows[i - 1]["restarts"]]
 
 
-def test_node_sigkill_mid_run_resumes_exactly(cluster, tmp_path):
-    common = ("train.max_steps=60", "train.checkpoint_every=20")
-    run_training(job(tmp_path, *common), name="baseline")
+def test_node_sigkill_mid_run_resumes_exactly(cluster, tmp_path, tmp_path_factory):
+    # The uninterrupted run of the same settings (off spot), shared with test_fault_tolerance.
+    baseline = uninterrupted_run(tmp_path_factory, TINY, EXACT)
     chaos = tmp_path / "chaos"
-    background = Background(lambda: run_training(job(tmp_path, *common), name="chaos"))
+    background = Background(lambda: run_training(job(tmp_path, "train.max_steps=60", "train.checkpoint_every=20"), name="chaos"))
     wait_for(lambda: last_step(chaos) >= 25 and has_registered_checkpoint(chaos), "step 25 and a registered checkpoint", 300)
     cluster.kill_worker(alive_workers(cluster)[-1])
     cluster.add_worker()  # the spot fleet replaces the node
     summary = background.join(600)
     assert summary["restarts"] >= 1
-    assert curve(chaos).keys() == curve(tmp_path / "baseline").keys()
-    assert_same_adapter(chaos / "adapter", tmp_path / "baseline" / "adapter")
+    assert curve(chaos).keys() == curve(baseline).keys()
+    assert_same_adapter(chaos / "adapter", baseline / "adapter")
 
 
 def test_preemption_notice_jit_checkpoint_loses_at_most_one_step(cluster, tmp_path):

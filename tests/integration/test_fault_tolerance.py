@@ -20,6 +20,7 @@ from faults import (
     kill,
     last_step,
     train_worker_pids,
+    uninterrupted_run,
     worker_output,
 )
 from safetensors.torch import load_file
@@ -49,9 +50,7 @@ def assert_same_adapter(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def baseline(ray_local, tmp_path_factory):
-    root = tmp_path_factory.mktemp("baseline")
-    run_training(job(root), name="baseline")
-    return root / "baseline"
+    return uninterrupted_run(tmp_path_factory, TINY, EXACT)
 
 
 def test_worker_killed_mid_run_resumes_exactly(ray_local, baseline, tmp_path):
