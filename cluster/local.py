@@ -386,6 +386,11 @@ class LocalCluster:
                 "FTUNE_MODEL_CACHE": os.path.join(temp_dir, "model_cache"),
             }
         )
+        if index is None:
+            # On SIGTERM Ray 2.60's `ray start` drains its node and waits (30 s by default) for the raylet
+            # to go idle and exit. A head never goes idle (it hosts Ray's own actors), so the head stops at
+            # once; a worker keeps the drain (a SIGTERMed worker is a preempted spot node, see kill_worker).
+            env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 command,
