@@ -62,10 +62,10 @@ def restarts(run_dir: Path) -> list[tuple[int, int]]:
 
 
 def test_node_sigkill_mid_run_resumes_exactly(cluster, tmp_path, tmp_path_factory):
-    # The uninterrupted run of the same settings (off spot), shared with test_fault_tolerance.
+    # Compared with the uninterrupted run of the same settings (off spot), shared with test_fault_tolerance.
     baseline = uninterrupted_run(tmp_path_factory, TINY, EXACT)
     chaos = tmp_path / "chaos"
-    background = Background(lambda: run_training(job(tmp_path, "train.max_steps=60", "train.checkpoint_every=20"), name="chaos"))
+    background = Background(lambda: run_training(job(tmp_path, *EXACT), name="chaos"))
     wait_for(lambda: last_step(chaos) >= 25 and has_registered_checkpoint(chaos), "step 25 and a registered checkpoint", 300)
     cluster.kill_worker(alive_workers(cluster)[-1])
     cluster.add_worker()  # the spot fleet replaces the node
