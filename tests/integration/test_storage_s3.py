@@ -1,7 +1,8 @@
 """Runs on S3: an S3-compatible server (moto) on 127.0.0.1 holds checkpoints, metrics and the adapter.
 
 A run whose local staging directory is gone resumes from the bucket alone, and a worker killed while
-its checkpoint is being uploaded resumes from the previous checkpoint, never from the partial one.
+its checkpoint is being uploaded resumes from the previous checkpoint, never from the partial one. The
+uninterrupted run they are compared with trains on a base model in the bucket, fetched once.
 """
 
 from __future__ import annotations
@@ -93,11 +94,27 @@ def job(storage: str, endpoint: str | None, steps: int) -> TrainJobConfig:
                                               f"train.max_steps={steps}", *SMALL])
 
 
+BASE_MODEL = f"models/{uuid.uuid4().hex[:8]}/tiny-llama"
+BASELINE_REQUESTS: list[tuple[str, str]] = []
+"""(method, key) of every request to the S3 server while the uninterrupted run trained."""
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(s3, tmp_path_factory) -> tuple[dict[int, float], Path]:
-    """Loss per step and adapter directory of the 12-step run, uninterrupted, on local storage."""
+def uninterrupted(s3, tiny_model_dir, tmp_path_factory) -> tuple[dict[int, float], Path]:
+    """Loss per step and adapter directory of the 12-step run, uninterrupted, on local storage.
+
+    Its base model is the tiny model's files uploaded to the bucket (the same weights the other runs load
+    from the local copy): what the run fetched is kept for test_a_run_trains_on_a_base_model_in_the_bucket.
+    """
+    endpoint, client, faults = s3
+    for path in tiny_model_dir.iterdir():
+        client.upload_file(str(path), BUCKET, f"{BASE_MODEL}/{path.name}")
+    requests_before = len(faults.requests)
     root = tmp_path_factory.mktemp("uninterrupted")
-    assert run_training(job(str(root), None, 12), name="baseline")["steps"] == 12
+    cfg = job(str(root), None, 12)
+    cfg.model.name_or_path, cfg.model.endpoint_url = f"s3://{BUCKET}/{BASE_MODEL}", endpoint
+    assert run_training(cfg, name="baseline")["steps"] == 12
+    BASELINE_REQUESTS.extend(faults.requests[requests_before:])
     rows = [json.loads(line) for line in (root / "baseline" / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}, root / "baseline" / "adapter"
 
@@ -191,19 +208,11 @@ def test_worker_killed_while_uploading_a_checkpoint_resumes_from_the_previous_on
     assert_same_run(client, prefix, uninterrupted, tmp_path)
 
 
-def test_a_run_trains_on_a_base_model_in_the_bucket(s3, tiny_model_dir, ftune_home, tmp_path):
-    endpoint, client, faults = s3
-    model = f"models/{uuid.uuid4().hex[:8]}/tiny-llama"
-    for path in tiny_model_dir.iterdir():
-        client.upload_file(str(path), BUCKET, f"{model}/{path.name}")
-    requests_before = len(faults.requests)
-    cfg = job(str(tmp_path / "runs"), None, 2)
-    cfg.model.name_or_path, cfg.model.endpoint_url = f"s3://{BUCKET}/{model}", endpoint
-    summary = run_training(cfg, name="on-s3-model")
-    assert summary["steps"] == 2
-    adapter = json.loads((tmp_path / "runs" / "on-s3-model" / "adapter" / "adapter_config.json").read_text())
-    assert adapter["base_model_name_or_path"] == f"s3://{BUCKET}/{model}", "the adapter names the bucket"
-    weights = [key for method, key in faults.requests[requests_before:]
-               if method == "GET" and key == f"{BUCKET}/{model}/model.safetensors"]
+def test_a_run_trains_on_a_base_model_in_the_bucket(uninterrupted, ftune_home):
+    _, adapter_dir = uninterrupted
+    adapter = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == f"s3://{BUCKET}/{BASE_MODEL}", "the adapter names the bucket"
+    weights = [key for method, key in BASELINE_REQUESTS
+               if method == "GET" and key == f"{BUCKET}/{BASE_MODEL}/model.safetensors"]
     assert len(weights) == 1, "the driver fetched no weights; the worker fetched them once"
     assert (ftune_home / "models" / "s3" / BUCKET).is_dir(), "the node's cache is under FTUNE_HOME"

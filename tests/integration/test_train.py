@@ -32,9 +32,15 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def two_worker_run(ray_local, tmp_path_factory):
-    """One 2-worker ZeRO-2 run of the tiny config, shared by the checks below."""
+    """One 2-worker ZeRO-2 run of the tiny config, shared by the checks below.
+
+    One exact-match reference example for two workers: rank 1's share is empty, yet it must join every
+    collective of the evaluation (test_fewer_exact_match_examples_than_workers_...); a hang there fails
+    the module at pytest's timeout.
+    """
     tmp = tmp_path_factory.mktemp("runs")
-    cfg = tiny_job(tmp, "train.max_steps=60", "train.eval_every=30", "train.checkpoint_every=20", "train.keep_checkpoints=2")
+    cfg = tiny_job(tmp, "train.max_steps=60", "train.eval_every=30", "train.checkpoint_every=20", "train.keep_checkpoints=2",
+                   "train.exact_match_examples=1")
     SIGINT_AROUND_RUN["before"] = signal.getsignal(signal.SIGINT)
     summary = run_training(cfg, name="two-workers")
     SIGINT_AROUND_RUN["after"] = signal.getsignal(signal.SIGINT)
@@ -99,15 +105,16 @@ def test_exported_adapter_reproduces_trained_logits(two_worker_run):
     torch.testing.assert_close(reloaded(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_one_and_two_workers_same_loss_curve(ray_local, tmp_path):
-    curves = {}
-    for workers in (1, 2):
-        cfg = tiny_job(
-            tmp_path, "train.max_steps=12", "train.eval_every=100", "train.exact_match_examples=0", f"scaling.num_workers={workers}"
-        )
-        run_training(cfg, name=f"w{workers}")
-        curves[workers] = [r["loss"] for r in read_metrics(tmp_path / f"w{workers}") if "loss" in r]
-    assert len(curves[1]) == len(curves[2]) == 12
+def test_one_and_two_workers_same_loss_curve(two_worker_run, tmp_path):
+    # The shared 2-worker run's settings on one worker (gradient accumulation 2): the same 60 losses.
+    cfg, _, two_dir = two_worker_run
+    one = tiny_job(tmp_path, "train.max_steps=60", "train.eval_every=30", "train.checkpoint_every=20",
+                   "train.keep_checkpoints=2", "train.exact_match_examples=0", "scaling.num_workers=1")
+    assert one.train.model_dump() | {"exact_match_examples": 0} == cfg.train.model_dump() | {"exact_match_examples": 0}
+    run_training(one, name="one-worker")
+    curves = {workers: [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+              for workers, run_dir in ((1, tmp_path / "one-worker"), (2, two_dir))}
+    assert len(curves[1]) == len(curves[2]) == 60
     torch.testing.assert_close(torch.tensor(curves[2]), torch.tensor(curves[1]), rtol=1e-4, atol=1e-5)
     assert curves[1][-1] < curves[1][0]
 
@@ -149,17 +156,12 @@ def assert_trained_on_nf4_base(cfg: TrainJobConfig, summary: dict) -> None:
     assert frozen_weights_sha256(model) == summary["base_weights_sha256"]
 
 
-def test_fewer_exact_match_examples_than_workers_runs_every_collective_on_every_rank(ray_local, tmp_path):
-    # One reference example for two workers: rank 1's share is empty, yet it must join the exact-match
-    # all-reduce, or the ranks' collectives pair up wrongly (an error or a hang).
-    from faults import Background
-
-    cfg = tiny_job(tmp_path, "train.max_steps=2", "train.eval_every=1000", "train.checkpoint_every=1000",
-                   "train.exact_match_examples=1", "data.max_validation_rows=16", "failure.max_failures=0")
-    run = Background(lambda: run_training(cfg, name="em-one"))
-    summary = run.join(240)  # before every rank joined every collective, the run hung here
-    assert summary["steps"] == 2 and summary["world_size"] == 2
-    rows = [r for r in read_metrics(tmp_path / "em-one") if "exact_match" in r]
-    assert [r["step"] for r in rows] == [0, 2]
+def test_fewer_exact_match_examples_than_workers_runs_every_collective_on_every_rank(two_worker_run):
+    # Rank 1's share of the one reference example is empty, yet it must join the exact-match all-reduce, or
+    # the ranks' collectives pair up wrongly: an error, or a hang (the shared run never ends).
+    _, summary, run_dir = two_worker_run
+    assert summary["steps"] == 60 and summary["world_size"] == 2
+    rows = [r for r in read_metrics(run_dir) if "exact_match" in r]
+    assert [r["step"] for r in rows] == [0, 30, 60]
     assert all(r["exact_match_examples"] == 1 for r in rows), rows
     assert summary["exact_match_after"] in (0.0, 1.0)
