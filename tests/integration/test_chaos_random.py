@@ -12,8 +12,8 @@ import random
 from pathlib import Path
 
 import pytest
-from faults import Background, curve, kill, last_step, train_worker_pids, worker_output
-from test_fault_tolerance import assert_same_adapter
+from faults import Background, curve, kill, last_step, train_worker_pids, uninterrupted_run, worker_output
+from test_fault_tolerance import EXACT, assert_same_adapter
 
 from ftune.config import TrainJobConfig
 from ftune.yaml_config import load_config
@@ -22,23 +22,20 @@ from train.job import run_training
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "train" / "tiny.yaml"
-STEPS = 12
-# Dropout on, so equality after a restart also proves the RNG state was restored.
-SHORT = ["lora.dropout=0.1", f"train.max_steps={STEPS}", "train.checkpoint_every=4", "train.eval_every=1000",
-         "train.exact_match_examples=0", "data.max_validation_rows=16", "tracking.wandb=disabled",
-         "failure.max_failures=3"]
+# test_fault_tolerance's settings (dropout on, so equality after a restart also proves the RNG state was
+# restored): its uninterrupted run, trained once per test session, is the one these runs must equal.
+STEPS = 60
+assert f"train.max_steps={STEPS}" in EXACT and "train.checkpoint_every=20" in EXACT
 SEED = int(os.environ.get("FTUNE_CHAOS_SEED") or random.SystemRandom().randrange(2**31))
 
 
 def job(storage: Path) -> TrainJobConfig:
-    return load_config(TrainJobConfig, TINY, [f"storage.path={storage}", *SHORT])
+    return load_config(TrainJobConfig, TINY, [f"storage.path={storage}", *EXACT, "failure.max_failures=3"])
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(ray_local, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("uninterrupted")
-    run_training(job(root), name="baseline")
-    return root / "baseline"
+    return uninterrupted_run(tmp_path_factory, TINY, EXACT)
 
 
 def assert_same_run(run_dir: Path, baseline: Path, seed_note: str) -> None:
@@ -75,21 +72,21 @@ def test_worker_killed_at_a_random_step_resumes_exactly(uninterrupted, tmp_path)
 
 
 def test_worker_killed_while_the_newest_checkpoint_is_half_written(uninterrupted, tmp_path):
-    # Checkpoint 8 is Ray's latest; one of its files is cut short (a write the kill interrupted), then a
-    # worker dies. The restarted run must skip 8, resume from 4 and still end where the uninterrupted run did.
+    # Checkpoint 40 is Ray's latest; one of its files is cut short (a write the kill interrupted), then a
+    # worker dies. The restarted run must skip 40, resume from 20 and still end where the uninterrupted run did.
     run_dir = tmp_path / "half"
     run = Background(lambda: run_training(job(tmp_path), name="half"))
-    wait_for(lambda: registered(run_dir, "checkpoint_step0000008") or run.done(), "checkpoint 8 registered", 240)
+    wait_for(lambda: registered(run_dir, "checkpoint_step0000040") or run.done(), "checkpoint 40 registered", 240)
     assert not run.done(), "the run ended before the kill"
-    weights = run_dir / "checkpoint_step0000008" / "engine_state.safetensors"
+    weights = run_dir / "checkpoint_step0000040" / "engine_state.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     victims = train_worker_pids()
     assert victims, "no Ray Train worker process found"
     kill(victims[0])
     summary = run.join(300)
     assert summary["steps"] == STEPS and summary["restarts"] >= 1, summary
-    assert_same_run(run_dir, uninterrupted, "half-written checkpoint 8")
+    assert_same_run(run_dir, uninterrupted, "half-written checkpoint 40")
     logs = worker_output()
-    assert (f"checkpoint unusable, skipped: {run_dir}/checkpoint_step0000008: engine_state.safetensors is missing "
+    assert (f"checkpoint unusable, skipped: {run_dir}/checkpoint_step0000040: engine_state.safetensors is missing "
             "or does not match its checksum") in logs
-    assert f"from {run_dir}/checkpoint_step0000004 (the newest checkpoint that loads" in logs
+    assert f"from {run_dir}/checkpoint_step0000020 (the newest checkpoint that loads" in logs

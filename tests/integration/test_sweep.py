@@ -42,7 +42,7 @@ def small(tmp: Path, *overrides: str) -> list[str]:
         "job.train.checkpoint_every=5",
         "job.train.report_interval_s=0.5",
         "job.data.max_validation_rows=32",
-        "job.tracking.wandb=offline",
+        "job.tracking.wandb=offline",  # test_report_is_offline_and_trials_tracked_in_wandb_group; others turn it off
         "search.max_concurrent_trials=2",
         "budget.usd=null",
         "budget.step_time_s=0.05",
@@ -212,6 +212,7 @@ def test_pbt_exploit_continues_donor_checkpoint(ray_local, tiny_model_dir, tmp_p
     # reports anything leaves PBT nobody to compare it with).
     result, sweep_dir = run_sweep(
         tmp_path, "pbt", "search.algorithm=pbt", "search.num_samples=2", "search.seed=3", "job.train.max_steps=40",
+        "job.tracking.wandb=disabled",
         "job.train.checkpoint_every=10", "job.train.eval_every=10", "job.train.global_batch_size=64",
         "search.pbt.perturbation_interval_steps=10", "search.pbt.quantile_fraction=0.5", "search.pbt.resample_probability=0",
         "space.lora.r={choice: [8]}", "space.lora.alpha={choice: [1.0, 64.0]}", "space.train.lr={loguniform: [2.0e-3, 4.0e-3]}",
@@ -254,7 +255,7 @@ def test_budget_stop_holds(ray_local, tiny_model_dir, tmp_path):
     budget = 0.0021
     _, sweep_dir = run_sweep(
         tmp_path, "budget", "search.algorithm=grid", "space.lora.r={choice: [4, 8]}", "search.grid_points=2",
-        "search.asha.enabled=false",
+        "search.asha.enabled=false", "job.tracking.wandb=disabled",
         "job.train.max_steps=2000", "job.train.eval_every=50", "job.train.checkpoint_every=50",
         f"budget.usd={budget}", "budget.step_time_s=0.0001", "budget.startup_s=1", "budget.stop_grace_s=40",
     )
@@ -310,7 +311,7 @@ def test_resume_from_the_bucket_on_another_machine(ray_local, tiny_model_dir, sa
     # Model and data by path: the second machine's FTUNE_HOME has neither (and must not build them).
     args = small(f"s3://{BUCKET}/runs", f"job.storage.endpoint_url={endpoint}", f"job.model.name_or_path={tiny_model_dir}",
                  f"job.data.path={sample_data_path}", "search.algorithm=random", "search.num_samples=3",
-                 "search.asha.enabled=false", "budget.usd=1.0",
+                 "search.asha.enabled=false", "job.tracking.wandb=disabled", "budget.usd=1.0",
                  "job.train.max_steps=6", "job.train.eval_every=3", "job.train.checkpoint_every=3")
     base_env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
     first_home, second_home = tmp_path / "machine1", tmp_path / "machine2"
