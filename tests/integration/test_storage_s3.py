@@ -12,6 +12,7 @@ import shutil
 import threading
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from faults import Background, kill, train_worker_pids
@@ -95,16 +96,22 @@ def job(storage: str, endpoint: str | None, steps: int) -> TrainJobConfig:
 
 
 BASE_MODEL = f"models/{uuid.uuid4().hex[:8]}/tiny-llama"
-BASELINE_REQUESTS: list[tuple[str, str]] = []
-"""(method, key) of every request to the S3 server while the uninterrupted run trained."""
+
+
+class Uninterrupted(NamedTuple):
+    losses: dict[int, float]
+    """Loss per step."""
+    adapter: Path
+    requests: list[tuple[str, str]]
+    """(method, key) of every request to the S3 server while the run trained."""
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(s3, tiny_model_dir, tmp_path_factory) -> tuple[dict[int, float], Path]:
-    """Loss per step and adapter directory of the 12-step run, uninterrupted, on local storage.
+def uninterrupted(s3, tiny_model_dir, tmp_path_factory) -> Uninterrupted:
+    """The 12-step run, uninterrupted, on local storage.
 
     Its base model is the tiny model's files uploaded to the bucket (the same weights the other runs load
-    from the local copy): what the run fetched is kept for test_a_run_trains_on_a_base_model_in_the_bucket.
+    from the local copy), for test_a_run_trains_on_a_base_model_in_the_bucket.
     """
     endpoint, client, faults = s3
     for path in tiny_model_dir.iterdir():
@@ -114,9 +121,9 @@ def uninterrupted(s3, tiny_model_dir, tmp_path_factory) -> tuple[dict[int, float
     cfg = job(str(root), None, 12)
     cfg.model.name_or_path, cfg.model.endpoint_url = f"s3://{BUCKET}/{BASE_MODEL}", endpoint
     assert run_training(cfg, name="baseline")["steps"] == 12
-    BASELINE_REQUESTS.extend(faults.requests[requests_before:])
     rows = [json.loads(line) for line in (root / "baseline" / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}, root / "baseline" / "adapter"
+    return Uninterrupted({r["step"]: r["loss"] for r in rows if "loss" in r}, root / "baseline" / "adapter",
+                         faults.requests[requests_before:])
 
 
 def keys(client, prefix: str) -> set[str]:
@@ -137,9 +144,9 @@ def loss_rows(client, prefix: str) -> list[dict]:
     return [row for row in map(json.loads, body.splitlines()) if "loss" in row]
 
 
-def assert_same_run(client, prefix: str, uninterrupted, tmp_path: Path) -> None:
+def assert_same_run(client, prefix: str, uninterrupted: Uninterrupted, tmp_path: Path) -> None:
     """The run's loss curve and final adapter in the bucket equal the uninterrupted run's."""
-    losses, adapter = uninterrupted
+    losses, adapter = uninterrupted.losses, uninterrupted.adapter
     rows = loss_rows(client, prefix)
     assert [r["step"] for r in rows] == sorted(losses), "metrics.jsonl in the bucket lost or repeated steps"
     for row in rows:
@@ -209,10 +216,9 @@ def test_worker_killed_while_uploading_a_checkpoint_resumes_from_the_previous_on
 
 
 def test_a_run_trains_on_a_base_model_in_the_bucket(uninterrupted, ftune_home):
-    _, adapter_dir = uninterrupted
-    adapter = json.loads((adapter_dir / "adapter_config.json").read_text())
+    adapter = json.loads((uninterrupted.adapter / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == f"s3://{BUCKET}/{BASE_MODEL}", "the adapter names the bucket"
-    weights = [key for method, key in BASELINE_REQUESTS
+    weights = [key for method, key in uninterrupted.requests
                if method == "GET" and key == f"{BUCKET}/{BASE_MODEL}/model.safetensors"]
     assert len(weights) == 1, "the driver fetched no weights; the worker fetched them once"
     assert (ftune_home / "models" / "s3" / BUCKET).is_dir(), "the node's cache is under FTUNE_HOME"

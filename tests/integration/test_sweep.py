@@ -61,15 +61,6 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def completed(spend_json: Path) -> list[str]:
-    """Trials spend.json records as completed (none while it is missing or being replaced)."""
-    try:
-        spend = json.loads(spend_json.read_text())
-    except (OSError, ValueError):
-        return []
-    return [t["trial_id"] for t in spend["trials"] if t["status"] == "completed"]
-
-
 def held_cpus() -> float:
     """CPUs reserved on the local Ray (trial drivers, Train workers' placement groups)."""
     import ray

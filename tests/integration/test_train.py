@@ -30,6 +30,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+SHARED_RUN = ("train.max_steps=60", "train.eval_every=30", "train.checkpoint_every=20", "train.keep_checkpoints=2")
+"""Settings of the module's shared 2-worker run (and of its one-worker twin)."""
+
+
 @pytest.fixture(scope="module")
 def two_worker_run(ray_local, tmp_path_factory):
     """One 2-worker ZeRO-2 run of the tiny config, shared by the checks below.
@@ -39,8 +43,7 @@ def two_worker_run(ray_local, tmp_path_factory):
     the module at pytest's timeout.
     """
     tmp = tmp_path_factory.mktemp("runs")
-    cfg = tiny_job(tmp, "train.max_steps=60", "train.eval_every=30", "train.checkpoint_every=20", "train.keep_checkpoints=2",
-                   "train.exact_match_examples=1")
+    cfg = tiny_job(tmp, *SHARED_RUN, "train.exact_match_examples=1")
     SIGINT_AROUND_RUN["before"] = signal.getsignal(signal.SIGINT)
     summary = run_training(cfg, name="two-workers")
     SIGINT_AROUND_RUN["after"] = signal.getsignal(signal.SIGINT)
@@ -108,8 +111,7 @@ def test_exported_adapter_reproduces_trained_logits(two_worker_run):
 def test_one_and_two_workers_same_loss_curve(two_worker_run, tmp_path):
     # The shared 2-worker run's settings on one worker (gradient accumulation 2): the same 60 losses.
     cfg, _, two_dir = two_worker_run
-    one = tiny_job(tmp_path, "train.max_steps=60", "train.eval_every=30", "train.checkpoint_every=20",
-                   "train.keep_checkpoints=2", "train.exact_match_examples=0", "scaling.num_workers=1")
+    one = tiny_job(tmp_path, *SHARED_RUN, "train.exact_match_examples=0", "scaling.num_workers=1")
     assert one.train.model_dump() | {"exact_match_examples": 0} == cfg.train.model_dump() | {"exact_match_examples": 0}
     run_training(one, name="one-worker")
     curves = {workers: [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
