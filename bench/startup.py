@@ -18,7 +18,8 @@ Milestones come from the job's own output lines, time-stamped as they arrive: da
 (own-ray), engines built (rank 0's "[ftune] N worker(s)" line) and the first step (from metrics.jsonl).
 A sweep of ``--sweep-trials`` trials of ``--sweep-steps`` steps, one at a time (``python -m tune``, its own
 local Ray), gives the trial turnaround (a trial's last metrics row -> the next trial's first step) and the
-share of each trial's time spent before its first step. ``--demo`` also times one ``ftune demo`` with its
+share of each trial's time spent before its first step; it runs twice, with trial processes reused (the
+default, ``search.reuse_trial_processes``) and with a fresh process per trial (the baseline). ``--demo`` also times one ``ftune demo`` with its
 defaults, warm (the built-in model, data and DeepSpeed's CPU op already built, as on a second run). A last
 table times, in fresh processes, the imports a Train worker does, with and without bitsandbytes
 (``ftune.lean_imports``: a worker that loads no 4-bit model skips it).
@@ -157,16 +158,18 @@ def ray_floor_child(run_dir: Path, workers: int) -> None:
                  run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent / "ray"))).fit()
 
 
-def sweep_trials(work: Path, trials: int, steps: int, env: dict[str, str]) -> list[dict[str, float]]:
+def sweep_trials(work: Path, trials: int, steps: int, env: dict[str, str], *, reuse: bool) -> list[dict[str, float]]:
     """Run a sweep of ``trials`` trials one at a time; per trial: wall s, first step and last row (unix s)."""
     storage = work / "sweep"
-    command = [sys.executable, "-m", "tune", "--config", str(TINY_SWEEP), "--name", "turnaround",
+    name = f"turnaround-{'reuse' if reuse else 'fresh'}"
+    command = [sys.executable, "-m", "tune", "--config", str(TINY_SWEEP), "--name", name,
                f"job.storage.path={storage}", "search.algorithm=random", f"search.num_samples={trials}",
                "search.max_concurrent_trials=1", "search.asha.enabled=false", "budget.usd=null",
+               f"search.reuse_trial_processes={str(reuse).lower()}",
                f"job.train.max_steps={steps}", f"job.train.eval_every={steps}", f"job.train.checkpoint_every={steps}",
                "job.tracking.wandb=disabled"]
     timed_process(command, env)
-    sweep_dir = storage / "sweeps" / "turnaround"
+    sweep_dir = storage / "sweeps" / name
     ledger = json.loads((sweep_dir / "spend.json").read_text())
     found = []
     for trial in ledger["trials"]:
@@ -177,15 +180,31 @@ def sweep_trials(work: Path, trials: int, steps: int, env: dict[str, str]) -> li
     return sorted(found, key=lambda t: t["first_step"])
 
 
-def sweep_lines(trials: list[dict[str, float]], steps: int) -> tuple[list[str], list[str]]:
-    """Report lines and goal verdicts of the sweep's trials."""
+def turnarounds(trials: list[dict[str, float]]) -> tuple[list[float], list[float]]:
+    """Each trial's end -> the next trial's first step, and each trial's share of wall time outside training."""
     gaps = [b["first_step"] - a["last_row"] for a, b in zip(trials, trials[1:])]
     shares = [1 - (t["last_row"] - t["first_step"]) / t["wall_s"] for t in trials]
-    gap, share = statistics.median(gaps), statistics.median(shares)
-    lines = [f"Sweep, {len(trials)} trials of {steps} steps one at a time (`python -m tune`, its own local Ray): "
-             f"trial turnaround (last metrics row -> next trial's first step) {gap:.1f} s median "
-             f"({'/'.join(f'{g:.1f}' for g in gaps)}); outside training (wall - first step to last row) "
-             f"{share:.0%} of a trial's wall time median ({'/'.join(f'{x:.0%}' for x in shares)}).", ""]
+    return gaps, shares
+
+
+def sweep_lines(sweeps: dict[str, list[dict[str, float]]], steps: int) -> tuple[list[str], list[str]]:
+    """Report lines and goal verdicts of the sweeps' trials (``sweeps``: "reused" and "fresh" processes)."""
+    rows, medians = [], {}
+    for kind, trials in sweeps.items():
+        gaps, shares = turnarounds(trials)
+        medians[kind] = gap, share = statistics.median(gaps), statistics.median(shares)
+        rows.append([kind, f"{gap:.1f}", "/".join(f"{g:.1f}" for g in gaps), f"{share:.0%}",
+                     "/".join(f"{x:.0%}" for x in shares)])
+    gap, share = medians["reused"]
+    if "fresh" in medians:
+        rows[0].append(f"{gap / medians['fresh'][0]:.2f}x")
+        rows[1].append("1.00x")
+    lines = [f"Sweeps of {len(sweeps['reused'])} trials of {steps} steps one at a time (`python -m tune`, its own "
+             "local Ray), with trial processes reused (`search.reuse_trial_processes`, the default) and with a "
+             "fresh process per trial; turnaround = a trial's last metrics row -> the next trial's first step; "
+             "outside training = wall - first step to last row, as a share of a trial's wall time:", "",
+             markdown_table(["trial processes", "turnaround s (median)", "each", "outside training (median)",
+                             "each", "turnaround x fresh"][:len(rows[0])], rows), ""]
     verdicts = [
         goal("sweep: one trial's end -> the next trial's first step", f"{gap:.1f} s", f"<= {TURNAROUND_GOAL_S:.0f} s",
              gap <= TURNAROUND_GOAL_S),
@@ -237,7 +256,10 @@ def measure(args: argparse.Namespace, work: Path):
                 print(f"[bench] {kind} #{repeat}: {starts[kind][-1]}", flush=True)
             imports["with bitsandbytes"].append(worker_imports(skip=False))
             imports["bitsandbytes skipped"].append(worker_imports(skip=True))
-    trials = sweep_trials(work, args.sweep_trials, args.sweep_steps, env) if args.sweep_trials > 1 else []
+    trials = {}
+    if args.sweep_trials > 1:
+        trials["reused"] = sweep_trials(work, args.sweep_trials, args.sweep_steps, env, reuse=True)
+        trials["fresh"] = sweep_trials(work, args.sweep_trials, args.sweep_steps, env, reuse=False)
     demo_s = warm_demo(work, env) if args.demo else None
     return starts, imports, trials, demo_s
 

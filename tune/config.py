@@ -69,6 +69,9 @@ class SearchConfig(Section):
     """Optuna storage URL (e.g. postgresql://... on multi-node); None: SQLite in the sweep directory."""
     max_concurrent_trials: int | None = Field(None, ge=1)
     """Trials running at once; None: as many as the cluster's CPUs/GPUs fit with each trial's worker shape."""
+    reuse_trial_processes: bool = True
+    """Start a trial in the process of one that ended (Ray Tune's reuse_actors), its imports done; the ended
+    trial's Train run is aborted first. False: a fresh process per trial."""
     asha: AshaConfig = Field(default_factory=AshaConfig)
     """Early stopping for tpe, random and grid."""
     pbt: PbtConfig = Field(default_factory=PbtConfig)

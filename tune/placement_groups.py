@@ -1,16 +1,21 @@
 """The Train run inside each sweep trial: aborting it when Tune stops the trial, and removing what it leaves behind.
 
-Tune ends a stopped trial (ASHA, PBT, the budget) by stopping its actor, and at the end of a sweep by
-killing it after a few seconds. The trial's Train controller dies with the actor, but the placement
-group it reserved for its workers is scoped to the sweep's job and outlives it: Train's own
-PlacementGroupCleaner notices a dead controller through the state API, which needs the dashboard
-and a single Ray instance per machine. So each run's controller hands out
+Tune stops a trial (ASHA, the budget) or pauses it (a PBT exploit) on the driver, and then either stops
+the trial's actor or, since the sweep reuses trial actors (``reuse_actors``), keeps it for a later trial
+without calling it: until that trial resets it, nothing in the trial's process learns of the stop. The
+trial's Train run would keep its workers and their placement group meanwhile, training on, unbudgeted.
+At the end of a sweep Tune kills the trial actors after a few seconds; the trial's Train controller dies
+with its actor, but the placement group it reserved for its workers is scoped to the sweep's job and
+outlives it: Train's own PlacementGroupCleaner notices a dead controller through the state API, which
+needs the dashboard and a single Ray instance per machine. So each run's controller hands out
 
-- its own actor handle, to the trial process (``TrialRun.mailbox``): a stopped trial aborts its run
-  gracefully (``abort_run``), which stops the workers and removes their placement group;
-- every placement group it reserves, to the sweep driver (``PlacementGroupRegistry``, held by the sweep's
-  session): when a trial has ended, and when the sweep ends, the driver removes any of its placement
-  groups still there.
+- its own actor handle, to the trial process (``TrialRun.mailbox``): a trial stopped in its own process
+  (Tune's ``cleanup``, a reset for the next trial) aborts its run gracefully (``abort_run``), which stops
+  the workers and removes their placement group;
+- the same handle and every placement group it reserves, to the sweep driver (``PlacementGroupRegistry``,
+  held by the sweep's session): the moment Tune stops or pauses a trial the driver aborts the trial's run
+  (``stop_runs``), telling the trial's process through its mailbox first, and removes the run's placement
+  groups still there; when the sweep ends it removes every one left.
 """
 
 from __future__ import annotations
@@ -41,8 +46,11 @@ class RunHandoff(ControllerCallback, WorkerGroupCallback):
         self.registry = registry
 
     def after_controller_start(self, train_run_context) -> None:
-        """Post the controller's own handle to the trial."""
-        self.mailbox.put(ray.get_runtime_context().current_actor)
+        """Post the controller's own handle to the trial and to the sweep driver."""
+        controller = ray.get_runtime_context().current_actor
+        self.mailbox.put(controller)
+        if self.registry is not None:
+            self.registry.put((self.trial_id, StartedRun(controller, self.mailbox)))
 
     def after_worker_group_start(self, worker_group) -> None:
         """Post the placement group the workers run in to the sweep driver."""
@@ -51,14 +59,37 @@ class RunHandoff(ControllerCallback, WorkerGroupCallback):
             self.registry.put((self.trial_id, group))
 
 
+ABORTED_BY_SWEEP = "aborted by the sweep"
+"""Posted to a run's mailbox by the sweep driver before it aborts the run: the run's failure is the abort."""
+
+
+@dataclass(frozen=True)
+class StartedRun:
+    """A trial's Train run as the sweep driver knows it."""
+
+    controller: Any
+    """The run's Train controller (an actor handle)."""
+    mailbox: Queue
+    """The trial process's mailbox for the run."""
+
+
 @dataclass
 class TrialRun:
     """The Train run a trial process started (one per trial actor)."""
 
     mailbox: Queue
-    """Where the run's controller posts its handle."""
+    """Where the run's controller posts its handle (and the sweep driver ``ABORTED_BY_SWEEP``)."""
     ended: threading.Event = field(default_factory=threading.Event)
     """Set once ``trainer.fit()`` returned or raised."""
+
+    def aborted_by_sweep(self) -> bool:
+        """Whether the sweep driver aborted the run (read once its ``fit()`` failed)."""
+        try:
+            while True:
+                if self.mailbox.get_nowait() == ABORTED_BY_SWEEP:
+                    return True
+        except (Empty, ray.exceptions.RayError):
+            return False
 
 
 _LOCK = threading.Lock()
@@ -85,6 +116,18 @@ def end_run(trial_id: str) -> None:
         run.ended.set()
 
 
+def running_trials() -> list[str]:
+    """Trials whose Train run this process started and that has not ended yet."""
+    with _LOCK:
+        return list(_RUNS)
+
+
+def reopen(trial_id: str) -> None:
+    """A reused trial process takes up ``trial_id`` (again): a stop recorded for it before no longer holds."""
+    with _LOCK:
+        _STOPPED.discard(trial_id)
+
+
 def was_stopped(trial_id: str) -> bool:
     """Whether Tune stopped the trial (its run's failure is the abort, not an error)."""
     return trial_id in _STOPPED
@@ -105,6 +148,8 @@ def abort_run(trial_id: str, timeout_s: float = 120.0) -> None:
             continue
         except ray.exceptions.RayError:
             return
+        if controller == ABORTED_BY_SWEEP:
+            return  # the driver aborted the run already
         try:
             ray.get(controller.abort.remote(), timeout=max(1.0, deadline - time.monotonic()))
         except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
@@ -113,7 +158,7 @@ def abort_run(trial_id: str, timeout_s: float = 120.0) -> None:
 
 
 class PlacementGroupRegistry(ray_tune.Callback):
-    """Driver side: the placement groups of the sweep's Train runs; removes those of ended trials.
+    """Driver side: the sweep's Train runs and their placement groups; aborts a stopped trial's run, removes its groups.
 
     Tune pickles its callbacks into the experiment state: a copy finds the live registry through the
     sweep's session, by the sweep's location.
@@ -123,6 +168,7 @@ class PlacementGroupRegistry(ray_tune.Callback):
         self.sweep_uri = sweep_uri
         self.queue: Queue | None = None
         self.groups: dict[str, list[Any]] = {}
+        self.runs: dict[str, list[StartedRun]] = {}
 
     @classmethod
     def open(cls, sweep_uri: str) -> PlacementGroupRegistry:
@@ -135,7 +181,7 @@ class PlacementGroupRegistry(ray_tune.Callback):
         return {"sweep_uri": self.sweep_uri}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.sweep_uri, self.queue, self.groups = state["sweep_uri"], None, {}
+        self.sweep_uri, self.queue, self.groups, self.runs = state["sweep_uri"], None, {}, {}
 
     def live(self) -> PlacementGroupRegistry | None:
         """This registry if it runs in the driver that opened it, else the one the sweep's session holds."""
@@ -145,26 +191,48 @@ class PlacementGroupRegistry(ray_tune.Callback):
         return session.placement_groups if session is not None else None
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
-        """Remove the ended trial's placement groups that are still there."""
+        """Abort the ended (or stopped) trial's run if it still runs, and remove its placement groups still there."""
         live = self.live()
         if live is not None:
-            live.release([trial.trial_id])
+            live.stop_runs([trial.trial_id])
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
         """Same as a completed trial."""
         self.on_trial_complete(iteration, trials, trial)
 
+    def _collect(self) -> None:
+        """Take in what the runs' controllers posted."""
+        assert self.queue is not None, "the registry is used in the driver that opened it"
+        while True:
+            try:
+                trial_id, item = self.queue.get_nowait()
+            except Empty:
+                break
+            if isinstance(item, StartedRun):
+                self.runs.setdefault(trial_id, []).append(item)
+            else:
+                self.groups.setdefault(trial_id, []).append(item)
+
+    def stop_runs(self, trial_ids: list[str], timeout_s: float = 10.0) -> None:
+        """Abort these trials' Train runs that still run, then remove their placement groups.
+
+        A run that ended already is left as it is (its controller's ``abort`` returns at once).
+        """
+        self._collect()
+        for trial_id in trial_ids:
+            for run in self.runs.pop(trial_id, []):
+                try:
+                    run.mailbox.put(ABORTED_BY_SWEEP, timeout=timeout_s)
+                    ray.get(run.controller.abort.remote(), timeout=timeout_s)
+                except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+                    pass  # abort ends with the controller exiting; a trial process that is gone took its run along
+        self.release(trial_ids)
+
     def release(self, trial_ids: list[str] | None = None) -> int:
         """Remove the placement groups of these trials (None: all) still there; returns how many were."""
         from ray.util.placement_group import placement_group_table, remove_placement_group
 
-        assert self.queue is not None, "release runs in the driver that opened the registry"
-        while True:
-            try:
-                trial_id, group = self.queue.get_nowait()
-            except Empty:
-                break
-            self.groups.setdefault(trial_id, []).append(group)
+        self._collect()
         removed = 0
         for trial_id in list(self.groups) if trial_ids is None else trial_ids:
             for group in self.groups.pop(trial_id, []):

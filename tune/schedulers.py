@@ -79,7 +79,15 @@ class CheckpointPBT(PBTWithHooks):
             # PBT pauses a trial to give waiting ones a turn; with the whole population running at
             # once the only waiting trial is one being restarted after an exploit: no need to pause.
             return TrialScheduler.CONTINUE
+        if decision == TrialScheduler.PAUSE:
+            self.stop_run(trial)
         return decision
+
+    def stop_run(self, trial) -> None:
+        """Abort the Train run of a trial Tune pauses: its actor may be kept for another trial without being told."""
+        registry = SweepSession.of(self.sweep_uri).placement_groups
+        if registry is not None:
+            registry.stop_runs([trial.trial_id])
 
     def choose_trial_to_run(self, tune_controller):
         """Paused trials first by training time; a population member starts only if the budget admits it."""
@@ -118,7 +126,8 @@ class CheckpointPBT(PBTWithHooks):
     def exploit(self, tune_controller, trial, trial_to_clone) -> None:
         """PBT's exploit, then a line in pbt_exploits.jsonl and on the terminal."""
         before = dict(trial.config)
-        super().exploit(tune_controller, trial, trial_to_clone)
+        super().exploit(tune_controller, trial, trial_to_clone)  # pauses the trial
+        self.stop_run(trial)
         pointer = self.donor_checkpoint(trial_to_clone)
         exploit = Exploit.read(pointer)
         row = {"time": time.time(), **(exploit.__dict__ if exploit else {}), "config_before": before,

@@ -335,7 +335,8 @@ def run(sweep: Sweep, *, resume: bool, show_trial_logs: bool) -> dict[str, Any]:
             trainable(sweep, registry, stop_signal),
             param_space=sweep.plan.space.tune_space() if s.algorithm == "pbt" else None,
             tune_config=ray_tune.TuneConfig(search_alg=make_searcher(sweep, concurrency), scheduler=make_scheduler(sweep, concurrency),
-                                        num_samples=num_trials(sweep), trial_dirname_creator=trial_dirname),
+                                        num_samples=num_trials(sweep), trial_dirname_creator=trial_dirname,
+                                        reuse_actors=s.reuse_trial_processes),
             run_config=ray_tune.RunConfig(
                 name=TUNE_DIR, storage_path=str(sweep.sweep_dir), verbose=0, stop=BudgetStopper(sweep.uri),
                 callbacks=[SpendTracker(sweep.uri, metric), registry,

@@ -23,6 +23,8 @@ class SpendLedger(Protocol):
 class PlacementGroupRegistry(Protocol):
     """What the session needs of ``tune.placement_groups.PlacementGroupRegistry`` (which imports this module)."""
 
+    def stop_runs(self, trial_ids: list[str]) -> None: ...
+
     def close(self) -> int: ...
 
 

@@ -12,15 +12,18 @@ donor's Train checkpoint: the trial continues it in a new run with ``init_checkp
 
 When the budget runs out the sweep raises its ``train.stop.StopSignal``, which every trial's run
 polls: the run checkpoints at the step it reached, writes its adapter and summary, and the trial
-ends on its own. When Tune stops a trial (ASHA, a PBT exploit, the budget's grace period over) the
-trainable's ``cleanup`` aborts the Train run and the sweep removes any placement group it leaves
-behind (tune/placement_groups.py).
+ends on its own. When Tune stops or pauses a trial (ASHA, a PBT exploit, the budget's grace period
+over) the sweep driver aborts its Train run and removes any placement group it leaves behind
+(tune/placement_groups.py). Tune reuses trial processes (``reuse_actors``): a trial's process, its
+imports done, takes the next trial after ``reset_config``, which first aborts a run still going (the
+driver's abort not through yet); a process Tune does not reuse is stopped, and ``cleanup`` does the same.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,15 @@ from ray.util.queue import Queue
 from ftune.config import TrainJobConfig
 from ftune.storage import Storage
 from train.spec import RunData, RunSpec
-from tune.placement_groups import RunHandoff, abort_run, end_run, start_run, was_stopped
+from tune.placement_groups import (
+    RunHandoff,
+    abort_run,
+    end_run,
+    reopen,
+    running_trials,
+    start_run,
+    was_stopped,
+)
 from tune.space import SearchSpace
 
 EXPLOIT_FILE = "exploit.json"
@@ -122,6 +133,19 @@ def trial_trainable(plan: TrialPlan, data: RunData, registry: Queue | None = Non
     base = function_trainable_class(trainable)
 
     class SweepTrial(base):
+        def reset_config(self, new_config: dict[str, Any]) -> bool:
+            # Tune reuses this process for another trial (or for this one after a PBT exploit): abort the
+            # Train run still going (a trial ASHA stopped, an exploited one), so that Tune's wait for the
+            # function to return is short; ``self.trial_id`` is already the next trial's.
+            for running in running_trials():
+                abort_run(running)
+            # Tune waits this long for the old function to return (2 s by default, read on each reset); an
+            # aborted run returns within seconds, and a reset that times out costs a new trial process.
+            os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
+            reset = super().reset_config(new_config)  # False: the old function still runs; Tune starts anew
+            reopen(self.trial_id)  # only now: the old run's ending still reads its stop
+            return reset
+
         def cleanup(self) -> None:
             abort_run(self.trial_id)
             super().cleanup()
@@ -188,7 +212,7 @@ def run_trial(config: dict[str, Any], plan: TrialPlan | None = None, data: RunDa
         )
         trainer.fit()
     except Exception:
-        if was_stopped(trial_id):
+        if was_stopped(trial_id) or train_run.aborted_by_sweep():
             return  # Tune stopped the trial and its run was aborted
         raise
     finally:

@@ -15,6 +15,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -159,6 +161,10 @@ def test_tpe_asha_completes_and_prunes(tpe_sweep):
             assert row["steps"] == 20 and row["adapter_path"].endswith(f"trials/{row['trial']}/adapter")
     losses = [r["eval_loss"] for r in rows]
     assert losses == sorted(losses)
+    # Trial processes are reused (a next trial skips a process start): 4 trials, 2 at a time, fewer processes.
+    results = [sweep_dir / "tune" / r["trial"] / "result.json" for r in rows]
+    pids = {json.loads(path.read_text().splitlines()[0])["pid"] for path in results}
+    assert len(pids) < 4, pids
     best = sweep_dir / "best" / "adapter"
     assert (best / "adapter_model.safetensors").read_bytes() == Path(rows[0]["adapter_path"], "adapter_model.safetensors").read_bytes()
     assert rows[0]["status"] == "completed"
@@ -274,6 +280,51 @@ def test_budget_stop_holds(ray_local, tiny_model_dir, tmp_path):
         assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == (
             checkpoint / "adapter" / "adapter_model.safetensors").read_bytes()
     wait_until_released("the budget-stopped trials' actors and placement groups to be released")
+
+
+def test_the_driver_aborts_a_stopped_trials_run_itself(ray_local, tiny_model_dir, tmp_path):
+    """Tune may keep a stopped trial's actor for a later trial without calling it (reuse_actors): the sweep driver
+    aborts the trial's Train run itself, at once, and the trial's process takes the run's failure for that abort."""
+    from ftune.config import TrainJobConfig
+    from train.job import build_trainer, prepare
+    from tune.placement_groups import PlacementGroupRegistry, RunHandoff, end_run, start_run
+
+    cfg = load_config(TrainJobConfig, REPO / "configs" / "train" / "tiny.yaml", [
+        f"storage.path={tmp_path}", "scaling.num_workers=1", "train.max_steps=100000", "train.eval_every=100000",
+        "train.checkpoint_every=100000", "train.exact_match_examples=0", "data.max_validation_rows=8",
+        "train.report_interval_s=0.5", "tracking.wandb=disabled"])
+    spec, data = prepare(cfg, "pruned")
+    registry = PlacementGroupRegistry.open(str(tmp_path))
+    run = start_run("pruned-trial")
+    assert run is not None
+    trainer = build_trainer(cfg, spec, data, [RunHandoff("pruned-trial", run.mailbox, registry.queue)])
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - the abort's failure is what this test looks at
+            failure.append(e)
+        finally:
+            end_run("pruned-trial")
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    metrics = tmp_path / "pruned" / "metrics.jsonl"
+    try:
+        wait_for(lambda: metrics.is_file() and len(read_jsonl(metrics)) >= 3, "the run to train a few steps", 240)
+        assert held_cpus() >= 1  # its worker's placement group
+        registry.stop_runs(["pruned-trial"])  # what Tune's on_trial_complete (or a PBT pause) does on the driver
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "trainer.fit() still running 60 s after the driver aborted its run"
+        assert failure and run.aborted_by_sweep(), failure  # a failure the trial reads as the sweep's abort
+        rows = len(read_jsonl(metrics))
+        wait_until_released("the aborted run's worker and placement group to be gone")
+        time.sleep(2)
+        assert len(read_jsonl(metrics)) == rows  # nothing trains on
+        assert registry.runs == {} and registry.groups == {}
+    finally:
+        registry.close()
 
 
 def test_dry_run_starts_nothing(ray_local, tiny_model_dir, tmp_path, capsys):

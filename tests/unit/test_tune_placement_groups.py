@@ -25,7 +25,7 @@ def test_registry_pickles_to_its_sweep_uri_and_finds_the_live_one(tmp_path):
     session = SweepSession.begin(str(tmp_path), ledger, placement_groups=live)
     try:
         copy = pickle.loads(pickle.dumps(live))
-        assert copy.queue is None and copy.groups == {} and copy.sweep_uri == str(tmp_path)
+        assert copy.queue is None and copy.groups == {} and copy.runs == {} and copy.sweep_uri == str(tmp_path)
         assert copy.live() is live
     finally:
         session.end()
