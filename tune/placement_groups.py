@@ -216,7 +216,9 @@ class PlacementGroupRegistry(ray_tune.Callback):
     def stop_runs(self, trial_ids: list[str], timeout_s: float = 10.0) -> None:
         """Abort these trials' Train runs that still run, then remove their placement groups.
 
-        A run that ended already is left as it is (its controller's ``abort`` returns at once).
+        A run that ended already is left as it is (its controller's ``abort`` returns at once). Tune stops or
+        pauses a trial on one of its results, and a run's controller posts itself here (a blocking put) when
+        it starts, before its workers exist: so a run that reported is always known here when it is stopped.
         """
         self._collect()
         for trial_id in trial_ids:
