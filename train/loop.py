@@ -32,6 +32,7 @@ from ftune.data.collate import Collator
 from ftune.data.tokenize import pad_token_id
 from ftune.lean_imports import skip_bitsandbytes
 from ftune.model import load_base_model, load_tokenizer, resolve_precision
+from train.baseline import write_baseline
 from train.batching import BatchPlan
 from train.cadence import Cadence, StepActions
 from train.checkpoint import TrainState, save_checkpoint
@@ -141,12 +142,20 @@ def start_worker(spec: RunSpec, phases: PhaseTimer) -> Worker:
 
 
 def evaluate_before(worker: Worker) -> None:
-    """The held-out metrics of the untrained adapter (once per run: a resumed run keeps its own)."""
-    before = worker.evaluate()
+    """The held-out metrics of the untrained adapter (once per run: a resumed run keeps its own).
+
+    A run given another run's measurement of the same (``spec.baseline_eval``) records that instead; a run
+    that measures them shares them under ``spec.baseline_key`` (train/baseline.py).
+    """
+    spec, untrained = worker.spec, worker.state.step == 0
+    shared = spec.baseline_eval if untrained else None
+    before = dict(shared["metrics"]) if shared else worker.evaluate()
     worker.state.eval_loss_before = before["eval_loss"]
     worker.state.last_eval = before
     if worker.recorder:
-        worker.recorder.log({"step": 0, **before})
+        worker.recorder.log({"step": 0, **before, **({"baseline_from": shared["run"]} if shared else {})})
+        if not shared and untrained and spec.baseline_key:
+            write_baseline(spec.storage(), spec.baseline_key, before, spec.name)
 
 
 def train(worker: Worker) -> Outcome:

@@ -76,6 +76,12 @@ class RunSpec:
     """A ``train.stop.StopSignal`` actor handle: once raised the run checkpoints and finishes early."""
     phase_timer: PhaseTimer | None = None
     """Told the start and end of each phase of the workers' run (see train/phases.py)."""
+    baseline_key: str | None = None
+    """Key under which the run shares its before-training metrics with runs that would measure the same
+    (a sweep's trials; see train/baseline.py); None: it neither shares nor reads them."""
+    baseline_eval: dict[str, Any] | None = None
+    """The before-training metrics another run measured under ``baseline_key`` (``{"metrics", "run"}``),
+    recorded as this run's step 0 instead of evaluating; None: the run evaluates."""
 
     @classmethod
     def of(cls, cfg: TrainJobConfig, name: str, *, deepspeed_user: dict[str, Any] | None,

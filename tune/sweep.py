@@ -20,6 +20,7 @@ The sweep directory, <job storage.path>/sweeps/<name>/:
     report.html           offline report: curves, loss vs cost (Pareto), spend vs budget, settings
     optuna.db             the Optuna study (SQLite; search.storage_url for a shared database)
     trials/<trial id>/    each trial's training run: checkpoints, metrics.jsonl, summary.json, adapter/
+    trials/_baseline/     the untrained adapter's held-out metrics, measured once for all trials (train/baseline.py)
     pbt/<trial>-xNN/      PBT: the donor checkpoint an exploiting trial continued (pbt_exploits.jsonl)
     tune/                 Ray Tune's experiment state (Tuner.restore)
 

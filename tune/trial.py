@@ -7,6 +7,10 @@ its Tune trial id (under ``<sweep>/trials/``) and runs ``train.job.build_trainer
 on, while the run keeps DeepSpeed, its checkpoints and Train's fault tolerance. Restarting a trial
 (sweep resume) re-enters the same run, which Train resumes from its latest checkpoint.
 
+Every trial but an exploiting one carries the key of its evaluation before training: the first trial
+that evaluates shares the numbers, and later trials record them instead of evaluating again
+(train/baseline.py).
+
 A PBT exploit restarts the trial with a pointer checkpoint (``exploit.json``) naming a copy of the
 donor's Train checkpoint: the trial continues it in a new run with ``init_checkpoint``, ``adopt=True``.
 
@@ -33,6 +37,7 @@ from ray.util.queue import Queue
 
 from ftune.config import TrainJobConfig
 from ftune.storage import Storage
+from train.baseline import baseline_key, read_baseline
 from train.spec import RunData, RunSpec
 from tune.placement_groups import (
     RunHandoff,
@@ -201,9 +206,13 @@ def run_trial(config: dict[str, Any], plan: TrialPlan | None = None, data: RunDa
     if train_run is None:
         return  # Tune stopped the trial before its run started
     try:
+        spec = plan.spec_for(cfg)
+        if exploit is None:  # an untrained adapter: its evaluation before training may be another trial's
+            key = baseline_key(cfg, data.validation)
+            spec = spec.replace(baseline_key=key, baseline_eval=read_baseline(storage, key))
         trainer = build_trainer(
             cfg,
-            plan.spec_for(cfg),
+            spec,
             data,
             [SweepReportCallback(), RunHandoff(trial_id, train_run.mailbox, registry)],
             init_checkpoint=exploit.checkpoint if exploit else None,

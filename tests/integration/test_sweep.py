@@ -175,6 +175,22 @@ def test_tpe_asha_completes_and_prunes(tpe_sweep):
         assert row["config"]["lora.alpha"] == 2 * row["config"]["lora.r"]
 
 
+def test_trials_share_one_evaluation_before_training(tpe_sweep):
+    """Every trial's untrained adapter is the base model, so the first trials evaluate it and later ones take
+    their numbers (train/baseline.py): all trials' step 0 is the same, measured by the first wave only."""
+    _, sweep_dir = tpe_sweep
+    trials = [r["trial"] for r in json.loads((sweep_dir / "leaderboard.json").read_text())]
+    step0 = {t: next(r for r in read_jsonl(sweep_dir / "trials" / t / "metrics.jsonl") if r["step"] == 0) for t in trials}
+    measured = sorted(t for t, row in step0.items() if "baseline_from" not in row)
+    shared = sorted(t for t, row in step0.items() if "baseline_from" in row)
+    assert 1 <= len(measured) <= 2 and shared, (measured, shared)  # 2 trials at once: at most those two measure
+    assert {step0[t]["baseline_from"] for t in shared} <= set(measured)
+    # Trials of other ranks and learning rates measured exactly the same numbers with their own engines.
+    assert len({json.dumps({k: v for k, v in row.items() if k.startswith("eval_")}) for row in step0.values()}) == 1
+    files = list((sweep_dir / "trials" / "_baseline").glob("*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["run"] in measured
+
+
 def test_spend_ledger_matches_trials_and_optuna_study(tpe_sweep):
     import optuna
 
