@@ -16,7 +16,7 @@ The key leaves out only what cannot change an untrained adapter's evaluation: th
 dropout and scaling, the optimizer and schedule, the run's length and cadences, seeds of weight init and
 data order, and where the run is stored and tracked. Everything else (base model, quantization, data and its
 split, sequence length, evaluation batch size and caps, precision, DeepSpeed settings, workers, DoRA and the
-target modules) is in it, and so is a digest of the validation examples the trial was given. A run that
+target modules) is in it, and so is a digest of the validation examples (taken once, by the sweep's driver). A run that
 starts from another run's checkpoint (a PBT exploit) or from its own does not use or write it.
 """
 
@@ -39,15 +39,15 @@ log = logging.getLogger(__name__)
 BASELINE_DIR = "_baseline"
 """Directory of the shared baselines in a sweep's trials storage (run names cannot start with ``_``)."""
 
-NOT_IN_KEY: dict[str, set[str]] = {
+NOT_IN_KEY: dict[str, set[str] | bool] = {
     "model": {"endpoint_url"},
     "lora": {"r", "alpha", "dropout", "use_rslora", "bias"},
     "train": {"lr", "weight_decay", "adam_betas", "epochs", "max_steps", "global_batch_size", "warmup_ratio",
               "lr_schedule", "max_grad_norm", "seed", "eval_every", "checkpoint_every", "keep_checkpoints",
               "report_interval_s", "preemption_check_interval_s", "gradient_checkpointing"},
-    "storage": set(), "tracking": set(), "failure": set(), "name": set(),
+    "storage": True, "tracking": True, "failure": True, "name": True,
 }
-"""Config fields an untrained adapter's evaluation does not depend on (an empty set: the whole section)."""
+"""Config fields an untrained adapter's evaluation does not depend on (True: the whole section)."""
 
 
 def validation_digest(validation: list[Example]) -> str:
@@ -58,12 +58,11 @@ def validation_digest(validation: list[Example]) -> str:
     return digest.hexdigest()
 
 
-def baseline_key(cfg: TrainJobConfig, validation: list[Example]) -> str:
-    """The key of a run's before-training metrics: runs with the same key measure the same numbers."""
-    whole = {section for section, fields in NOT_IN_KEY.items() if not fields}
-    relevant = cfg.model_dump(mode="json", exclude={**{s: True for s in whole},
-                                                    **{s: f for s, f in NOT_IN_KEY.items() if f}})
-    relevant["validation"] = validation_digest(validation)
+def baseline_key(cfg: TrainJobConfig, validation: str) -> str:
+    """The key of a run's before-training metrics (``validation``: the ``validation_digest`` of its examples):
+    runs with the same key measure the same numbers."""
+    relevant = cfg.model_dump(mode="json", exclude=NOT_IN_KEY)
+    relevant["validation"] = validation
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:24]
 
 

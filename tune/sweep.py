@@ -112,6 +112,7 @@ class Sweep:
 def prepare_sweep(cfg: SweepConfig, name: str) -> Sweep:
     """Check and prepare everything before Ray starts: the job, the data (once), the plan, the price."""
     from ftune.builtin_assets import ftune_home
+    from train.baseline import validation_digest
     from train.job import prepare
 
     job = cfg.job_config()
@@ -128,7 +129,8 @@ def prepare_sweep(cfg: SweepConfig, name: str) -> Sweep:
         data["model"]["name_or_path"] = str(local_model.resolve())  # trial workers run in other directories
     probe = TrainJobConfig.model_validate({**data, "name": "probe"})
     base, examples = prepare(probe, "probe")
-    plan = TrialPlan(sweep_name=name, job=data, space=SearchSpace.from_config(cfg), base=base)
+    plan = TrialPlan(sweep_name=name, job=data, space=SearchSpace.from_config(cfg), base=base,
+                     validation_digest=validation_digest(examples.validation))
     shape = TrialShape.of(job, cfg.compute.trial_driver_cpus)
     return Sweep(cfg, name, sweep_dir, storage, plan, examples, shape, hourly_rate(cfg.compute, shape))
 

@@ -65,6 +65,8 @@ class TrialPlan:
     """The search space (decodes a trial's Tune config into job values)."""
     base: RunSpec
     """The base job as ``train.job.prepare`` prepared it: its DeepSpeed settings and data size hold for every trial."""
+    validation_digest: str
+    """``train.baseline.validation_digest`` of the prepared validation examples (part of every baseline key)."""
 
     @property
     def base_r(self) -> int:
@@ -208,7 +210,7 @@ def run_trial(config: dict[str, Any], plan: TrialPlan | None = None, data: RunDa
     try:
         spec = plan.spec_for(cfg)
         if exploit is None:  # an untrained adapter: its evaluation before training may be another trial's
-            key = baseline_key(cfg, data.validation)
+            key = baseline_key(cfg, plan.validation_digest)
             spec = spec.replace(baseline_key=key, baseline_eval=read_baseline(storage, key))
         trainer = build_trainer(
             cfg,

@@ -14,10 +14,11 @@ from ftune.config import TrainJobConfig
 from ftune.data import Example
 from ftune.model import load_base_model
 from ftune.storage import Storage
-from train.baseline import BASELINE_DIR, baseline_key, read_baseline, write_baseline
+from train.baseline import BASELINE_DIR, baseline_key, read_baseline, validation_digest, write_baseline
 
-VALIDATION = [Example(input_ids=[1, 5, 9, 2], labels=[-100, 5, 9, 2], prompt_ids=[1, 5], reference="9"),
+EXAMPLES = [Example(input_ids=[1, 5, 9, 2], labels=[-100, 5, 9, 2], prompt_ids=[1, 5], reference="9"),
               Example(input_ids=[1, 7, 2], labels=[-100, 7, 2], prompt_ids=[1], reference="7")]
+VALIDATION = validation_digest(EXAMPLES)
 
 
 def job(**sections) -> TrainJobConfig:
@@ -57,9 +58,9 @@ def test_the_key_ignores_only_what_an_untrained_adapter_does_not_depend_on():
                     {"data": {"max_seq_len": 64}}, {"data": {"seed": 1}}, {"model": {"load_in_4bit": True}},
                     {"model": {"name_or_path": "/another/model"}}, {"scaling": {"num_workers": 3}}):
         assert baseline_key(job(**changed), VALIDATION) != key, changed
-    assert baseline_key(base, VALIDATION[:1]) != key  # other validation examples
-    assert baseline_key(base, [VALIDATION[0], Example(input_ids=[1, 7, 2], labels=[-100, 7, 2], prompt_ids=[1],
-                                                      reference="8")]) != key  # another reference answer
+    assert baseline_key(base, validation_digest(EXAMPLES[:1])) != key  # other validation examples
+    assert baseline_key(base, validation_digest([EXAMPLES[0], Example(input_ids=[1, 7, 2], labels=[-100, 7, 2], prompt_ids=[1],
+                                                      reference="8")])) != key  # another reference answer
 
 
 def test_shared_metrics_round_trip(tmp_path):
