@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -300,14 +301,20 @@ def test_budget_stop_holds(ray_local, tiny_model_dir, tmp_path):
 
 def test_the_driver_aborts_a_stopped_trials_run_itself(ray_local, tiny_model_dir, tmp_path):
     """Tune may keep a stopped trial's actor for a later trial without calling it (reuse_actors): the sweep driver
-    aborts the trial's Train run itself, at once, and the trial's process takes the run's failure for that abort."""
+    aborts the trial's Train run itself, at once, and the trial's process takes the run's failure for that abort.
+
+    The abort comes after a random number of steps of a run that checkpoints every other step, so it may land
+    mid-checkpoint or mid-report (``FTUNE_CHAOS_SEED=<seed>`` repeats a run)."""
+    seed = int(os.environ.get("FTUNE_CHAOS_SEED") or random.SystemRandom().randrange(2**31))
+    abort_after = random.Random(seed).randint(2, 9)
+    print(f"FTUNE_CHAOS_SEED={seed}: the driver aborts the run after {abort_after} step rows")
     from ftune.config import TrainJobConfig
     from train.job import build_trainer, prepare
     from tune.placement_groups import PlacementGroupRegistry, RunHandoff, end_run, start_run
 
     cfg = load_config(TrainJobConfig, REPO / "configs" / "train" / "tiny.yaml", [
         f"storage.path={tmp_path}", "scaling.num_workers=1", "train.max_steps=100000", "train.eval_every=100000",
-        "train.checkpoint_every=100000", "train.exact_match_examples=0", "data.max_validation_rows=8",
+        "train.checkpoint_every=2", "train.exact_match_examples=0", "data.max_validation_rows=8",
         "train.report_interval_s=0.5", "tracking.wandb=disabled"])
     spec, data = prepare(cfg, "pruned")
     registry = PlacementGroupRegistry.open(str(tmp_path))
@@ -328,7 +335,7 @@ def test_the_driver_aborts_a_stopped_trials_run_itself(ray_local, tiny_model_dir
     thread.start()
     metrics = tmp_path / "pruned" / "metrics.jsonl"
     try:
-        wait_for(lambda: metrics.is_file() and len(read_jsonl(metrics)) >= 3, "the run to train a few steps", 240)
+        wait_for(lambda: metrics.is_file() and len(read_jsonl(metrics)) >= abort_after, "the run to train a few steps", 240)
         assert held_cpus() >= 1  # its worker's placement group
         registry.stop_runs(["pruned-trial"])  # what Tune's on_trial_complete (or a PBT pause) does on the driver
         thread.join(timeout=60)
