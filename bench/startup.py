@@ -11,15 +11,19 @@ Three kinds of start, each a fresh process, interleaved over the repeats (plain,
             job API's own hop
   ray-own / ray-cluster
             Ray's own floor for each of the two: a process that starts (or joins) Ray and fits a bare
-            TorchTrainer with the same workers, CPUs and gloo backend, whose workers import torch and
-            report one step; what is left of ftune's time above it is ftune's own
+            TorchTrainer with the same workers, CPUs, gloo backend and Ray Train settings (the controller's
+            poll interval), whose workers import torch and report one step; what is left of ftune's time
+            above it is ftune's own
 
 Milestones come from the job's own output lines, time-stamped as they arrive: data prepared, Ray up
 (own-ray), engines built (rank 0's "[ftune] N worker(s)" line) and the first step (from metrics.jsonl).
 A sweep of ``--sweep-trials`` trials of ``--sweep-steps`` steps, one at a time (``python -m tune``, its own
 local Ray), gives the trial turnaround (a trial's last metrics row -> the next trial's first step) and the
 share of each trial's time spent before its first step; it runs twice, with trial processes reused (the
-default, ``search.reuse_trial_processes``) and with a fresh process per trial (the baseline). ``--demo`` also times one ``ftune demo`` with its
+default, ``search.reuse_trial_processes``) and with a fresh process per trial (the baseline), then Ray's
+own floor for it in the same run: a Tune sweep (its own local Ray, trial actors reused) of the same number of
+trials, each fitting a bare one-worker TorchTrainer with ftune's Ray Train settings, whose worker imports torch
+and "trains" (sleeps) as long as ftune's reused trials trained. ``--demo`` also times one ``ftune demo`` with its
 defaults, warm (the built-in model, data and DeepSpeed's CPU op already built, as on a second run). A last
 table times, in fresh processes, the imports a Train worker does, with and without bitsandbytes
 (``ftune.lean_imports``: a worker that loads no 4-bit model skips it).
@@ -133,6 +137,15 @@ def plain_child(run_dir: Path, workers: int) -> None:
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result["rows"]))
 
 
+def use_ftunes_ray_settings() -> None:
+    """Give a floor child the Ray Train settings a tiny ftune run sets (its controller's poll interval, ...)."""
+    from ftune.config import TrainJobConfig
+    from ftune.yaml_config import load_config
+    from train.ray_settings import ray_train_env
+
+    os.environ.update(ray_train_env(load_config(TrainJobConfig, TINY_CONFIG, [])))
+
+
 def ray_floor_child(run_dir: Path, workers: int) -> None:
     """Ray's floor: a bare TorchTrainer shaped like the tiny job whose workers import torch and report one step."""
     import ray
@@ -180,6 +193,53 @@ def sweep_trials(work: Path, trials: int, steps: int, env: dict[str, str], *, re
     return sorted(found, key=lambda t: t["first_step"])
 
 
+def ray_sweep_floor_child(work: Path, trials: int, train_s: float) -> None:
+    """Ray's floor for a trial turnaround: bare TorchTrainer trials, one at a time, actors reused, as ftune's sweep."""
+    import ray
+    import ray.train
+    import ray.tune
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    def loop(config: dict[str, Any]) -> None:
+        import torch  # noqa: F401 - a worker of any torch job imports it
+        import torch.distributed as dist
+
+        dist.barrier()
+        first = time.time()
+        time.sleep(config["train_s"])  # the trial's training
+        Path(config["rows"]).write_text(json.dumps({"first_step": first, "last_row": time.time()}))
+        ray.train.report({"step": 1})
+
+    def trial(config: dict[str, Any]) -> None:
+        started = time.time()
+        rows = Path(config["dir"]) / f"{ray.tune.get_context().get_trial_id()}.json"
+        TorchTrainer(loop, train_loop_config={"train_s": config["train_s"], "rows": str(rows)},
+                     scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                     torch_config=TorchConfig(backend="gloo"),
+                     run_config=RunConfig(name=rows.stem, storage_path=str(Path(config["dir"]) / "ray"))).fit()
+        done = json.loads(rows.read_text())
+        rows.write_text(json.dumps({**done, "wall_s": time.time() - started}))
+        ray.tune.report({"done": 1})
+
+    (work / "floor").mkdir(parents=True, exist_ok=True)
+    ray.init(log_to_driver=False)
+    ray.tune.Tuner(ray.tune.with_resources(trial, {"CPU": 0.5}),
+                   param_space={"dir": str(work / "floor"), "train_s": train_s},
+                   tune_config=ray.tune.TuneConfig(num_samples=trials, max_concurrent_trials=1, reuse_actors=True),
+                   run_config=ray.tune.RunConfig(storage_path=str(work / "floor" / "tune"), verbose=0)).fit()
+
+
+def ray_sweep_floor(work: Path, trials: int, train_s: float, env: dict[str, str]) -> list[dict[str, float]]:
+    """Run Ray's floor sweep in its own process; per trial: wall s, first step and last row (unix s)."""
+    timed_process([sys.executable, __file__, "--ray-sweep-floor-child", str(work), "--sweep-trials", str(trials),
+                   "--floor-train-s", f"{train_s:.3f}"], env)
+    found = [json.loads(p.read_text()) for p in (work / "floor").glob("*.json")]
+    if len(found) != trials:
+        raise RuntimeError(f"Ray's floor sweep wrote {len(found)} of {trials} trials")
+    return sorted(found, key=lambda t: t["first_step"])
+
+
 def turnarounds(trials: list[dict[str, float]]) -> tuple[list[float], list[float]]:
     """Each trial's end -> the next trial's first step, and each trial's share of wall time outside training."""
     gaps = [b["first_step"] - a["last_row"] for a, b in zip(trials, trials[1:])]
@@ -188,7 +248,7 @@ def turnarounds(trials: list[dict[str, float]]) -> tuple[list[float], list[float
 
 
 def sweep_lines(sweeps: dict[str, list[dict[str, float]]], steps: int) -> tuple[list[str], list[str]]:
-    """Report lines and goal verdicts of the sweeps' trials (``sweeps``: "reused" and "fresh" processes)."""
+    """Report lines and goal verdicts of the sweeps' trials (``sweeps``: "reused", "fresh", "ray" (the floor))."""
     rows, medians = [], {}
     for kind, trials in sweeps.items():
         gaps, shares = turnarounds(trials)
@@ -196,21 +256,27 @@ def sweep_lines(sweeps: dict[str, list[dict[str, float]]], steps: int) -> tuple[
         rows.append([kind, f"{gap:.1f}", "/".join(f"{g:.1f}" for g in gaps), f"{share:.0%}",
                      "/".join(f"{x:.0%}" for x in shares)])
     gap, share = medians["reused"]
-    if "fresh" in medians:
-        rows[0].append(f"{gap / medians['fresh'][0]:.2f}x")
-        rows[1].append("1.00x")
+    for row, kind in zip(rows, sweeps):
+        row.append(f"{medians[kind][0] / medians['fresh'][0]:.2f}x" if "fresh" in medians else "-")
+        row.append(f"+{medians[kind][0] - medians['ray'][0]:.1f}" if "ray" in medians and kind != "ray" else "-")
+    rows = [[{"ray": "Ray's floor (bare TorchTrainer trials, reused)"}.get(r[0], r[0]), *r[1:]] for r in rows]
     lines = [f"Sweeps of {len(sweeps['reused'])} trials of {steps} steps one at a time (`python -m tune`, its own "
              "local Ray), with trial processes reused (`search.reuse_trial_processes`, the default) and with a "
-             "fresh process per trial; turnaround = a trial's last metrics row -> the next trial's first step; "
-             "outside training = wall - first step to last row, as a share of a trial's wall time:", "",
+             "fresh process per trial, and Ray's floor in the same run (a Tune sweep of bare one-worker TorchTrainer "
+             "trials, actors reused, each training (sleeping) as long as ftune's reused trials trained); turnaround "
+             "= a trial's last metrics row -> the next trial's first step; outside training = wall - first step to "
+             "last row, as a share of a trial's wall time:", "",
              markdown_table(["trial processes", "turnaround s (median)", "each", "outside training (median)",
-                             "each", "turnaround x fresh"][:len(rows[0])], rows), ""]
+                             "each", "turnaround x fresh", "s above Ray's floor"], rows), ""]
     verdicts = [
         goal("sweep: one trial's end -> the next trial's first step", f"{gap:.1f} s", f"<= {TURNAROUND_GOAL_S:.0f} s",
              gap <= TURNAROUND_GOAL_S),
         goal(f"sweep: start-up share of a {steps}-step trial", f"{share:.0%}", f"<= {STARTUP_SHARE_GOAL:.0%}",
              share <= STARTUP_SHARE_GOAL),
     ]
+    if "ray" in medians:
+        floor_gap, floor_share = medians["ray"]
+        verdicts += [f"INFO  Ray's floor in the same run: turnaround {floor_gap:.1f} s, start-up share {floor_share:.0%}"]
     return lines, verdicts
 
 
@@ -260,6 +326,8 @@ def measure(args: argparse.Namespace, work: Path):
     if args.sweep_trials > 1:
         trials["reused"] = sweep_trials(work, args.sweep_trials, args.sweep_steps, env, reuse=True)
         trials["fresh"] = sweep_trials(work, args.sweep_trials, args.sweep_steps, env, reuse=False)
+        train_s = statistics.median(t["last_row"] - t["first_step"] for t in trials["reused"])
+        trials["ray"] = ray_sweep_floor(work, args.sweep_trials, train_s, env)
     demo_s = warm_demo(work, env) if args.demo else None
     return starts, imports, trials, demo_s
 
@@ -323,6 +391,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-record", action="store_true", help="print the section only")
     parser.add_argument("--plain-child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--ray-floor-child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--ray-sweep-floor-child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--floor-train-s", type=float, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -331,8 +401,13 @@ def main(argv: list[str]) -> int:
     if args.plain_child:
         plain_child(args.plain_child, args.workers)
         return 0
+    if args.ray_floor_child or args.ray_sweep_floor_child:
+        use_ftunes_ray_settings()
     if args.ray_floor_child:
         ray_floor_child(args.ray_floor_child, args.workers)
+        return 0
+    if args.ray_sweep_floor_child:
+        ray_sweep_floor_child(args.ray_sweep_floor_child, args.sweep_trials, args.floor_train_s)
         return 0
     load_before = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     with tempfile.TemporaryDirectory(prefix="ftune-startup-") as tmp:
