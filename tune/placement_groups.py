@@ -9,7 +9,8 @@ with its actor, but the placement group it reserved for its workers is scoped to
 outlives it: Train's own PlacementGroupCleaner notices a dead controller through the state API, which
 needs the dashboard and a single Ray instance per machine. So each run's controller hands out
 
-- its own actor handle, to the trial process (``TrialRun.mailbox``): a trial stopped in its own process
+- its own actor handle, to the trial process (``TrialRun.mailbox``: one queue per trial process, kept
+  across the trials it runs, each item tagged with its run): a trial stopped in its own process
   (Tune's ``cleanup``, a reset for the next trial) aborts its run gracefully (``abort_run``), which stops
   the workers and removes their placement group;
 - the same handle and every placement group it reserves, to the sweep driver (``PlacementGroupRegistry``,
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +42,7 @@ class RunHandoff(ControllerCallback, WorkerGroupCallback):
     Ray Train runs callbacks of RunConfig that are not UserCallbacks as controller callbacks.
     """
 
-    def __init__(self, trial_id: str, mailbox: Queue, registry: Queue | None):
+    def __init__(self, trial_id: str, mailbox: RunMailbox, registry: Queue | None):
         self.trial_id = trial_id
         self.mailbox = mailbox
         self.registry = registry
@@ -48,7 +50,7 @@ class RunHandoff(ControllerCallback, WorkerGroupCallback):
     def after_controller_start(self, train_run_context) -> None:
         """Post the controller's own handle to the trial and to the sweep driver."""
         controller = ray.get_runtime_context().current_actor
-        self.mailbox.put(controller)
+        self.mailbox.post(controller)
         if self.registry is not None:
             self.registry.put((self.trial_id, StartedRun(controller, self.mailbox)))
 
@@ -64,20 +66,53 @@ ABORTED_BY_SWEEP = "aborted by the sweep"
 
 
 @dataclass(frozen=True)
+class RunMailbox:
+    """One Train run's address in its trial process: the process's queue, and the run's tag on each item.
+
+    A trial process keeps one queue (an actor) across the trials it runs, not one per run: a new actor is a
+    new process, seconds of CPU at every trial's start. Items of the process's earlier runs, which ended,
+    may still be in the queue: a run's reader drops what is not tagged with its run.
+    """
+
+    queue: Queue
+    run: str
+    """The run's tag (unique per run: a trial may run again in the same process)."""
+
+    def post(self, payload: Any, timeout: float | None = None) -> None:
+        """Post ``payload`` to the run (blocks while the queue's actor starts)."""
+        self.queue.put((self.run, payload), timeout=timeout)
+
+    def take(self, timeout: float | None = None) -> Any:
+        """The next payload posted to this run, waiting up to ``timeout`` s (None: not at all).
+
+        Raises:
+            Empty: nothing for this run came in time.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if deadline is None:
+                run, payload = self.queue.get_nowait()
+            else:
+                run, payload = self.queue.get(timeout=max(deadline - time.monotonic(), 0.0))
+            if run == self.run:
+                return payload
+
+
+@dataclass(frozen=True)
 class StartedRun:
     """A trial's Train run as the sweep driver knows it."""
 
     controller: Any
     """The run's Train controller (an actor handle)."""
-    mailbox: Queue
-    """The trial process's mailbox for the run."""
+    mailbox: RunMailbox
+    """The run's mailbox in its trial process."""
 
 
 @dataclass
 class TrialRun:
     """The Train run a trial process started (one per trial actor)."""
 
-    mailbox: Queue
+    mailbox: RunMailbox
     """Where the run's controller posts its handle (and the sweep driver ``ABORTED_BY_SWEEP``)."""
     ended: threading.Event = field(default_factory=threading.Event)
     """Set once ``trainer.fit()`` returned or raised."""
@@ -86,7 +121,7 @@ class TrialRun:
         """Whether the sweep driver aborted the run (read once its ``fit()`` failed)."""
         try:
             while True:
-                if self.mailbox.get_nowait() == ABORTED_BY_SWEEP:
+                if self.mailbox.take() == ABORTED_BY_SWEEP:
                     return True
         except (Empty, ray.exceptions.RayError):
             return False
@@ -97,6 +132,8 @@ _RUNS: dict[str, TrialRun] = {}
 """This trial process's Train run, by trial id."""
 _STOPPED: set[str] = set()
 """Trials Tune stopped in this process (their run is aborted, or must not start)."""
+_QUEUE: list[Queue] = []
+"""This trial process's mailbox queue, once its first run started."""
 
 
 def start_run(trial_id: str) -> TrialRun | None:
@@ -104,7 +141,9 @@ def start_run(trial_id: str) -> TrialRun | None:
     with _LOCK:
         if trial_id in _STOPPED:
             return None
-        run = _RUNS[trial_id] = TrialRun(Queue(actor_options={"num_cpus": 0}))
+        if not _QUEUE:
+            _QUEUE.append(Queue(actor_options={"num_cpus": 0}))
+        run = _RUNS[trial_id] = TrialRun(RunMailbox(_QUEUE[0], uuid.uuid4().hex))
         return run
 
 
@@ -143,7 +182,7 @@ def abort_run(trial_id: str, timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not run.ended.is_set() and time.monotonic() < deadline:
         try:
-            controller = run.mailbox.get(timeout=1.0)
+            controller = run.mailbox.take(timeout=1.0)
         except Empty:
             continue
         except ray.exceptions.RayError:
@@ -224,7 +263,7 @@ class PlacementGroupRegistry(ray_tune.Callback):
         for trial_id in trial_ids:
             for run in self.runs.pop(trial_id, []):
                 try:
-                    run.mailbox.put(ABORTED_BY_SWEEP, timeout=timeout_s)
+                    run.mailbox.post(ABORTED_BY_SWEEP, timeout=timeout_s)
                     ray.get(run.controller.abort.remote(), timeout=timeout_s)
                 except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
                     pass  # abort ends with the controller exiting; a trial process that is gone took its run along

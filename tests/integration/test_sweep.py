@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ray.util.queue import Empty
 
 from ftune.yaml_config import load_config
 from tests.waiting import wait_for
@@ -346,6 +347,15 @@ def test_the_driver_aborts_a_stopped_trials_run_itself(ray_local, tiny_model_dir
         time.sleep(2)
         assert len(read_jsonl(metrics)) == rows  # nothing trains on
         assert registry.runs == {} and registry.groups == {}
+        # The trial process's next run posts through the same queue; what is left there of this run is not its.
+        following = start_run("next-trial")
+        assert following is not None and following.mailbox.queue is run.mailbox.queue
+        run.mailbox.post("left over")
+        following.mailbox.post("for the next run")
+        assert following.mailbox.take(timeout=10) == "for the next run"
+        with pytest.raises(Empty):
+            following.mailbox.take()
+        end_run("next-trial")
     finally:
         registry.close()
 
