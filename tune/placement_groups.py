@@ -6,8 +6,8 @@ without calling it: until that trial resets it, nothing in the trial's process l
 trial's Train run would keep its workers and their placement group meanwhile, training on, unbudgeted.
 At the end of a sweep Tune kills the trial actors after a few seconds; the trial's Train controller dies
 with its actor, but the placement group it reserved for its workers is scoped to the sweep's job and
-outlives it: Train's own PlacementGroupCleaner notices a dead controller through the state API, which
-needs the dashboard and a single Ray instance per machine. So each run's controller hands out
+outlives it (ftune's trainer starts no Ray Train PlacementGroupCleaner, train/trainer.py; that one polls
+the state API every second per run). So each run's controller hands out
 
 - its own actor handle, to the trial process (``TrialRun.mailbox``: one queue per trial process, kept
   across the trials it runs, each item tagged with its run): a trial stopped in its own process

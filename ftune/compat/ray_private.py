@@ -101,16 +101,33 @@ def local_cluster_address() -> str:
 # ---- Ray Train and Tune -------------------------------------------------------------------------------
 
 
+def _without(callbacks: list[Any], module: str, name: str) -> list[Any]:
+    """``callbacks`` minus instances of ``module.name``; all of them when the installed Ray lacks that class."""
+    import importlib
+
+    try:
+        kind = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):  # pragma: no cover - depends on the installed Ray
+        return list(callbacks)
+    return [c for c in callbacks if not isinstance(c, kind)]
+
+
 def without_datasets_callback(callbacks: list[Any]) -> list[Any]:
     """Ray Train's default controller callbacks minus the one that sets up Ray Data for every worker group.
 
     ``DatasetsCallback`` lives in ``ray.train.v2._internal``; a Ray without it gets its callbacks back as is.
     """
-    try:
-        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-    except ImportError:  # pragma: no cover - depends on the installed Ray
-        return list(callbacks)
-    return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+    return _without(callbacks, "ray.train.v2._internal.callbacks.datasets", "DatasetsCallback")
+
+
+def without_placement_group_cleaner(callbacks: list[Any]) -> list[Any]:
+    """Ray Train's default controller callbacks minus the one that starts a ``PlacementGroupCleaner`` per run.
+
+    ``PlacementGroupCleanerCallback`` lives in ``ray.train.v2._internal``; a Ray without it gets its callbacks
+    back as is.
+    """
+    return _without(callbacks, "ray.train.v2._internal.callbacks.placement_group_callback",
+                    "PlacementGroupCleanerCallback")
 
 
 def worker_group_placement_group(worker_group: Any) -> Any:

@@ -94,6 +94,14 @@ def test_without_datasets_callback_drops_only_it():
     assert ray_private.without_datasets_callback([other, datasets]) == [other]
 
 
+def test_without_placement_group_cleaner_drops_only_it():
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    other = object()
+    cleaner = PlacementGroupCleanerCallback()
+    assert ray_private.without_placement_group_cleaner([other, cleaner]) == [other]
+
+
 def test_worker_group_placement_group_reads_the_state():
     from ray.train.v2._internal.execution.worker_group import WorkerGroup, placement_group_handle
     from ray.train.v2._internal.execution.worker_group.state import WorkerGroupState
