@@ -80,13 +80,15 @@ def overrides(steps: int, workers: int, storage: Path) -> list[str]:
             "failure.max_failures=0", f"storage.path={storage}", "tracking.wandb=disabled"]
 
 
+def metrics_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of the run's metrics.jsonl (none if it has none)."""
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
 def first_step_time(run_dir: Path) -> float | None:
     """Unix time of the first step row in the run's metrics.jsonl."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    times = [r["time"] for r in rows if r.get("step", 0) >= 1 and "loss" in r and "time" in r]
+    times = [r["time"] for r in metrics_rows(run_dir) if r.get("step", 0) >= 1 and "loss" in r and "time" in r]
     return min(times) if times else None
 
 
@@ -146,29 +148,49 @@ def use_ftunes_ray_settings() -> None:
     os.environ.update(ray_train_env(load_config(TrainJobConfig, TINY_CONFIG, [])))
 
 
-def ray_floor_child(run_dir: Path, workers: int) -> None:
-    """Ray's floor: a bare TorchTrainer shaped like the tiny job whose workers import torch and report one step."""
-    import ray
+def bare_loop(config: dict[str, Any]) -> None:
+    """Ray's floor's train function: import torch, check the process group, "train" (sleep) ``train_s``; rank 0
+    writes a first-step row and a last row to ``run_dir``/metrics.jsonl, as ftune's runs do."""
     import ray.train
+    import torch  # noqa: F401 - a worker of any torch job imports it
+    import torch.distributed as dist
+
+    dist.barrier()  # the process group works on every rank
+    first = time.time()
+    time.sleep(config["train_s"])
+    if ray.train.get_context().get_world_rank() == 0:
+        run_dir = Path(config["run_dir"])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        rows = [{"step": 1, "loss": 0.0, "time": first}, {"step": 1, "time": time.time()}]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ray.train.report({"step": 1})
+
+
+def fit_bare_trainer(run_dir: Path, workers: int, train_s: float = 0.0) -> None:
+    """A bare TorchTrainer shaped like the tiny job (workers of 1 CPU, gloo) running ``bare_loop``."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    def loop(config: dict[str, Any]) -> None:
-        import torch  # noqa: F401 - a worker of any torch job imports it
-        import torch.distributed as dist
-
-        dist.barrier()  # the process group works on every rank
-        if ray.train.get_context().get_world_rank() == 0:
-            Path(config["run_dir"]).mkdir(parents=True, exist_ok=True)
-            row = {"step": 1, "loss": 0.0, "time": time.time()}
-            (Path(config["run_dir"]) / "metrics.jsonl").write_text(json.dumps(row) + "\n")
-        ray.train.report({"step": 1})
-
-    ray.init(log_to_driver=False)
-    TorchTrainer(loop, train_loop_config={"run_dir": str(run_dir)},
+    TorchTrainer(bare_loop, train_loop_config={"run_dir": str(run_dir), "train_s": train_s},
                  scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
                  torch_config=TorchConfig(backend="gloo"),
                  run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent / "ray"))).fit()
+
+
+def ray_floor_child(run_dir: Path, workers: int) -> None:
+    """Ray's floor: a bare TorchTrainer shaped like the tiny job whose workers import torch and report one step."""
+    import ray
+
+    ray.init(log_to_driver=False)
+    fit_bare_trainer(run_dir, workers)
+
+
+def step_times(run_dir: Path) -> dict[str, float]:
+    """Unix times of a run's first step row and of its last row (its metrics.jsonl)."""
+    first = first_step_time(run_dir)
+    if first is None:
+        raise RuntimeError(f"no step in {run_dir}/metrics.jsonl")
+    return {"first_step": first, "last_row": max(r["time"] for r in metrics_rows(run_dir))}
 
 
 def sweep_trials(work: Path, trials: int, steps: int, env: dict[str, str], *, reuse: bool) -> list[dict[str, float]]:
@@ -184,57 +206,36 @@ def sweep_trials(work: Path, trials: int, steps: int, env: dict[str, str], *, re
     timed_process(command, env)
     sweep_dir = storage / "sweeps" / name
     ledger = json.loads((sweep_dir / "spend.json").read_text())
-    found = []
-    for trial in ledger["trials"]:
-        rows = [json.loads(line) for line in (sweep_dir / "trials" / trial["trial_id"] / "metrics.jsonl")
-                .read_text().splitlines() if line.strip()]
-        first = min(r["time"] for r in rows if r.get("step", 0) >= 1 and "loss" in r)
-        found.append({"wall_s": trial["wall_s"], "first_step": first, "last_row": max(r["time"] for r in rows)})
+    found = [{"wall_s": trial["wall_s"], **step_times(sweep_dir / "trials" / trial["trial_id"])}
+             for trial in ledger["trials"]]
     return sorted(found, key=lambda t: t["first_step"])
 
 
 def ray_sweep_floor_child(work: Path, trials: int, train_s: float) -> None:
     """Ray's floor for a trial turnaround: bare TorchTrainer trials, one at a time, actors reused, as ftune's sweep."""
     import ray
-    import ray.train
     import ray.tune
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    def loop(config: dict[str, Any]) -> None:
-        import torch  # noqa: F401 - a worker of any torch job imports it
-        import torch.distributed as dist
-
-        dist.barrier()
-        first = time.time()
-        time.sleep(config["train_s"])  # the trial's training
-        Path(config["rows"]).write_text(json.dumps({"first_step": first, "last_row": time.time()}))
-        ray.train.report({"step": 1})
 
     def trial(config: dict[str, Any]) -> None:
         started = time.time()
-        rows = Path(config["dir"]) / f"{ray.tune.get_context().get_trial_id()}.json"
-        TorchTrainer(loop, train_loop_config={"train_s": config["train_s"], "rows": str(rows)},
-                     scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-                     torch_config=TorchConfig(backend="gloo"),
-                     run_config=RunConfig(name=rows.stem, storage_path=str(Path(config["dir"]) / "ray"))).fit()
-        done = json.loads(rows.read_text())
-        rows.write_text(json.dumps({**done, "wall_s": time.time() - started}))
+        run_dir = Path(config["dir"]) / ray.tune.get_context().get_trial_id()
+        fit_bare_trainer(run_dir, 1, config["train_s"])
+        (run_dir / "wall.json").write_text(json.dumps({"wall_s": time.time() - started}))
         ray.tune.report({"done": 1})
 
-    (work / "floor").mkdir(parents=True, exist_ok=True)
     ray.init(log_to_driver=False)
     ray.tune.Tuner(ray.tune.with_resources(trial, {"CPU": 0.5}),
                    param_space={"dir": str(work / "floor"), "train_s": train_s},
                    tune_config=ray.tune.TuneConfig(num_samples=trials, max_concurrent_trials=1, reuse_actors=True),
-                   run_config=ray.tune.RunConfig(storage_path=str(work / "floor" / "tune"), verbose=0)).fit()
+                   run_config=ray.tune.RunConfig(storage_path=str(work / "floor-tune"), verbose=0)).fit()
 
 
 def ray_sweep_floor(work: Path, trials: int, train_s: float, env: dict[str, str]) -> list[dict[str, float]]:
     """Run Ray's floor sweep in its own process; per trial: wall s, first step and last row (unix s)."""
     timed_process([sys.executable, __file__, "--ray-sweep-floor-child", str(work), "--sweep-trials", str(trials),
                    "--floor-train-s", f"{train_s:.3f}"], env)
-    found = [json.loads(p.read_text()) for p in (work / "floor").glob("*.json")]
+    found = [{**json.loads((wall.parent / "wall.json").read_text()), **step_times(wall.parent)}
+             for wall in (work / "floor").glob("*/wall.json")]
     if len(found) != trials:
         raise RuntimeError(f"Ray's floor sweep wrote {len(found)} of {trials} trials")
     return sorted(found, key=lambda t: t["first_step"])

@@ -132,18 +132,19 @@ _RUNS: dict[str, TrialRun] = {}
 """This trial process's Train run, by trial id."""
 _STOPPED: set[str] = set()
 """Trials Tune stopped in this process (their run is aborted, or must not start)."""
-_QUEUE: list[Queue] = []
+_QUEUE: Queue | None = None
 """This trial process's mailbox queue, once its first run started."""
 
 
 def start_run(trial_id: str) -> TrialRun | None:
     """Register the Train run a trial is about to start; None if Tune stopped the trial already."""
+    global _QUEUE
     with _LOCK:
         if trial_id in _STOPPED:
             return None
-        if not _QUEUE:
-            _QUEUE.append(Queue(actor_options={"num_cpus": 0}))
-        run = _RUNS[trial_id] = TrialRun(RunMailbox(_QUEUE[0], uuid.uuid4().hex))
+        if _QUEUE is None:
+            _QUEUE = Queue(actor_options={"num_cpus": 0})
+        run = _RUNS[trial_id] = TrialRun(RunMailbox(_QUEUE, uuid.uuid4().hex))
         return run
 
 
