@@ -53,7 +53,14 @@ from tune.placement_groups import PlacementGroupRegistry
 from tune.pricing import TrialShape, hourly_rate
 from tune.space import SearchSpace, format_value, pbt_mutated
 from tune.sweep_session import SweepSession
-from tune.sweep_state import SWEEP_FILE, SweepState, SweepStateSync, SweepStudyStorage, pull_sweep
+from tune.sweep_state import (
+    SWEEP_FILE,
+    SweepOptunaSearch,
+    SweepState,
+    SweepStateSync,
+    SweepStudyStorage,
+    pull_sweep,
+)
 from tune.trial import TrialPlan, trial_trainable
 
 TUNE_DIR = "tune"
@@ -211,7 +218,6 @@ def make_searcher(sweep: Sweep, concurrency: int):
     """
     import optuna
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     s, space = sweep.cfg.search, sweep.plan.space
     if s.algorithm == "pbt":
@@ -223,8 +229,8 @@ def make_searcher(sweep: Sweep, concurrency: int):
     else:
         sampler, dists = optuna.samplers.RandomSampler(seed=s.seed), space.optuna_distributions()
     storage = optuna.storages.RDBStorage(s.storage_url) if s.storage_url else SweepStudyStorage(sweep.uri, sweep.sweep_dir)
-    searcher = OptunaSearch(space=dists, metric=s.metric, mode=s.mode, sampler=sampler, study_name=sweep.name,
-                            storage=storage)
+    searcher = SweepOptunaSearch(space=dists, metric=s.metric, mode=s.mode, sampler=sampler, study_name=sweep.name,
+                                 storage=storage)
     return ConcurrencyLimiter(BudgetGate(searcher, sweep.uri), max_concurrent=concurrency)
 
 

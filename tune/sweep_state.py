@@ -14,7 +14,8 @@ the trials::
 ``min_interval_s``) and whenever a trial ends; the driver pushes once more when the sweep ends. ``pull``
 fetches them into the local directory of the machine that resumes. Tune pickles the sweep's searcher
 into its state, Optuna study included: ``SweepStudyStorage`` finds the study again in the resuming
-machine's directory, wherever that is.
+machine's directory, wherever that is, and ``SweepOptunaSearch`` squares the study with the Tune state
+it resumes from (the study is written at once, Tune's state every few seconds).
 """
 
 from __future__ import annotations
@@ -33,8 +34,14 @@ import optuna
 import pyarrow.fs as pafs
 import ray.tune as ray_tune
 from pyarrow import ArrowException
+from ray.tune.search.optuna import OptunaSearch
 
-from ftune.compat.optuna_private import rdb_storage_state_with_url
+from ftune.compat.optuna_private import (
+    live_trial,
+    optuna_search_study,
+    optuna_search_trials,
+    rdb_storage_state_with_url,
+)
 from ftune.errors import UserError
 from ftune.storage import Storage
 from ftune.sweep_result import BEST_DIR, LEADERBOARD_CSV, LEADERBOARD_JSON, REPORT_FILE, SPEND_FILE
@@ -47,6 +54,8 @@ FILES = (SWEEP_FILE, SPEND_FILE, "pbt_exploits.jsonl", LEADERBOARD_JSON, LEADERB
 """Single files of the driver's directory kept in storage."""
 DIRS = ("tune", BEST_DIR)
 """Directories of the driver's directory kept in storage."""
+LOST_WITH_DRIVER = "lost_with_driver"
+"""User attribute of a study trial told failed on resume: created after Tune's last save, it never ran."""
 
 
 @dataclass(frozen=True)
@@ -184,3 +193,64 @@ class SweepStudyStorage(optuna.storages.RDBStorage):
         if session is not None:
             state = rdb_storage_state_with_url(state, f"sqlite:///{session.ledger.sweep_dir / OPTUNA_DB}")
         super().__setstate__(state)
+
+
+class SweepOptunaSearch(OptunaSearch):
+    """Ray Tune's ``OptunaSearch``, squared on resume with the Tune state the sweep resumes from.
+
+    The study's database takes every suggestion and every trial's end the moment Tune passes them on; Tune
+    saves its own state (which trials there are and which ended, this searcher and its sampler pickled) every
+    few seconds. A driver that dies in between leaves a study ahead of that state, and the resumed sweep meets:
+
+    - trials Tune restores as unfinished that the study has already told finished. Tune runs them again
+      (their runs find their summaries and report the end at once), but Optuna refuses any report on a
+      finished trial (``UpdateFinishedTrialError``, which would fail the sweep). Their reports are dropped:
+      the study keeps what it was told the first time;
+    - trials the study created after Tune's last save. Tune never heard of them and will not run them (the
+      budget's ledger forgets them: ``SpendLedger.reconcile``); left running, they would stay so in the study
+      for good. The restored sampler is the one from before they were suggested, so a random or TPE sampler
+      draws them again for Tune's next trials: they are told failed (user attribute ``lost_with_driver``).
+      A grid sampler would count a failed point as visited and never come back to it: its lost trials are
+      handed out again instead, oldest first, under the ids Tune gives its next trials.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.ended_before_resume: set[str] = set()
+        """Tune trial ids whose end the study had when the sweep resumed."""
+        self.unclaimed: list[int] = []
+        """Numbers of grid trials created after Tune's last save, not yet handed out again."""
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Tune's pickled state, then the study squared with it."""
+        super().restore(checkpoint_path)
+        running, study, trials = optuna.trial.TrialState.RUNNING, optuna_search_study(self), optuna_search_trials(self)
+        states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+        self.ended_before_resume = {tid for tid, t in trials.items() if states.get(t.number, running).is_finished()}
+        known = {t.number for t in trials.values()}
+        lost = sorted(n for n, state in states.items() if state == running and n not in known)
+        if isinstance(study.sampler, optuna.samplers.GridSampler):
+            self.unclaimed = lost
+            return
+        for number in lost:
+            live_trial(study, number).set_user_attr(LOST_WITH_DRIVER, True)
+            study.tell(number, state=optuna.trial.TrialState.FAIL)
+            log.info("study trial %d was created after Tune last saved its state and never runs: told failed", number)
+
+    def suggest(self, trial_id: str) -> dict | None:
+        """A grid trial Tune never recorded, if one is left; else a new one."""
+        if self.unclaimed and trial_id not in optuna_search_trials(self):
+            number = self.unclaimed.pop(0)
+            optuna_search_trials(self)[trial_id] = live_trial(optuna_search_study(self), number)
+            log.info("study trial %d, created after Tune last saved its state, runs as trial %s", number, trial_id)
+        return super().suggest(trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        """Passed on, unless the study had this trial's end before the resume."""
+        if trial_id not in self.ended_before_resume:
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        """Passed on, unless the study had this trial's end before the resume."""
+        if trial_id not in self.ended_before_resume:
+            super().on_trial_complete(trial_id, result=result, error=error)

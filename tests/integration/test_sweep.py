@@ -14,10 +14,12 @@ import os
 import random
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,7 @@ from ftune.yaml_config import load_config
 from tests.waiting import wait_for
 from tune.config import SweepConfig
 from tune.sweep import main, start
+from tune.sweep_state import LOST_WITH_DRIVER
 
 # Each test runs a few full training runs; on a shared 2-core machine a sweep can take many minutes.
 pytestmark = pytest.mark.timeout(1800)
@@ -390,16 +393,25 @@ def test_resume_from_the_bucket_on_another_machine(ray_local, tiny_model_dir, sa
                  "job.train.max_steps=6", "job.train.eval_every=3", "job.train.checkpoint_every=3")
     base_env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
     first_home, second_home = tmp_path / "machine1", tmp_path / "machine2"
+    # Bad luck made certain: Tune saves its experiment state (which trials run, the searcher) only at its first
+    # step, while the study and the ledger keep up with every trial. The driver dies with its Tune state as far
+    # behind them as it can be, so the resumed Tune re-runs the trial the study has already finished.
     driver = subprocess.Popen([sys.executable, "-m", "tune", "--config", str(TINY_SWEEP), "--name", "s3", *args],
-                              cwd=REPO, env={**base_env, "FTUNE_HOME": str(first_home)},
+                              cwd=REPO, env={**base_env, "FTUNE_HOME": str(first_home), "TUNE_GLOBAL_CHECKPOINT_S": "3600"},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def first_done_in_bucket() -> bool:
         spend = bucket_json(client, f"{prefix}spend.json")
-        return bool(spend) and any(t["status"] == "completed" for t in spend["trials"])
+        return bool(spend) and any(t["status"] == "completed" for t in spend["trials"]) and study_told_an_end()
 
-    # Killed as soon as a trial's end is in the bucket. Two trials run at once and the third starts only
-    # when one ends, so at the kill one trial is cut off mid-run and the third has its whole run ahead.
+    def study_told_an_end() -> bool:
+        """Whether the study in the bucket has a trial's end (Optuna told it after the ledger saw it)."""
+        client.download_file(BUCKET, f"{prefix}optuna.db", str(tmp_path / "pushed.db"))
+        with closing(sqlite3.connect(tmp_path / "pushed.db")) as db:
+            return db.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0] > 0
+
+    # Killed as soon as a trial's end is in the bucket, ledger and study. Two trials run at once and the third
+    # starts only when one ends, so at the kill one trial is cut off mid-run and the third has its run ahead.
     wait_for(lambda: first_done_in_bucket() or driver.poll() is not None, "the first trial's end in the bucket", 400)
     assert driver.poll() is None, "the sweep ended before it could be interrupted"
     driver.send_signal(signal.SIGKILL)
@@ -426,4 +438,10 @@ def test_resume_from_the_bucket_on_another_machine(ray_local, tiny_model_dir, sa
     assert len(rows) == 3 and bucket_json(client, f"{prefix}best/adapter/adapter_config.json") is not None
     client.download_file(BUCKET, f"{prefix}optuna.db", str(tmp_path / "optuna.db"))
     study = optuna.load_study(study_name="s3", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
-    assert sorted(t.value is not None for t in study.trials) == [True, True, True], study.trials
+    # Each trial told its end once, with the value the ledger has. A suggestion the study took after Tune's state was
+    # saved (the third trial's, if the kill came after it) never ran: told failed, not left running.
+    ended = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.value for t in ended) == pytest.approx(sorted(t["eval_loss"] for t in trials.values())), study.trials
+    lost = [t for t in study.trials if t not in ended]
+    assert len(lost) <= 1 and all(t.state == optuna.trial.TrialState.FAIL and t.user_attrs == {LOST_WITH_DRIVER: True}
+                                  for t in lost), lost

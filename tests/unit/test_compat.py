@@ -391,3 +391,22 @@ def test_rdb_storage_state_with_url_moves_a_pickled_study(tmp_path):
     moved = optuna.storages.RDBStorage.__new__(optuna.storages.RDBStorage)
     moved.__setstate__(optuna_private.rdb_storage_state_with_url(state, f"sqlite:///{second}"))
     assert len(optuna.load_study(study_name="s", storage=moved).trials) == 1
+
+
+def test_optuna_search_internals_are_its_live_trials_and_study(tmp_path):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    search = OptunaSearch(space={"x": optuna.distributions.FloatDistribution(0, 1)}, metric="m", mode="min",
+                          storage=optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}"), study_name="s")
+    search.suggest("a")
+    study, trials = optuna_private.optuna_search_study(search), optuna_private.optuna_search_trials(search)
+    assert isinstance(study, optuna.Study) and list(trials) == ["a"] and trials["a"].number == 0
+    search.suggest("b")
+    assert list(trials) == ["a", "b"]  # the searcher's own map, not a copy
+    live = optuna_private.live_trial(study, 1)
+    assert live.params == trials["b"].params
+    live.report(0.5, 1)
+    study.tell(live, 0.25)
+    assert [(t.state.name, t.value, t.intermediate_values) for t in study.get_trials()] == [
+        ("RUNNING", None, {}), ("COMPLETE", 0.25, {1: 0.5})]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pickle
 import sqlite3
 
+import pytest
 from ray.tune.experiment import Trial
 
 from ftune.storage import Storage
@@ -97,3 +98,76 @@ def test_study_storage_follows_the_sweep_to_another_directory(tmp_path):
     moved = pickle.loads(pickled)  # what Tune does with the searcher when the sweep resumes elsewhere
     assert moved.url == f"sqlite:///{tmp_path / 'm2' / 'optuna.db'}"
     assert (tmp_path / "m2" / "optuna.db").is_file() and not (tmp_path / "m1" / "optuna.db").exists()
+
+
+GRID = [1e-4, 1e-3, 3e-3, 1e-2]
+
+
+@pytest.mark.parametrize("kind", ["random", "grid"])
+def test_a_resumed_study_ahead_of_tunes_saved_state_is_squared_with_it(tmp_path, kind):
+    """The driver dies after the study took trial a's end and a new suggestion c, but before Tune saved its state
+    again: the resumed Tune runs a again and never runs c. Real Optuna, SQLite and Tune's own save/restore."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    from tune.sweep_state import LOST_WITH_DRIVER, SweepOptunaSearch
+
+    complete, fail, running = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING
+
+    def searcher(cls, name: str):
+        sampler = optuna.samplers.RandomSampler(seed=0) if kind == "random" else optuna.samplers.GridSampler({"lr": GRID}, seed=0)
+        return cls(space={"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}, metric="eval_loss",
+                   mode="min", sampler=sampler, study_name=name,
+                   storage=optuna.storages.RDBStorage(f"sqlite:///{tmp_path / f'{name}.db'}"))
+
+    def result(loss: float, step: int) -> dict:
+        return {"eval_loss": loss, "training_iteration": step}
+
+    def study_trials(name: str) -> list:
+        return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / f'{name}.db'}").trials
+
+    def died_ahead_of_tune(cls, name: str):
+        """The first driver's run; then a searcher as Tune restores it (the Tuner's pickle + the last save)."""
+        first = searcher(cls, name)
+        assert first.suggest("a") and first.suggest("b")
+        first.on_trial_result("a", result(2.0, 1))
+        first.save(str(tmp_path / f"{name}.pkl"))  # Tune's last save of its state
+        first.on_trial_result("a", result(1.5, 2))
+        first.on_trial_complete("a", result(1.5, 2))
+        first.on_trial_result("b", result(3.0, 1))
+        assert first.suggest("c")
+        resumed = pickle.loads(pickle.dumps(searcher(cls, name)))
+        resumed.restore(str(tmp_path / f"{name}.pkl"))
+        return resumed
+
+    plain = died_ahead_of_tune(OptunaSearch, "plain")  # the premise: Ray's own searcher fails the resumed sweep
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        plain.on_trial_result("a", result(1.5, 2))
+
+    resumed = died_ahead_of_tune(SweepOptunaSearch, "sweep")
+    c_params = study_trials("sweep")[2].params
+    resumed.on_trial_result("a", result(9.0, 2))  # a's run again: finds its summary, reports its end at once
+    resumed.on_trial_complete("a", result(9.0, 2))
+    resumed.on_trial_result("b", result(2.5, 2))  # b continues from its checkpoint
+    resumed.on_trial_complete("b", result(1.2, 3))
+    assert resumed.suggest("d") == c_params  # Tune's next trial: c's settings again (drawn again, or c itself)
+    resumed.save(str(tmp_path / "again.pkl"))  # a state saved after the resume; then the driver dies again
+    resumed.on_trial_result("d", result(1.1, 1))
+    again = searcher(SweepOptunaSearch, "sweep")
+    again.restore(str(tmp_path / "again.pkl"))
+    again.on_trial_result("d", result(1.1, 1))  # d is Tune's and still running: reported again, not dropped
+    again.on_trial_complete("d", result(1.0, 2))
+    assert again.suggest("e")
+    trials = study_trials("sweep")
+    a, b = trials[:2]
+    assert (a.state, a.value, a.intermediate_values) == (complete, 1.5, {1: 2.0, 2: 1.5})
+    assert (b.state, b.value, b.intermediate_values) == (complete, 1.2, {1: 3.0, 2: 2.5})
+    if kind == "random":  # c failed; d drew its settings again as a new trial
+        c, d, e = trials[2:]
+        assert (c.state, c.value, c.user_attrs) == (fail, None, {LOST_WITH_DRIVER: True})
+        assert (d.state, d.value, d.intermediate_values, d.params) == (complete, 1.0, {1: 1.1}, c_params)
+    else:  # c ran as Tune's d; every grid point is handed out once
+        c, e = trials[2:]
+        assert (c.state, c.value, c.intermediate_values, c.user_attrs) == (complete, 1.0, {1: 1.1}, {})
+        assert sorted(t.params["lr"] for t in trials) == GRID
+    assert e.state == running and not e.user_attrs
