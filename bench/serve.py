@@ -192,8 +192,6 @@ def deploy_apps(model_dir: Path, adapters: dict[str, Path], port: int) -> dict[s
     import ray
     from ray import serve
 
-    from serve.app import build_application
-    from serve.config import validate_serving_args
     from serve.deploy import DIRECT_INGRESS_ENV, DRAINING_ENV, replica_urls
 
     os.environ[DIRECT_INGRESS_ENV] = "1"  # read by Serve's controller and replicas, which inherit it
