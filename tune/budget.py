@@ -254,6 +254,24 @@ class SpendLedger:
                     del self.trials[entry.trial_id]
         self.reconciled = True
 
+    def recorded_ends(self, metric: str) -> dict[str, dict[str, Any]]:
+        """The last reported result of every trial this ledger has finished, by trial id.
+
+        A resumed Tune runs such a trial again when its state was saved before the trial ended. ``run_trial``
+        reports this end at once instead of training on: a pruned, stopped or failed run would otherwise go on
+        to its last step, and ``sync`` counts no time for a finished trial.
+        """
+        ends = {}
+        for entry in self.trials.values():
+            if entry.status in FINISHED_STATUSES:
+                end: dict[str, Any] = {"step": entry.step, "total_steps": entry.total_steps}
+                if entry.eval_loss is not None:
+                    end["eval_loss"] = entry.eval_loss
+                if entry.metric is not None:
+                    end[metric] = entry.metric
+                ends[entry.trial_id] = end
+        return ends
+
     def sync(self, trials: list, now: float | None = None) -> bool:
         """Bring every trial's segments and status in line with Tune's; True if a status changed."""
         now = self.clock() if now is None else now

@@ -262,11 +262,13 @@ def trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def trainable(sweep: Sweep, registry: PlacementGroupRegistry, stop_signal: Any):
-    """The trial trainable with the plan, data and stop signal attached and the driver's CPUs reserved."""
+def trainable(sweep: Sweep, registry: PlacementGroupRegistry, stop_signal: Any,
+              ended: dict[str, dict[str, Any]] | None = None):
+    """The trial trainable with the plan, data, stop signal (and on resume the ended trials) attached and the
+    driver's CPUs reserved."""
     import ray.tune as ray_tune
 
-    trial = trial_trainable(sweep.plan, sweep.data, registry.queue, stop_signal)
+    trial = trial_trainable(sweep.plan, sweep.data, registry.queue, stop_signal, ended)
     return ray_tune.with_resources(trial, {"CPU": sweep.shape.driver_cpus})
 
 
@@ -336,8 +338,9 @@ def run(sweep: Sweep, *, resume: bool, show_trial_logs: bool) -> dict[str, Any]:
     session = SweepSession.begin(sweep.uri, ledger, placement_groups=registry, stop_signal=stop_signal)
     if resume:
         say(f"resuming {sweep.name}: ${ledger.spend():.4f} spent so far over {len(ledger.trials)} trial(s)")
+        ended = ledger.recorded_ends(sweep.cfg.search.metric)  # Tune may run them again: they report and end
         tuner = ray_tune.Tuner.restore(str(sweep.sweep_dir / TUNE_DIR), resume_unfinished=True,
-                                   trainable=trainable(sweep, registry, stop_signal))
+                                       trainable=trainable(sweep, registry, stop_signal, ended))
     else:
         s, metric = sweep.cfg.search, sweep.cfg.search.metric
         tuner = ray_tune.Tuner(

@@ -125,18 +125,21 @@ class Exploit:
 
 
 def trial_trainable(plan: TrialPlan, data: RunData, registry: Queue | None = None,
-                    stop_signal: Any = None) -> type:
+                    stop_signal: Any = None, ended: dict[str, dict[str, Any]] | None = None) -> type:
     """The Tune trainable class: ``run_trial`` with the plan and data attached, aborting its Train run on stop.
 
     Args:
         registry: Where each run's controller posts its placement groups (the sweep's PlacementGroupRegistry).
         stop_signal: The sweep's ``train.stop.StopSignal`` (raised at the budget stop).
+        ended: On resume, the trials the sweep had already finished, with their last results
+            (``SpendLedger.recorded_ends``).
     """
     import ray.tune as ray_tune
 
     from ftune.compat.ray_private import function_trainable_class
 
-    trainable = ray_tune.with_parameters(run_trial, plan=plan, data=data, registry=registry, stop_signal=stop_signal)
+    trainable = ray_tune.with_parameters(run_trial, plan=plan, data=data, registry=registry, stop_signal=stop_signal,
+                                         ended=ended or {})
     base = function_trainable_class(trainable)
 
     class SweepTrial(base):
@@ -179,8 +182,12 @@ def finished_summary(storage: Storage, run: str, total_steps: int) -> dict[str, 
 
 
 def run_trial(config: dict[str, Any], plan: TrialPlan | None = None, data: RunData | None = None,
-              registry: Queue | None = None, stop_signal: Any = None) -> None:
-    """The Tune function trainable: one full distributed training run of the trial's settings."""
+              registry: Queue | None = None, stop_signal: Any = None,
+              ended: dict[str, dict[str, Any]] | None = None) -> None:
+    """The Tune function trainable: one full distributed training run of the trial's settings.
+
+    A trial the sweep had finished before a resume (in ``ended``) reports its recorded end and trains no further.
+    """
     import ray
     import ray.tune as ray_tune
 
@@ -188,6 +195,9 @@ def run_trial(config: dict[str, Any], plan: TrialPlan | None = None, data: RunDa
 
     assert plan is not None and data is not None, "run_trial is wrapped with tune.with_parameters(plan=, data=)"
     trial_id = ray_tune.get_context().get_trial_id()
+    if ended and trial_id in ended:
+        ray_tune.report(ended[trial_id])
+        return
     exploit = Exploit.read(ray_tune.get_checkpoint())
     run = exploit.run if exploit else trial_id
     cfg = plan.job_for(config, run)

@@ -179,6 +179,37 @@ def test_resume_settles_interrupted_trials_tune_never_recorded(tmp_path):
     assert again.spend() == pytest.approx(0.04)
 
 
+def test_resume_hands_the_recorded_ends_of_finished_trials_to_their_runs(tmp_path):
+    """Tune's state may be older than the ledger: a trial the ledger has finished can be run again on resume.
+    Its run gets the end the ledger recorded (for a pruned one: where it was pruned), not a fresh start."""
+    book = ledger(tmp_path, usd=1.0)
+    results = {"done": (20, 1.25), "pruned": (5, 2.5), "broken": (3, None), "mid": (7, 1.75)}
+    for trial_id, (step, loss) in results.items():
+        book.admit(trial_id, now=0.0)
+        t = stub(trial_id, "RUNNING")
+        book.sync([t], now=0.0)
+        book.on_result(trial_id, {"step": step, "total_steps": 20, "eval_loss": loss, "eval_perplexity": loss}, "eval_perplexity")
+    book.mark_pruned("pruned", 5)
+    book.sync([stub("done", "TERMINATED"), stub("pruned", "TERMINATED"), stub("broken", "ERROR"), stub("mid", "RUNNING")],
+              now=4.0)
+    book.save(now=4.0)  # the driver dies with "mid" still running
+    again = ledger(tmp_path, usd=1.0)
+    assert {t.trial_id: t.status for t in again.trials.values()} == {
+        "done": "completed", "pruned": "pruned", "broken": "error", "mid": "interrupted"}
+    assert again.recorded_ends("eval_perplexity") == {
+        "done": {"step": 20, "total_steps": 20, "eval_loss": 1.25, "eval_perplexity": 1.25},
+        "pruned": {"step": 5, "total_steps": 20, "eval_loss": 2.5, "eval_perplexity": 2.5},
+        "broken": {"step": 3, "total_steps": 20},
+    }
+    spent = again.spend()
+    for trial_id, end in again.recorded_ends("eval_perplexity").items():  # what their runs report on resume
+        again.sync([stub(trial_id, "RUNNING")], now=10.0)
+        again.on_result(trial_id, end, "eval_perplexity")
+        again.sync([stub(trial_id, "TERMINATED")], now=11.0)
+    assert again.recorded_ends("eval_perplexity")["pruned"]["step"] == 5 and again.trials["pruned"].status == "pruned"
+    assert again.spend() == pytest.approx(spent)
+
+
 def test_resume_keeps_the_budget_stop(tmp_path):
     book, a = stopped_by_budget(tmp_path, "a")
     a.status = "TERMINATED"
