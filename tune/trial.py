@@ -139,7 +139,7 @@ def trial_trainable(plan: TrialPlan, data: RunData, registry: Queue | None = Non
     from ftune.compat.ray_private import function_trainable_class
 
     trainable = ray_tune.with_parameters(run_trial, plan=plan, data=data, registry=registry, stop_signal=stop_signal,
-                                         ended=ended or {})
+                                         ended=ended)
     base = function_trainable_class(trainable)
 
     class SweepTrial(base):
